@@ -1,0 +1,209 @@
+"""Run contexts: the key/value state a workflow run reads and writes.
+
+``AsyncContext`` is the protocol every backend implements (in memory,
+DynamoDB, Cosmos DB). Keys are flat strings; the engine's own keys use a
+leading underscore (``_outputs.<nodeId>``, ``_inputs.<nodeId>``,
+``_awaitingNodeIds``) exactly as the TypeScript library names them, plus
+``_flowcraft.*`` bookkeeping that records which nodes finished and where they
+routed (see :mod:`flowcraft.runtime.state`).
+
+Nodes never talk to a backend directly. They get a :class:`TrackedContext`: a
+view over a plain ``dict`` that records every write as a
+:class:`PatchOperation`. The in-memory runtime hands every node a view over
+the run's one shared dict; a distributed worker loads the stored context once
+per job into a dict, lets the node work on it, and commits the recorded
+operations together with the node's output in a single conditional write.
+One mechanism, two backends: nodes cannot tell them apart.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, runtime_checkable
+
+INTERNAL_PREFIX = "_flowcraft."
+"""Bookkeeping keys the engine keeps in a run's context; hidden from ``WorkflowResult.context``."""
+
+
+@dataclass(frozen=True, slots=True)
+class PatchOperation:
+    """One change to a context: ``set`` a key to a value, or ``delete`` it."""
+
+    op: Literal["set", "delete"]
+    key: str
+    value: Any = None
+
+    @classmethod
+    def set(cls, key: str, value: Any) -> PatchOperation:
+        return cls("set", key, value)
+
+    @classmethod
+    def delete(cls, key: str) -> PatchOperation:
+        return cls("delete", key)
+
+
+def apply_patch(data: MutableMapping[str, Any], operations: Iterable[PatchOperation]) -> None:
+    """Apply operations to a dict in order (the reference semantics for every backend)."""
+    for operation in operations:
+        if operation.op == "set":
+            data[operation.key] = operation.value
+        else:
+            data.pop(operation.key, None)
+
+
+def squash(operations: Iterable[PatchOperation]) -> list[PatchOperation]:
+    """The last operation per key, in first-write order: what a backend needs to write."""
+    last: dict[str, PatchOperation] = {}
+    for operation in operations:
+        last.pop(operation.key, None)
+        last[operation.key] = operation
+    return list(last.values())
+
+
+@runtime_checkable
+class AsyncContext(Protocol):
+    """The state of one run. Missing keys read as ``None``."""
+
+    async def get(self, key: str, default: Any = None) -> Any: ...
+    async def set(self, key: str, value: Any) -> None: ...
+    async def has(self, key: str) -> bool: ...
+    async def delete(self, key: str) -> bool: ...
+    async def to_dict(self) -> dict[str, Any]: ...
+    async def patch(self, operations: Sequence[PatchOperation]) -> None: ...
+
+
+class InMemoryContext:
+    """A context held in a dict; used by the in-memory runtime and in tests."""
+
+    def __init__(self, initial: Mapping[str, Any] | None = None) -> None:
+        self._data: dict[str, Any] = dict(initial or {})
+
+    async def get(self, key: str, default: Any = None) -> Any:
+        return self._data.get(key, default)
+
+    async def set(self, key: str, value: Any) -> None:
+        self._data[key] = value
+
+    async def has(self, key: str) -> bool:
+        return key in self._data
+
+    async def delete(self, key: str) -> bool:
+        return self._data.pop(key, _MISSING) is not _MISSING
+
+    async def to_dict(self) -> dict[str, Any]:
+        return dict(self._data)
+
+    async def patch(self, operations: Sequence[PatchOperation]) -> None:
+        apply_patch(self._data, operations)
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """The live dict (no copy)."""
+        return self._data
+
+
+_MISSING = object()
+
+
+class SyncContextView:
+    """Blocking access to a node's context, for plain ``def`` nodes running in a thread."""
+
+    def __init__(self, tracked: TrackedContext) -> None:
+        self._tracked = tracked
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._tracked.get_now(key, default)
+
+    def set(self, key: str, value: Any) -> None:
+        self._tracked.set_now(key, value)
+
+    def has(self, key: str) -> bool:
+        return key in self._tracked.data
+
+    def delete(self, key: str) -> bool:
+        return self._tracked.delete_now(key)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self._tracked.data)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._tracked.data[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._tracked.set_now(key, value)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._tracked.data
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._tracked.data))
+
+
+class TrackedContext:
+    """The context a node sees: reads and writes a dict, and records each write.
+
+    ``deltas`` lists the writes in order; the engine commits them with the
+    node's output. Async methods implement :class:`AsyncContext`; ``sync``
+    offers the same operations without ``await`` for plain ``def`` nodes.
+    """
+
+    __slots__ = ("_sync", "data", "deltas")
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.data = data
+        self.deltas: list[PatchOperation] = []
+        self._sync: SyncContextView | None = None
+
+    # The engine and sync nodes use these.
+    def get_now(self, key: str, default: Any = None) -> Any:
+        return self.data.get(key, default)
+
+    def set_now(self, key: str, value: Any) -> None:
+        self.data[key] = value
+        self.deltas.append(PatchOperation("set", key, value))
+
+    def delete_now(self, key: str) -> bool:
+        existed = self.data.pop(key, _MISSING) is not _MISSING
+        self.deltas.append(PatchOperation("delete", key))
+        return existed
+
+    @property
+    def sync(self) -> SyncContextView:
+        if self._sync is None:
+            self._sync = SyncContextView(self)
+        return self._sync
+
+    # AsyncContext
+    async def get(self, key: str, default: Any = None) -> Any:
+        return self.data.get(key, default)
+
+    async def set(self, key: str, value: Any) -> None:
+        self.set_now(key, value)
+
+    async def has(self, key: str) -> bool:
+        return key in self.data
+
+    async def delete(self, key: str) -> bool:
+        return self.delete_now(key)
+
+    async def to_dict(self) -> dict[str, Any]:
+        return dict(self.data)
+
+    async def patch(self, operations: Sequence[PatchOperation]) -> None:
+        for operation in operations:
+            if operation.op == "set":
+                self.set_now(operation.key, operation.value)
+            else:
+                self.delete_now(operation.key)
+
+
+def public_view(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The context without the engine's ``_flowcraft.*`` bookkeeping."""
+    return {k: v for k, v in data.items() if not k.startswith(INTERNAL_PREFIX)}
+
+
+def deep_copy_json(value: Any) -> Any:
+    """A deep copy, so a stored snapshot cannot be changed through a node's reference to it."""
+    return copy.deepcopy(value)
