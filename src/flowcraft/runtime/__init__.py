@@ -1,0 +1,8 @@
+"""In-memory execution and the workflow logic shared with distributed workers."""
+
+from .executor import NodeError, NodeOutcome
+from .graph import Graph
+from .runtime import FlowRuntime, NodeEngine, RuntimeOptions, WorkflowResult
+
+__all__ = ["FlowRuntime", "Graph", "NodeEngine", "NodeError", "NodeOutcome", "RuntimeOptions",
+           "WorkflowResult"]

@@ -1,0 +1,210 @@
+"""Running one node: attempts, per-attempt timeout with cancellation, retry delay, fallback.
+
+Shared by the in-memory runtime and distributed workers. The executor knows
+nothing about routing or storage: it turns (node definition, implementation,
+context) into a :class:`NodeOutcome`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..blueprint import NodeDefinition
+from ..errors import FlowcraftError, NodeTimeoutError
+from ..events import EventBus, FlowcraftEvent, safe_emit
+from ..nodes.base import AwaitingSignal, BaseNode, NodeContext, NodeResult, as_result, is_node_class
+
+logger = logging.getLogger("flowcraft.runtime")
+
+
+@dataclass(frozen=True, slots=True)
+class NodeError:
+    """Why a node failed: which node, which attempt, and the error."""
+
+    node_id: str
+    message: str
+    attempt: int
+    error_type: str
+    run_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "nodeId": self.node_id,
+            "message": self.message,
+            "attempt": self.attempt,
+            "errorType": self.error_type,
+            **({"runId": self.run_id} if self.run_id else {}),
+        }
+
+
+@dataclass(slots=True)
+class NodeOutcome:
+    result: NodeResult | None = None
+    error: NodeError | None = None
+    awaiting: dict[str, Any] | None = None
+    attempts: int = 0
+    used_fallback: bool = False
+
+
+async def call_implementation(implementation: Any, node: NodeDefinition, ctx: NodeContext,
+                              params: Mapping[str, Any] | None = None) -> Any:
+    """One full call of a node implementation (function, or prep/exec/post of a class)."""
+    if is_node_class(implementation):
+        instance: BaseNode = implementation(dict(params if params is not None else ctx.params),
+                                            node.id)
+        prepared = await instance.prep(ctx)
+        executed = await instance.exec(prepared, ctx)
+        return await instance.post(executed, ctx)
+    outcome = _call_function(implementation, ctx)
+    return await outcome if inspect.isawaitable(outcome) else outcome
+
+
+def _call_function(function: Callable[..., Any], ctx: NodeContext) -> Any:
+    if inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(
+        getattr(function, "__call__", None)  # noqa: B004 - async callable objects
+    ):
+        return function(ctx)
+    # Plain functions run in a thread so a blocking call never stalls other nodes.
+    return asyncio.to_thread(function, ctx)
+
+
+def retry_delay_seconds(node: NodeDefinition, failed_attempt: int) -> float:
+    config = node.config
+    if config is None or not config.retry_delay:
+        return 0.0
+    base = config.retry_delay / 1000.0
+    if config.retry_backoff == "exponential":
+        delay = base * (2 ** (failed_attempt - 1))
+        return delay * (1.0 + random.random() * 0.2)
+    return base
+
+
+async def execute_node(
+    node: NodeDefinition,
+    implementation: Any,
+    make_context: Callable[[int], NodeContext],
+    *,
+    fallback: Any = None,
+    fallback_params: Mapping[str, Any] | None = None,
+    event_bus: EventBus | None = None,
+    run_id: str = "",
+) -> NodeOutcome:
+    """Run ``node`` with its retry/timeout/fallback settings and report what happened."""
+    config = node.config
+    attempts = max(1, (config.max_retries if config and config.max_retries else 1))
+    timeout = config.timeout / 1000.0 if config and config.timeout else None
+    node_class = is_node_class(implementation)
+    ctx = make_context(1)
+    last_error: BaseException | None = None
+    attempt = 0
+    instance: BaseNode | None = None
+    prepared: Any = None
+    try:
+        if node_class:
+            instance = implementation(dict(ctx.params), node.id)
+            prepared = await _with_timeout(instance.prep(ctx), timeout, ctx, node)
+    except AwaitingSignal as signal:
+        return NodeOutcome(awaiting=signal.details, attempts=1)
+    except Exception as exc:  # prep is not retried
+        last_error = exc
+        attempt = 1
+    if last_error is None:
+        for attempt in range(1, attempts + 1):
+            if attempt > 1:
+                ctx = make_context(attempt)
+            try:
+                if instance is not None:
+                    executed = await _with_timeout(instance.exec(prepared, ctx), timeout, ctx, node)
+                    value = await instance.post(executed, ctx)
+                else:
+                    value = await _with_timeout(
+                        _awaitable(implementation, ctx), timeout, ctx, node
+                    )
+                return NodeOutcome(result=as_result(value), attempts=attempt)
+            except AwaitingSignal as signal:
+                return NodeOutcome(awaiting=signal.details, attempts=attempt)
+            except Exception as exc:
+                last_error = exc
+                if attempt < attempts:
+                    delay = retry_delay_seconds(node, attempt)
+                    logger.warning(
+                        "run %s node %s: attempt %d/%d failed (%s); retrying in %.3fs",
+                        run_id, node.id, attempt, attempts, _describe(exc), delay,
+                    )
+                    await safe_emit(event_bus, FlowcraftEvent("node:retry", {
+                        "runId": run_id, "nodeId": node.id, "attempt": attempt,
+                        "error": _describe(exc),
+                    }))
+                    if delay:
+                        await asyncio.sleep(delay)
+    assert last_error is not None
+    # Fallbacks: the class's own fallback() first, then config.fallback.
+    if instance is not None and type(instance).has_fallback():
+        try:
+            value = await instance.fallback(last_error, ctx)
+            await _emit_fallback(event_bus, run_id, node.id, "fallback()", last_error)
+            return NodeOutcome(result=as_result(value), attempts=attempt, used_fallback=True)
+        except Exception as exc:
+            last_error = exc
+    if fallback is not None:
+        await _emit_fallback(event_bus, run_id, node.id, str(node.config and node.config.fallback),
+                             last_error)
+        logger.warning("run %s node %s: running fallback after %s", run_id, node.id,
+                       _describe(last_error))
+        try:
+            value = await _with_timeout(
+                call_implementation(fallback, node, ctx, fallback_params), timeout, ctx, node
+            )
+            return NodeOutcome(result=as_result(value), attempts=attempt, used_fallback=True)
+        except AwaitingSignal as signal:
+            return NodeOutcome(awaiting=signal.details, attempts=attempt, used_fallback=True)
+        except Exception as exc:
+            last_error = exc
+    error = NodeError(
+        node_id=node.id,
+        message=_describe(last_error),
+        attempt=attempt,
+        error_type=type(last_error).__name__,
+        run_id=run_id or None,
+    )
+    return NodeOutcome(error=error, attempts=attempt)
+
+
+async def _awaitable(implementation: Any, ctx: NodeContext) -> Any:
+    outcome = _call_function(implementation, ctx)
+    return await outcome if inspect.isawaitable(outcome) else outcome
+
+
+async def _with_timeout(awaitable: Any, timeout: float | None, ctx: NodeContext,
+                        node: NodeDefinition) -> Any:
+    if timeout is None:
+        return await awaitable
+    try:
+        async with asyncio.timeout(timeout):
+            return await awaitable
+    except TimeoutError:
+        ctx.signal.set()  # threads and cooperative nodes see the cancellation
+        raise NodeTimeoutError(
+            f"node '{node.id}' timed out after {timeout * 1000:g} ms (attempt {ctx.attempt})",
+            node_id=node.id, run_id=ctx.run_id,
+        ) from None
+
+
+async def _emit_fallback(bus: EventBus | None, run_id: str, node_id: str, fallback: str,
+                         error: BaseException) -> None:
+    await safe_emit(bus, FlowcraftEvent("node:fallback", {
+        "runId": run_id, "nodeId": node_id, "fallback": fallback, "error": _describe(error),
+    }))
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, FlowcraftError):
+        return error.message
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

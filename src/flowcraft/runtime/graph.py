@@ -1,0 +1,204 @@
+"""The graph a run executes: the blueprint, indexed, plus nodes added while running.
+
+Edges are split into *forward* edges and *back* edges. Back edges are the
+ones that close a cycle (found by a DFS from the start nodes: an edge to a
+node on the current DFS path). Joins count only forward predecessors, so a
+loop's entry node does not wait for the loop's own back edge; taking a back
+edge starts the target's next iteration directly.
+
+Dynamic nodes (``batch-scatter`` workers) extend the graph of one run without
+touching the blueprint; :meth:`Graph.extended` returns a new graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from ..analysis import fallback_only_node_ids, find_cycles, start_node_ids, terminal_node_ids
+from ..blueprint import EdgeDefinition, NodeDefinition, WorkflowBlueprint
+
+
+class Graph:
+    __slots__ = (
+        "back_edges",
+        "blueprint",
+        "dynamic_node_ids",
+        "fallback_only",
+        "forward_predecessors",
+        "incoming",
+        "nodes",
+        "outgoing",
+        "start_node_ids",
+        "strongly_connected",
+        "terminal_node_ids",
+    )
+
+    def __init__(self, blueprint: WorkflowBlueprint) -> None:
+        self.blueprint = blueprint
+        self.nodes: dict[str, NodeDefinition] = {node.id: node for node in blueprint.nodes}
+        self.outgoing: dict[str, list[EdgeDefinition]] = {node_id: [] for node_id in self.nodes}
+        self.incoming: dict[str, list[EdgeDefinition]] = {node_id: [] for node_id in self.nodes}
+        for edge in blueprint.edges:
+            self.outgoing[edge.source].append(edge)
+            self.incoming[edge.target].append(edge)
+        cycles = find_cycles(blueprint) if blueprint.edges else []
+        self.start_node_ids: list[str] = start_node_ids(blueprint, cycles)
+        self.terminal_node_ids: list[str] = terminal_node_ids(blueprint)
+        self.fallback_only: set[str] = fallback_only_node_ids(blueprint)
+        self.back_edges: set[tuple[str, str]] = (
+            self._find_back_edges(self.start_node_ids) if cycles else set()
+        )
+        # Nodes on a common cycle: a loop body. Used to align iterations at joins.
+        self.strongly_connected: dict[str, int] = (
+            _strongly_connected_components(self.outgoing) if cycles else {}
+        )
+        self.forward_predecessors: dict[str, tuple[str, ...]] = {
+            node_id: tuple(
+                dict.fromkeys(
+                    edge.source for edge in edges if (edge.source, node_id) not in self.back_edges
+                )
+            )
+            for node_id, edges in self.incoming.items()
+        }
+        self.dynamic_node_ids: tuple[str, ...] = ()
+
+    def _find_back_edges(self, roots: Sequence[str]) -> set[tuple[str, str]]:
+        back: set[tuple[str, str]] = set()
+        state: dict[str, int] = {}  # 1 = on the current path, 2 = finished
+        for root in [*roots, *self.nodes]:
+            if root in state:
+                continue
+            state[root] = 1
+            stack = [(root, iter(self.outgoing[root]))]
+            while stack:
+                node_id, edges = stack[-1]
+                edge = next(edges, None)
+                if edge is None:
+                    state[node_id] = 2
+                    stack.pop()
+                    continue
+                seen = state.get(edge.target)
+                if seen == 1:
+                    back.add((node_id, edge.target))
+                elif seen is None:
+                    state[edge.target] = 1
+                    stack.append((edge.target, iter(self.outgoing[edge.target])))
+        return back
+
+    # -- queries ----------------------------------------------------------------------
+
+    def node(self, node_id: str) -> NodeDefinition:
+        return self.nodes[node_id]
+
+    def is_back_edge(self, source: str, target: str) -> bool:
+        return (source, target) in self.back_edges
+
+    def same_cycle(self, a: str, b: str) -> bool:
+        component = self.strongly_connected.get(a)
+        return component is not None and component == self.strongly_connected.get(b)
+
+    def forward_successors(self, node_id: str) -> list[str]:
+        return list(
+            dict.fromkeys(
+                e.target
+                for e in self.outgoing[node_id]
+                if (node_id, e.target) not in self.back_edges
+            )
+        )
+
+    # -- dynamic nodes ----------------------------------------------------------------
+
+    def extended(self, additions: Iterable[Mapping[str, Any]]) -> Graph:
+        """A copy with dynamic nodes added. Each addition is ``{"nodes": [...], "edges": [...]}``
+        in blueprint JSON form; added edges are always forward edges."""
+        clone = object.__new__(Graph)
+        clone.blueprint = self.blueprint
+        clone.nodes = dict(self.nodes)
+        clone.outgoing = {k: list(v) for k, v in self.outgoing.items()}
+        clone.incoming = {k: list(v) for k, v in self.incoming.items()}
+        clone.start_node_ids = self.start_node_ids
+        clone.terminal_node_ids = self.terminal_node_ids
+        clone.fallback_only = self.fallback_only
+        clone.back_edges = self.back_edges
+        clone.strongly_connected = self.strongly_connected
+        clone.forward_predecessors = dict(self.forward_predecessors)
+        dynamic = list(self.dynamic_node_ids)
+        touched: set[str] = set()
+        for addition in additions:
+            for raw in addition.get("nodes", ()):
+                node = NodeDefinition.model_validate(raw)
+                if node.id in clone.nodes:
+                    continue
+                clone.nodes[node.id] = node
+                clone.outgoing[node.id] = []
+                clone.incoming[node.id] = []
+                dynamic.append(node.id)
+            for raw in addition.get("edges", ()):
+                edge = EdgeDefinition.model_validate(raw)
+                clone.outgoing[edge.source].append(edge)
+                clone.incoming[edge.target].append(edge)
+                touched.add(edge.target)
+        for node_id in touched:
+            clone.forward_predecessors[node_id] = tuple(
+                dict.fromkeys(
+                    e.source
+                    for e in clone.incoming[node_id]
+                    if (e.source, node_id) not in clone.back_edges
+                )
+            )
+        clone.dynamic_node_ids = tuple(dynamic)
+        return clone
+
+
+def _strongly_connected_components(outgoing: Mapping[str, list[EdgeDefinition]]) -> dict[str, int]:
+    """Component number per node, only for nodes on a cycle (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    on_stack: set[str] = set()
+    stack: list[str] = []
+    result: dict[str, int] = {}
+    counter = 0
+    component = 0
+    for root in outgoing:
+        if root in index:
+            continue
+        work = [(root, iter(outgoing[root]))]
+        index[root] = low[root] = counter
+        counter += 1
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node_id, edges = work[-1]
+            edge = next(edges, None)
+            if edge is not None:
+                target = edge.target
+                if target not in index:
+                    index[target] = low[target] = counter
+                    counter += 1
+                    stack.append(target)
+                    on_stack.add(target)
+                    work.append((target, iter(outgoing[target])))
+                elif target in on_stack:
+                    low[node_id] = min(low[node_id], index[target])
+                continue
+            work.pop()
+            if work:
+                parent = work[-1][0]
+                low[parent] = min(low[parent], low[node_id])
+            if low[node_id] == index[node_id]:
+                members = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    members.append(member)
+                    if member == node_id:
+                        break
+                cyclic = len(members) > 1 or any(
+                    e.target == node_id for e in outgoing[node_id]
+                )
+                if cyclic:
+                    for member in members:
+                        result[member] = component
+                    component += 1
+    return result

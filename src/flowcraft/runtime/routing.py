@@ -1,0 +1,398 @@
+"""Routing, joins, skip propagation and node inputs: the one copy of the workflow logic.
+
+Both the in-memory :class:`~flowcraft.runtime.FlowRuntime` and the distributed
+adapter call these functions; neither has logic of its own about which node
+runs next.
+
+**The state lives in the context.** When a node finishes, the engine writes,
+in the same commit as its output, a small record under
+``_flowcraft.node.<id>``::
+
+    {"n": 1, "taken": [0, 2], "action": "ok"}   # completed; indices into its outgoing edges
+    {"n": 1, "skipped": true}                    # skipped: no predecessor delivered to it
+
+``n`` counts how often the node resolved (completed or was skipped); it only
+exceeds 1 in loops. Everything else is derived from these records: whether a
+join is ready, what a node receives as input, which nodes are ready after a
+crash (:func:`ready_frontier`). Recording *where* a node routed, rather than
+re-evaluating conditions later, makes routing decisions stable under
+redelivery: a job processed twice routes the same way twice.
+
+**Joins.** A predecessor P has *resolved* for target T when P's record is
+newer than T's (same loop) or exists at all (P outside T's loop). It
+*delivered* when P completed and took an edge to T. :func:`join_decision`
+turns (expected, resolved, delivered) into run / skip / wait:
+
+* ``all``: wait until every forward predecessor resolved; then run if any
+  delivered, else skip.
+* ``any``: run on the first delivery; skip once all resolved without one.
+
+A skipped node resolves for its own successors, so skipping propagates and a
+diamond whose one branch was not taken still converges.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..blueprint import EdgeDefinition, NodeDefinition
+from ..context import INTERNAL_PREFIX
+from ..errors import ExpressionError
+from ..expressions import evaluate
+from .graph import Graph
+
+RECORD_PREFIX = f"{INTERNAL_PREFIX}node."
+DYNAMIC_PREFIX = f"{INTERNAL_PREFIX}dynamic."
+OUTPUTS_PREFIX = "_outputs."
+INPUTS_PREFIX = "_inputs."
+AWAITING_IDS_KEY = "_awaitingNodeIds"
+AWAITING_DETAILS_KEY = "_awaitingDetails"
+
+
+def record_key(node_id: str) -> str:
+    return RECORD_PREFIX + node_id
+
+
+def output_key(node_id: str) -> str:
+    return OUTPUTS_PREFIX + node_id
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRecord:
+    count: int
+    skipped: bool = False
+    taken: tuple[int, ...] = ()
+    action: str | None = None
+    failed: bool = False
+    wake_up_at: float | None = None
+
+    @classmethod
+    def from_value(cls, value: Any) -> NodeRecord | None:
+        if not isinstance(value, Mapping):
+            return None
+        return cls(
+            count=int(value.get("n", 1)),
+            skipped=bool(value.get("skipped", False)),
+            taken=tuple(int(i) for i in value.get("taken", ())),
+            action=value.get("action"),
+            failed=bool(value.get("failed", False)),
+            wake_up_at=value.get("wakeUpAt"),
+        )
+
+
+def read_record(data: Mapping[str, Any], node_id: str) -> NodeRecord | None:
+    return NodeRecord.from_value(data.get(RECORD_PREFIX + node_id))
+
+
+def resolution_count(data: Mapping[str, Any], node_id: str) -> int:
+    """How often ``node_id`` has resolved so far: the generation its next run belongs to."""
+    record = read_record(data, node_id)
+    return record.count if record else 0
+
+
+def completed_record(
+    previous_count: int, taken: list[int], action: str | None
+) -> dict[str, Any]:
+    value: dict[str, Any] = {"n": previous_count + 1, "taken": taken}
+    if action is not None:
+        value["action"] = action
+    return value
+
+
+def skipped_record(previous_count: int) -> dict[str, Any]:
+    return {"n": previous_count + 1, "skipped": True}
+
+
+def failed_record(previous_count: int, message: str) -> dict[str, Any]:
+    return {"n": previous_count + 1, "failed": True, "error": message}
+
+
+# -- routing ---------------------------------------------------------------------------------
+
+
+class ConditionNames(Mapping[str, Any]):
+    """What a condition sees: identifier context keys, ``context`` and ``result``.
+
+    Lazy, so evaluating a condition costs nothing per context key.
+    """
+
+    __slots__ = ("_data", "_result")
+
+    def __init__(self, data: Mapping[str, Any], result: Mapping[str, Any]) -> None:
+        self._data = data
+        self._result = result
+
+    def __getitem__(self, name: str) -> Any:
+        if name == "result":
+            return self._result
+        if name == "context":
+            return self._data
+        return self._data[name]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            return default
+
+    def __contains__(self, name: object) -> bool:
+        return name in ("result", "context") or name in self._data
+
+    def __iter__(self) -> Iterator[str]:
+        yield "result"
+        yield "context"
+        yield from (k for k in self._data if k.isidentifier())
+
+    def __len__(self) -> int:
+        return 2 + sum(1 for k in self._data if k.isidentifier())
+
+
+EdgeObserver = Callable[[EdgeDefinition, bool], None]
+
+
+def route(
+    graph: Graph,
+    source_id: str,
+    output: Any,
+    action: str | None,
+    data: Mapping[str, Any],
+    on_evaluate: EdgeObserver | None = None,
+) -> list[int]:
+    """Indices (into ``graph.outgoing[source_id]``) of the edges a finished node takes.
+
+    With an ``action``, edges carrying that action are candidates; if none of
+    them is taken, edges without an action are. An edge with a condition is
+    taken only if the condition is truthy.
+    """
+    edges = graph.outgoing.get(source_id, ())
+    if not edges:
+        return []
+    names: ConditionNames | None = None
+
+    def taken(edge: EdgeDefinition) -> bool:
+        nonlocal names
+        if not edge.condition:
+            return True
+        if names is None:
+            names = ConditionNames(data, {"output": output, "action": action})
+        try:
+            verdict = bool(evaluate(edge.condition, names))
+        except ExpressionError as exc:
+            raise ExpressionError(
+                f"condition of edge {edge.source} -> {edge.target} failed: {exc.message}",
+                expression=edge.condition,
+            ) from None
+        if on_evaluate is not None:
+            on_evaluate(edge, verdict)
+        return verdict
+
+    chosen: list[int] = []
+    if action is not None:
+        chosen = [i for i, e in enumerate(edges) if e.action == action and taken(e)]
+    if not chosen:
+        chosen = [i for i, e in enumerate(edges) if e.action is None and taken(e)]
+    return chosen
+
+
+def transform_delivery(edge: EdgeDefinition, output: Any, data: Mapping[str, Any]) -> Any:
+    if not edge.transform:
+        return output
+    try:
+        return evaluate(edge.transform, {"input": output, "context": data})
+    except ExpressionError as exc:
+        raise ExpressionError(
+            f"transform of edge {edge.source} -> {edge.target} failed: {exc.message}",
+            expression=edge.transform,
+        ) from None
+
+
+# -- joins -----------------------------------------------------------------------------------
+
+
+class JoinDecision(enum.Enum):
+    WAIT = "wait"
+    RUN = "run"
+    SKIP = "skip"
+
+
+def join_decision(strategy: str, expected: int, resolved: int, delivered: int) -> JoinDecision:
+    """The join rule, shared by every backend (see the module docstring)."""
+    if strategy == "any":
+        if delivered > 0:
+            return JoinDecision.RUN
+        return JoinDecision.SKIP if resolved >= expected else JoinDecision.WAIT
+    if resolved < expected:
+        return JoinDecision.WAIT
+    return JoinDecision.RUN if delivered > 0 else JoinDecision.SKIP
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    source: str
+    edge: EdgeDefinition
+    back: bool
+
+
+def _fresh(graph: Graph, data: Mapping[str, Any], source: str, target: str, target_count: int,
+           back: bool) -> NodeRecord | None:
+    record = read_record(data, source)
+    if record is None or record.failed:
+        return None  # a failed node never resolves: what needed it never runs
+    if back:
+        # A back edge's source finished in the iteration the target last ran.
+        return record if target_count > 0 and record.count >= target_count else None
+    if graph.same_cycle(source, target):
+        return record if record.count > target_count else None
+    return record
+
+
+def deliveries(graph: Graph, data: Mapping[str, Any], target: str) -> list[Delivery]:
+    """Predecessor edges that delivered to ``target``'s pending run, in edge order."""
+    target_count = resolution_count(data, target)
+    found: list[Delivery] = []
+    seen: set[str] = set()
+    for edge in graph.incoming.get(target, ()):
+        if edge.source in seen:
+            continue
+        back = graph.is_back_edge(edge.source, target)
+        record = _fresh(graph, data, edge.source, target, target_count, back)
+        if record is None or record.skipped:
+            continue
+        out = graph.outgoing[edge.source]
+        for index in record.taken:
+            if index < len(out) and out[index].target == target:
+                found.append(Delivery(edge.source, out[index], back))
+                seen.add(edge.source)
+                break
+    return found
+
+
+def evaluate_join(graph: Graph, data: Mapping[str, Any], target: str) -> JoinDecision:
+    """The join decision for ``target``'s pending run, from the records in ``data``."""
+    predecessors = graph.forward_predecessors.get(target, ())
+    target_count = resolution_count(data, target)
+    resolved = 0
+    delivered = 0
+    out_edges = graph.outgoing
+    for source in predecessors:
+        record = _fresh(graph, data, source, target, target_count, back=False)
+        if record is None:
+            continue
+        resolved += 1
+        if not record.skipped:
+            out = out_edges[source]
+            if any(i < len(out) and out[i].target == target for i in record.taken):
+                delivered += 1
+    node = graph.nodes[target]
+    return join_decision(node.join_strategy, len(predecessors), resolved, delivered)
+
+
+def ready_frontier(graph: Graph, data: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """Nodes that can run now, and nodes to skip now, derived only from the context.
+
+    Used to resume after a crash: what a lost message would have started.
+    Nodes that are awaiting are excluded (they wait for ``resume``).
+    """
+    awaiting = set(data.get(AWAITING_IDS_KEY) or ())
+    ready: list[str] = []
+    skip: list[str] = []
+    for node_id in graph.nodes:
+        if node_id in awaiting or node_id in graph.fallback_only:
+            continue
+        record = read_record(data, node_id)
+        if record is not None:
+            # Done, unless a loop has come round to it again.
+            if not graph.same_cycle(node_id, node_id):
+                continue
+            if _back_delivery(graph, data, node_id):
+                ready.append(node_id)
+                continue
+            if not any(
+                graph.same_cycle(source, node_id)
+                and resolution_count(data, source) > record.count
+                for source in graph.forward_predecessors.get(node_id, ())
+            ):
+                continue
+        elif not graph.forward_predecessors.get(node_id):
+            if node_id in graph.start_node_ids:
+                ready.append(node_id)
+            continue
+        decision = evaluate_join(graph, data, node_id)
+        if decision is JoinDecision.RUN:
+            ready.append(node_id)
+        elif decision is JoinDecision.SKIP:
+            skip.append(node_id)
+    return ready, skip
+
+
+def _back_delivery(graph: Graph, data: Mapping[str, Any], node_id: str) -> bool:
+    return any(d.back for d in deliveries(graph, data, node_id))
+
+
+# -- inputs ----------------------------------------------------------------------------------
+
+
+def read_reference(data: Mapping[str, Any], reference: str) -> Any:
+    """``"_x"`` → context key; ``"n.a.b"`` → path ``a.b`` in node n's output; ``"n"`` → n's
+    output if it has one, else context key ``n``."""
+    if reference.startswith("_"):
+        return data.get(reference)
+    whole = OUTPUTS_PREFIX + reference
+    if whole in data:
+        return data[whole]
+    head, _, path = reference.partition(".")
+    if path and OUTPUTS_PREFIX + head in data:
+        return _follow(data[OUTPUTS_PREFIX + head], path.split("."))
+    return data.get(reference)
+
+
+def _follow(value: Any, parts: list[str]) -> Any:
+    for part in parts:
+        if isinstance(value, Mapping):
+            value = value.get(part)
+        elif isinstance(value, list | tuple) and part.lstrip("-").isdigit():
+            index = int(part)
+            value = value[index] if -len(value) <= index < len(value) else None
+        else:
+            return None
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedInput:
+    value: Any
+    store: bool
+    """Whether the engine records it as ``_inputs.<id>`` (edge deliveries, not explicit inputs)."""
+
+
+def resolve_input(
+    graph: Graph, node: NodeDefinition, data: Mapping[str, Any], first_arrival: str | None = None
+) -> ResolvedInput:
+    """What a node receives as ``ctx.input`` for its pending run (SPEC: inputs, deliveries)."""
+    if node.inputs is not None:
+        if isinstance(node.inputs, str):
+            return ResolvedInput(read_reference(data, node.inputs), False)
+        return ResolvedInput(
+            {name: read_reference(data, ref) for name, ref in node.inputs.items()}, False
+        )
+    found = deliveries(graph, data, node.id)
+    if not found:
+        # Start nodes (and subflow children) may be handed an input by whoever started them.
+        return ResolvedInput(data.get(INPUTS_PREFIX + node.id), False)
+    back = [d for d in found if d.back]
+    if back:
+        chosen = back[0]
+        return ResolvedInput(_delivered_value(chosen, data), True)
+    if len(graph.forward_predecessors.get(node.id, ())) <= 1:
+        return ResolvedInput(_delivered_value(found[0], data), True)
+    if node.join_strategy == "any":
+        chosen = next((d for d in found if d.source == first_arrival), found[0])
+        return ResolvedInput(_delivered_value(chosen, data), True)
+    return ResolvedInput({d.source: _delivered_value(d, data) for d in found}, True)
+
+
+def _delivered_value(delivery: Delivery, data: Mapping[str, Any]) -> Any:
+    return transform_delivery(delivery.edge, data.get(OUTPUTS_PREFIX + delivery.source), data)

@@ -1,0 +1,650 @@
+"""``FlowRuntime``: runs blueprints in this process.
+
+A run is a set of asyncio tasks, one per node execution. When a node
+finishes, its output, context writes and routing record land in the run's
+context dict, and :mod:`flowcraft.runtime.routing` decides which successors
+run, which are skipped, and which keep waiting at a join. All decisions are
+made synchronously between awaits, so concurrent nodes never race on the
+bookkeeping.
+
+The same :class:`NodeEngine` (registry lookup, node contexts, sleep and
+subflow services) serves the distributed workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+from ..analysis import start_node_ids
+from ..blueprint import NodeDefinition, WorkflowBlueprint, check_registry
+from ..context import TrackedContext, public_view
+from ..errors import FlowcraftError, UnknownBlueprintError
+from ..events import EventBus, FlowcraftEvent, safe_emit
+from ..nodes.base import AwaitingSignal, CancellationSignal, NodeContext, NodeResult
+from ..nodes.builtins import BUILTIN_NODES
+from .executor import NodeError, NodeOutcome, execute_node
+from .graph import Graph
+from .routing import (
+    AWAITING_DETAILS_KEY,
+    AWAITING_IDS_KEY,
+    DYNAMIC_PREFIX,
+    INPUTS_PREFIX,
+    JoinDecision,
+    completed_record,
+    join_decision,
+    output_key,
+    read_record,
+    ready_frontier,
+    record_key,
+    resolution_count,
+    resolve_input,
+    route,
+    skipped_record,
+)
+
+logger = logging.getLogger("flowcraft.runtime")
+
+RunStatus = Literal["completed", "failed", "awaiting", "cancelled", "stalled"]
+
+
+@dataclass
+class WorkflowResult:
+    """How a run ended. ``context`` hides the engine's ``_flowcraft.*`` bookkeeping;
+    ``serialized_context`` is the complete state, as ``resume`` needs it."""
+
+    status: RunStatus
+    context: dict[str, Any]
+    serialized_context: str
+    errors: list[NodeError] = field(default_factory=list)
+    run_id: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "runId": self.run_id,
+            "status": self.status,
+            "context": self.context,
+            "errors": [error.to_dict() for error in self.errors],
+        }
+
+
+@dataclass
+class RuntimeOptions:
+    """What a runtime carries to a distributed adapter: blueprints, registry, dependencies."""
+
+    blueprints: dict[str, WorkflowBlueprint]
+    registry: dict[str, Any]
+    dependencies: dict[str, Any]
+    event_bus: EventBus | None = None
+    max_inline_sleep_seconds: float = 300.0
+    max_node_iterations: int = 1000
+
+
+def serialize_context(data: Mapping[str, Any]) -> str:
+    return json.dumps(data, default=_json_default, separators=(",", ":"))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    raise TypeError(f"context value of type {type(value).__name__} is not JSON serializable")
+
+
+def dynamic_additions(data: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    return [value for key, value in data.items() if key.startswith(DYNAMIC_PREFIX)]
+
+
+def graph_for(base: Graph, data: Mapping[str, Any]) -> Graph:
+    additions = dynamic_additions(data)
+    return base.extended(additions) if additions else base
+
+
+def dynamic_addition(graph: Graph, node_id: str, nodes: Any) -> dict[str, Any]:
+    """Dynamic nodes sit between their producer and the producer's forward successors."""
+    successors = graph.forward_successors(node_id)
+    definitions = [
+        n.to_dict() if isinstance(n, NodeDefinition) else NodeDefinition.model_validate(n).to_dict()
+        for n in nodes
+    ]
+    edges = [{"source": node_id, "target": d["id"]} for d in definitions]
+    edges += [{"source": d["id"], "target": s} for d in definitions for s in successors]
+    return {"nodes": definitions, "edges": edges}
+
+
+def terminal_ids(graph: Graph) -> list[str]:
+    return [
+        node_id for node_id, edges in graph.outgoing.items()
+        if not edges and node_id not in graph.fallback_only
+    ]
+
+
+class NodeEngine:
+    """Looks up implementations and runs single nodes; shared by every runtime and worker."""
+
+    def __init__(self, options: RuntimeOptions, registry: Mapping[str, Any] | None = None) -> None:
+        self.options = options
+        self.registry: dict[str, Any] = {**BUILTIN_NODES, **options.registry, **(registry or {})}
+        self._graphs: dict[str, Graph] = {}
+
+    def blueprint(self, blueprint_id: str) -> WorkflowBlueprint:
+        try:
+            return self.options.blueprints[blueprint_id]
+        except KeyError:
+            known = ", ".join(sorted(self.options.blueprints)) or "none"
+            raise UnknownBlueprintError(
+                f"unknown blueprint id '{blueprint_id}' (known: {known}); register it with "
+                "FlowRuntime(blueprints=...) or the worker's --blueprints directory"
+            ) from None
+
+    def graph(self, blueprint: WorkflowBlueprint) -> Graph:
+        cached = self._graphs.get(blueprint.id)
+        if cached is None or cached.blueprint is not blueprint:
+            check_registry(blueprint, self.registry)
+            cached = Graph(blueprint)
+            self._graphs[blueprint.id] = cached
+        return cached
+
+    def fallback_for(self, graph: Graph, node: NodeDefinition) -> tuple[Any, Any]:
+        name = node.config.fallback if node.config else None
+        if not name:
+            return None, None
+        if name in self.registry:
+            return self.registry[name], None
+        target = graph.nodes.get(name)
+        if target is not None and target.uses in self.registry:
+            return self.registry[target.uses], target.params or {}
+        return None, None
+
+    async def run_node(
+        self,
+        graph: Graph,
+        node: NodeDefinition,
+        tracked: TrackedContext,
+        node_input: Any,
+        *,
+        run_id: str,
+        iteration: int,
+        services: Any,
+        signal: CancellationSignal | None = None,
+    ) -> NodeOutcome:
+        implementation = self.registry.get(node.uses)
+        if implementation is None:
+            return NodeOutcome(error=NodeError(
+                node.id, f"no implementation registered for uses '{node.uses}'", 0,
+                "BlueprintValidationError", run_id,
+            ))
+        fallback, fallback_params = self.fallback_for(graph, node)
+        params = node.params or {}
+        shared_signal = signal or CancellationSignal()
+
+        def make_context(attempt: int) -> NodeContext:
+            return NodeContext(
+                context=tracked, input=node_input, params=params,
+                dependencies=self.options.dependencies, run_id=run_id, node_id=node.id,
+                blueprint_id=graph.blueprint.id, attempt=attempt, iteration=iteration,
+                signal=shared_signal, engine=services,
+            )
+
+        return await execute_node(
+            node, implementation, make_context, fallback=fallback,
+            fallback_params=fallback_params, event_bus=self.options.event_bus, run_id=run_id,
+        )
+
+
+class FlowRuntime:
+    """Runs blueprints in memory.
+
+    ``FlowRuntime(blueprints={...}, registry={...}, dependencies={...})``;
+    ``await runtime.run(blueprint, {"initial": "context"})`` returns a
+    :class:`WorkflowResult`.
+    """
+
+    def __init__(
+        self,
+        *,
+        blueprints: Mapping[str, WorkflowBlueprint] | None = None,
+        registry: Mapping[str, Any] | None = None,
+        dependencies: Mapping[str, Any] | None = None,
+        event_bus: EventBus | None = None,
+        max_inline_sleep_seconds: float = 300.0,
+        max_node_iterations: int = 1000,
+    ) -> None:
+        self.options = RuntimeOptions(
+            blueprints=dict(blueprints or {}),
+            registry=dict(registry or {}),
+            dependencies=dict(dependencies or {}),
+            event_bus=event_bus,
+            max_inline_sleep_seconds=max_inline_sleep_seconds,
+            max_node_iterations=max_node_iterations,
+        )
+        self.engine = NodeEngine(self.options)
+
+    def _engine_for(self, registry: Mapping[str, Any] | None) -> NodeEngine:
+        return NodeEngine(self.options, registry) if registry else self.engine
+
+    def _blueprint(
+        self, blueprint: WorkflowBlueprint | Mapping[str, Any] | str
+    ) -> WorkflowBlueprint:
+        if isinstance(blueprint, WorkflowBlueprint):
+            return blueprint
+        if isinstance(blueprint, str):
+            return self.engine.blueprint(blueprint)
+        return WorkflowBlueprint.model_validate(blueprint)
+
+    async def run(
+        self,
+        blueprint: WorkflowBlueprint | Mapping[str, Any] | str,
+        initial_context: Mapping[str, Any] | str | None = None,
+        *,
+        registry: Mapping[str, Any] | None = None,
+        run_id: str | None = None,
+        signal: CancellationSignal | None = None,
+        concurrency: int | None = None,
+    ) -> WorkflowResult:
+        """Run a blueprint (object, JSON dict, or registered id) to its end or until it awaits."""
+        bp = self._blueprint(blueprint)
+        engine = self._engine_for(registry)
+        data = (
+            json.loads(initial_context) if isinstance(initial_context, str)
+            else dict(initial_context or {})
+        )
+        run = _InMemoryRun(engine, bp, data, run_id or str(uuid.uuid4()), signal, concurrency)
+        return await run.start()
+
+    async def resume(
+        self,
+        blueprint: WorkflowBlueprint | Mapping[str, Any] | str,
+        serialized_context: Mapping[str, Any] | str,
+        resume_data: Mapping[str, Any] | None = None,
+        node_id: str | None = None,
+        *,
+        registry: Mapping[str, Any] | None = None,
+        run_id: str | None = None,
+    ) -> WorkflowResult:
+        """Continue an ``awaiting`` run. ``resume_data`` may hold ``output`` (the waiting
+        node's output) and ``action`` (drives routing from it)."""
+        bp = self._blueprint(blueprint)
+        engine = self._engine_for(registry)
+        data = (
+            json.loads(serialized_context) if isinstance(serialized_context, str)
+            else dict(serialized_context)
+        )
+        awaiting = list(data.get(AWAITING_IDS_KEY) or [])
+        if not awaiting:
+            raise FlowcraftError("cannot resume: the run is not awaiting any node", run_id=run_id)
+        target = node_id or awaiting[0]
+        if target not in awaiting:
+            raise FlowcraftError(
+                f"cannot resume node '{target}': it is not awaiting (awaiting: {awaiting})",
+                node_id=target, run_id=run_id,
+            )
+        run = _InMemoryRun(engine, bp, data, run_id or str(uuid.uuid4()), None, None)
+        return await run.resume(target, dict(resume_data or {}))
+
+
+class _InMemoryRun:
+    def __init__(
+        self,
+        engine: NodeEngine,
+        blueprint: WorkflowBlueprint,
+        data: dict[str, Any],
+        run_id: str,
+        signal: CancellationSignal | None,
+        concurrency: int | None,
+    ) -> None:
+        self.engine = engine
+        self.blueprint = blueprint
+        self.graph = graph_for(engine.graph(blueprint), data)
+        self.data = data
+        self.run_id = run_id
+        self.signal = signal or CancellationSignal()
+        self.bus = engine.options.event_bus
+        self.errors: list[NodeError] = []
+        self.scheduled: set[tuple[str, int]] = set()
+        self.arrivals: dict[tuple[str, int], list[int]] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.running = 0
+        self.idle = asyncio.Event()
+        self.limit = asyncio.Semaphore(concurrency) if concurrency else None
+        self.first_arrival: dict[str, str] = {}
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> WorkflowResult:
+        await self._emit("workflow:start", blueprintId=self.blueprint.id)
+        starts = self.graph.start_node_ids
+        if self.data.get(AWAITING_IDS_KEY) or any(
+            read_record(self.data, node_id) for node_id in starts
+        ):
+            # A context that already holds progress continues from its frontier.
+            self._schedule_frontier()
+        else:
+            for node_id in starts:
+                self._schedule(node_id)
+        return await self._finish()
+
+    async def resume(self, node_id: str, resume_data: dict[str, Any]) -> WorkflowResult:
+        await self._emit("workflow:start", blueprintId=self.blueprint.id, resumed=node_id)
+        details = (self.data.get(AWAITING_DETAILS_KEY) or {}).get(node_id) or {}
+        self._clear_awaiting(node_id)
+        if details.get("reason") == "subflow":
+            self._schedule(node_id, resume=resume_data)
+        else:
+            result = NodeResult(output=resume_data.get("output"), action=resume_data.get("action"))
+            self._complete(node_id, resolution_count(self.data, node_id), result, [])
+        self._schedule_frontier()
+        return await self._finish()
+
+    async def _finish(self) -> WorkflowResult:
+        if self.running:
+            self.idle.clear()
+            await self.idle.wait()
+        status = self._status()
+        result = WorkflowResult(
+            status=status,
+            context=public_view(self.data),
+            serialized_context=serialize_context(self.data),
+            errors=list(self.errors),
+            run_id=self.run_id,
+        )
+        await self._emit("workflow:finish", blueprintId=self.blueprint.id, status=status,
+                         errors=[e.to_dict() for e in self.errors])
+        logger.info("run %s (%s) finished: %s", self.run_id, self.blueprint.id, status)
+        return result
+
+    def _status(self) -> RunStatus:
+        if self.signal.is_set():
+            return "cancelled"
+        if self.errors:
+            return "failed"
+        if self.data.get(AWAITING_IDS_KEY):
+            return "awaiting"
+        if all(read_record(self.data, t) for t in terminal_ids(self.graph)):
+            return "completed"
+        return "stalled"
+
+    # -- scheduling ---------------------------------------------------------------------
+
+    def _schedule_frontier(self) -> None:
+        ready, skip = ready_frontier(self.graph, self.data)
+        for node_id in skip:
+            self._skip(node_id)
+        for node_id in ready:
+            self._schedule(node_id)
+
+    def _schedule(self, node_id: str, first_arrival: str | None = None,
+                  resume: dict[str, Any] | None = None) -> None:
+        generation = resolution_count(self.data, node_id)
+        key = (node_id, generation)
+        if key in self.scheduled or self.signal.is_set():
+            return
+        self.scheduled.add(key)
+        if generation >= self.engine.options.max_node_iterations:
+            self.errors.append(NodeError(
+                node_id, f"node ran {generation} times, the limit of max_node_iterations; "
+                "a loop without a reachable exit?", 0, "FlowcraftError", self.run_id,
+            ))
+            return
+        if first_arrival is not None:
+            self.first_arrival[node_id] = first_arrival
+        self.running += 1
+        task = asyncio.get_running_loop().create_task(self._execute(node_id, generation, resume))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _execute(self, node_id: str, generation: int,
+                       resume: dict[str, Any] | None) -> None:
+        try:
+            if self.limit is not None:
+                async with self.limit:
+                    await self._execute_node(node_id, generation, resume)
+            else:
+                await self._execute_node(node_id, generation, resume)
+        except Exception as exc:  # a bug or a bad expression: fail the run, not the loop
+            logger.exception("run %s node %s: engine error", self.run_id, node_id)
+            self.errors.append(NodeError(node_id, str(exc), 0, type(exc).__name__, self.run_id))
+        finally:
+            self.running -= 1
+            if self.running == 0:
+                self.idle.set()
+
+    async def _execute_node(self, node_id: str, generation: int,
+                            resume: dict[str, Any] | None) -> None:
+        if self.signal.is_set():
+            return
+        node = self.graph.nodes[node_id]
+        resolved = resolve_input(self.graph, node, self.data, self.first_arrival.pop(node_id, None))
+        tracked = TrackedContext(self.data)
+        if resolved.store:
+            tracked.set_now(INPUTS_PREFIX + node_id, resolved.value)
+        if self.bus is not None:
+            await self._emit("node:start", nodeId=node_id, input=resolved.value)
+        logger.debug("run %s node %s: start (iteration %d)", self.run_id, node_id, generation)
+        services = _RunServices(self, resume)
+        outcome = await self.engine.run_node(
+            self.graph, node, tracked, resolved.value, run_id=self.run_id,
+            iteration=generation, services=services, signal=None,
+        )
+        if self.signal.is_set():
+            return
+        if outcome.awaiting is not None:
+            self._park(node_id, outcome.awaiting)
+            await self._emit("node:finish", nodeId=node_id, awaiting=outcome.awaiting)
+            return
+        if outcome.error is not None:
+            self.errors.append(outcome.error)
+            logger.warning("run %s node %s failed: %s", self.run_id, node_id,
+                           outcome.error.message)
+            await self._emit("node:error", nodeId=node_id, error=outcome.error.to_dict())
+            return
+        assert outcome.result is not None
+        events = self._complete(node_id, generation, outcome.result, tracked.deltas)
+        if self.bus is not None:
+            await self._emit("node:finish", nodeId=node_id, output=outcome.result.output,
+                             action=outcome.result.action)
+            for event in events:
+                await safe_emit(self.bus, event)
+
+    # -- bookkeeping (synchronous: no awaits between a decision and its effects) --------
+
+    def _complete(self, node_id: str, generation: int, result: NodeResult,
+                  deltas: list[Any]) -> list[FlowcraftEvent]:
+        events: list[FlowcraftEvent] = []
+        if self.bus is not None:
+            events.extend(
+                FlowcraftEvent("context:change", {
+                    "runId": self.run_id, "nodeId": node_id, "op": d.op, "key": d.key,
+                    "value": d.value,
+                }) for d in deltas
+            )
+        if result.dynamic_nodes:
+            addition = dynamic_addition(self.graph, node_id, result.dynamic_nodes)
+            self.data[DYNAMIC_PREFIX + node_id] = addition
+            self.graph = self.graph.extended([addition])
+        self.data[output_key(node_id)] = result.output
+
+        def observe(edge: Any, verdict: bool) -> None:
+            events.append(FlowcraftEvent("edge:evaluate", {
+                "runId": self.run_id, "source": edge.source, "target": edge.target,
+                "condition": edge.condition, "result": verdict,
+            }))
+
+        taken = route(self.graph, node_id, result.output, result.action, self.data,
+                      observe if self.bus is not None else None)
+        self.data[record_key(node_id)] = completed_record(generation, taken, result.action)
+        self._propagate(node_id, events)
+        return events
+
+    def _propagate(self, source_id: str, events: list[FlowcraftEvent]) -> None:
+        """Tell each successor that ``source_id`` resolved; run, skip or keep waiting."""
+        stack = [source_id]
+        graph = self.graph
+        while stack:
+            source = stack.pop()
+            record = read_record(self.data, source)
+            assert record is not None
+            edges = graph.outgoing[source]
+            delivered_to = set() if record.skipped else {edges[i].target for i in record.taken}
+            for target in dict.fromkeys(edge.target for edge in edges):
+                if graph.is_back_edge(source, target):
+                    if target in delivered_to:
+                        self._schedule(target)
+                    continue
+                decision = self._arrive(source, target, target in delivered_to)
+                if decision is JoinDecision.RUN:
+                    self._schedule(target, first_arrival=source)
+                elif decision is JoinDecision.SKIP and self._skip(target, events):
+                    stack.append(target)
+
+    def _arrive(self, source: str, target: str, delivered: bool) -> JoinDecision:
+        generation = resolution_count(self.data, target)
+        key = (target, generation)
+        counts = self.arrivals.get(key)
+        if counts is None:
+            from .routing import evaluate_join  # derived once, from the records
+
+            decision = evaluate_join(self.graph, self.data, target)
+            # Re-derive counts so later arrivals can be counted incrementally.
+            counts = self._derive_counts(target)
+            self.arrivals[key] = counts
+            return decision
+        counts[0] += 1
+        counts[1] += int(delivered)
+        node = self.graph.nodes[target]
+        expected = len(self.graph.forward_predecessors.get(target, ()))
+        return join_decision(node.join_strategy, expected, counts[0], counts[1])
+
+    def _derive_counts(self, target: str) -> list[int]:
+        from .routing import _fresh  # the same freshness rule the join uses
+
+        resolved = delivered = 0
+        generation = resolution_count(self.data, target)
+        for source in self.graph.forward_predecessors.get(target, ()):
+            record = _fresh(self.graph, self.data, source, target, generation, back=False)
+            if record is None:
+                continue
+            resolved += 1
+            out = self.graph.outgoing[source]
+            if not record.skipped and any(out[i].target == target for i in record.taken):
+                delivered += 1
+        return [resolved, delivered]
+
+    def _skip(self, node_id: str, events: list[FlowcraftEvent] | None = None) -> bool:
+        generation = resolution_count(self.data, node_id)
+        key = (node_id, generation)
+        if key in self.scheduled:
+            return False
+        self.scheduled.add(key)
+        self.data[record_key(node_id)] = skipped_record(generation)
+        logger.debug("run %s node %s: skipped", self.run_id, node_id)
+        if events is not None and self.bus is not None:
+            events.append(FlowcraftEvent("node:skipped", {"runId": self.run_id, "nodeId": node_id}))
+        if events is None:
+            self._propagate(node_id, [])
+            return False
+        return True
+
+    def _park(self, node_id: str, details: dict[str, Any]) -> None:
+        ids = list(self.data.get(AWAITING_IDS_KEY) or [])
+        if node_id not in ids:
+            ids.append(node_id)
+        all_details = dict(self.data.get(AWAITING_DETAILS_KEY) or {})
+        all_details[node_id] = details
+        self.data[AWAITING_IDS_KEY] = ids
+        self.data[AWAITING_DETAILS_KEY] = all_details
+        logger.info("run %s node %s: awaiting (%s)", self.run_id, node_id,
+                    details.get("reason", "external_event"))
+
+    def _clear_awaiting(self, node_id: str) -> None:
+        ids = [i for i in (self.data.get(AWAITING_IDS_KEY) or []) if i != node_id]
+        details = dict(self.data.get(AWAITING_DETAILS_KEY) or {})
+        details.pop(node_id, None)
+        if ids:
+            self.data[AWAITING_IDS_KEY] = ids
+            self.data[AWAITING_DETAILS_KEY] = details
+        else:
+            self.data.pop(AWAITING_IDS_KEY, None)
+            self.data.pop(AWAITING_DETAILS_KEY, None)
+
+    async def _emit(self, event_type: str, **payload: Any) -> None:
+        if self.bus is not None:
+            await safe_emit(self.bus, FlowcraftEvent(event_type, {"runId": self.run_id, **payload}))
+
+
+class _RunServices:
+    """``ctx.engine`` for nodes of an in-memory run."""
+
+    def __init__(self, run: _InMemoryRun, resume: dict[str, Any] | None) -> None:
+        self._run = run
+        self._resume = resume
+
+    async def sleep(self, ctx: NodeContext, seconds: float) -> None:
+        if seconds <= self._run.engine.options.max_inline_sleep_seconds:
+            await asyncio.sleep(seconds)
+            return
+        wake_up_at = datetime.now(UTC) + timedelta(seconds=seconds)
+        raise AwaitingSignal({"reason": "timer", "wakeUpAt": wake_up_at.isoformat()})
+
+    async def run_subflow(self, ctx: NodeContext, blueprint_id: str) -> Any:
+        return await run_subflow(self._run.engine, ctx, blueprint_id, self._resume)
+
+
+async def run_subflow(engine: NodeEngine, ctx: NodeContext, blueprint_id: str,
+                      resume: dict[str, Any] | None = None) -> Any:
+    """The ``subflow`` node: run a child blueprint in this process and map its results."""
+    child = engine.blueprint(blueprint_id)
+    parent = ctx.context
+    child_run_id = f"{ctx.run_id}/{ctx.node_id}"
+    runtime = FlowRuntime.__new__(FlowRuntime)
+    runtime.options = engine.options
+    runtime.engine = engine
+    state_key = f"_subflowState.{ctx.node_id}"
+    saved = parent.get_now(state_key)
+    if resume is not None and saved:
+        result = await runtime.resume(child, saved, resume, run_id=child_run_id)
+    else:
+        initial: dict[str, Any] = {}
+        mapping = ctx.params.get("inputs")
+        if isinstance(mapping, Mapping):
+            for child_key, parent_ref in mapping.items():
+                value = parent.get_now(parent_ref)
+                if value is None:
+                    value = parent.get_now(f"_outputs.{parent_ref}")
+                initial[child_key] = value
+        elif ctx.input is not None:
+            for start_id in start_node_ids(child):
+                initial[INPUTS_PREFIX + start_id] = ctx.input
+        result = await runtime.run(child, initial, run_id=child_run_id)
+    if result.status == "awaiting":
+        parent.set_now(state_key, result.serialized_context)
+        raise AwaitingSignal({"reason": "subflow", "blueprintId": blueprint_id,
+                              "childAwaiting": result.context.get(AWAITING_IDS_KEY)})
+    if saved is not None:
+        parent.delete_now(state_key)
+    if result.status != "completed":
+        reason = result.errors[0].message if result.errors else result.status
+        raise FlowcraftError(
+            f"subflow '{blueprint_id}' of node '{ctx.node_id}' ended {result.status}: {reason}",
+            node_id=ctx.node_id, run_id=ctx.run_id,
+        )
+    final = result.context
+    outputs = ctx.params.get("outputs")
+    if isinstance(outputs, Mapping):
+        for parent_key, child_ref in outputs.items():
+            value = final.get(f"_outputs.{child_ref}", final.get(child_ref))
+            parent.set_now(parent_key, value)
+    child_graph = engine.graph(child)
+    terminals = terminal_ids(child_graph)
+    if len(terminals) == 1:
+        return final.get(f"_outputs.{terminals[0]}")
+    return {t: final.get(f"_outputs.{t}") for t in terminals if f"_outputs.{t}" in final}
