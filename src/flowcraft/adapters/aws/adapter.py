@@ -1,0 +1,222 @@
+"""``SqsAdapter``: workers that take jobs from Amazon SQS and keep state in DynamoDB.
+
+The job algorithm is :class:`~flowcraft.distributed.adapter.BaseDistributedAdapter`'s;
+this module only speaks SQS and DynamoDB:
+
+* receive: long polling, up to 10 messages per call, with
+  ``ApproximateReceiveCount`` so poison messages are recognised;
+* acknowledge: ``DeleteMessageBatch``, gathering the deletes of jobs that
+  finish close together;
+* keep a running job's message invisible with ``ChangeMessageVisibility``;
+* send: ``SendMessageBatch`` in chunks of 10; ``DelaySeconds`` for durable
+  sleeps (SQS allows at most 15 minutes; longer sleeps are re-delayed);
+* poison messages go to the queue's dead-letter queue when its
+  ``RedrivePolicy`` names one, and are deleted otherwise;
+* status records: one item per run in the status table (``runId``,
+  ``status``, ``lastUpdated``, ``finalStatus``, ...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+from ...distributed.adapter import BaseDistributedAdapter, QueueMessage
+from ...distributed.coordination import CoordinationStore
+from ...distributed.job import JobPayload
+from ...runtime.runtime import RuntimeOptions
+from ._dynamo import Expression, from_item
+from .context import DynamoDbContext
+
+logger = logging.getLogger("flowcraft.aws")
+
+
+class SqsAdapter(BaseDistributedAdapter):
+    """A worker (and client) over SQS + DynamoDB.
+
+    ``sqs_client`` and ``dynamodb_client`` are aiobotocore clients; see
+    ``docs/aws.md`` for a complete worker. Other keyword arguments are
+    :class:`BaseDistributedAdapter`'s (``concurrency``, ``lease_seconds``, ...).
+    """
+
+    max_delay_seconds = 900.0
+
+    def __init__(
+        self,
+        runtime_options: RuntimeOptions,
+        coordination_store: CoordinationStore,
+        sqs_client: Any,
+        dynamodb_client: Any,
+        queue_url: str,
+        context_table_name: str = "flowcraft-contexts",
+        status_table_name: str = "flowcraft-statuses",
+        **options: Any,
+    ) -> None:
+        super().__init__(runtime_options, coordination_store, **options)
+        if not queue_url:
+            raise ValueError("SqsAdapter needs a queue_url (set SQS_QUEUE_URL)")
+        self.sqs = sqs_client
+        self.dynamodb = dynamodb_client
+        self.queue_url = queue_url
+        self.context_table_name = context_table_name
+        self.status_table_name = status_table_name
+        self._pending_deletes: list[QueueMessage] = []
+        self._delete_flush: asyncio.Task[None] | None = None
+        self._dead_letter_url: str | None | bool = False  # False: not looked up yet
+
+    def create_context(self, run_id: str) -> DynamoDbContext:
+        return DynamoDbContext(run_id, client=self.dynamodb, table_name=self.context_table_name)
+
+    # -- queue -----------------------------------------------------------------------------
+
+    async def _send_jobs(self, jobs: Sequence[JobPayload], delay_seconds: float = 0) -> None:
+        delay = max(0, min(int(round(delay_seconds)), int(self.max_delay_seconds)))
+        for start in range(0, len(jobs), 10):
+            chunk = jobs[start:start + 10]
+            entries = [{"Id": str(i), "MessageBody": job.to_json(), "DelaySeconds": delay}
+                       for i, job in enumerate(chunk)]
+            for _ in range(3):
+                response = await self.sqs.send_message_batch(QueueUrl=self.queue_url,
+                                                             Entries=entries)
+                failed = {f["Id"] for f in response.get("Failed", [])}
+                if not failed:
+                    break
+                entries = [e for e in entries if e["Id"] in failed]
+                await asyncio.sleep(0.2)
+            else:
+                raise RuntimeError(f"SQS refused {len(entries)} job(s) three times: "
+                                   f"{response.get('Failed')}")
+
+    async def _receive(self, max_messages: int, wait_seconds: float) -> list[QueueMessage]:
+        response = await self.sqs.receive_message(
+            QueueUrl=self.queue_url,
+            MaxNumberOfMessages=max(1, min(10, max_messages)),
+            WaitTimeSeconds=max(0, min(20, int(wait_seconds))),
+            VisibilityTimeout=int(self.lease_seconds),
+            MessageSystemAttributeNames=["ApproximateReceiveCount"],
+        )
+        return [
+            QueueMessage(
+                body=message["Body"],
+                message_id=message["MessageId"],
+                receive_count=int(message.get("Attributes", {}).get("ApproximateReceiveCount",
+                                                                    1)),
+                handle=message["ReceiptHandle"],
+            )
+            for message in response.get("Messages", [])
+        ]
+
+    async def _delete(self, messages: Sequence[QueueMessage]) -> None:
+        """Deletes are gathered for a moment and sent with DeleteMessageBatch."""
+        self._pending_deletes.extend(messages)
+        if len(self._pending_deletes) >= 10:
+            await self._flush_deletes()
+        elif self._delete_flush is None or self._delete_flush.done():
+            self._delete_flush = asyncio.get_running_loop().create_task(self._flush_soon())
+
+    async def _flush_soon(self) -> None:
+        await asyncio.sleep(0.05)
+        await self._flush_deletes()
+
+    async def _flush_deletes(self) -> None:
+        while self._pending_deletes:
+            batch, self._pending_deletes = self._pending_deletes[:10], self._pending_deletes[10:]
+            entries = [{"Id": str(i), "ReceiptHandle": m.handle} for i, m in enumerate(batch)]
+            try:
+                response = await self.sqs.delete_message_batch(QueueUrl=self.queue_url,
+                                                               Entries=entries)
+            except Exception as exc:
+                logger.warning("deleting %d message(s) failed (they will be redelivered and "
+                               "recognised as done): %s", len(batch), exc)
+                continue
+            for failure in response.get("Failed", []):
+                logger.warning("message delete failed: %s", failure)
+
+    async def _set_visibility(self, message: QueueMessage, seconds: float) -> None:
+        await self.sqs.change_message_visibility(
+            QueueUrl=self.queue_url, ReceiptHandle=message.handle,
+            VisibilityTimeout=max(0, min(43_200, int(seconds))),
+        )
+
+    async def _dead_letter(self, message: QueueMessage, reason: str) -> None:
+        url = await self._dead_letter_queue()
+        if url:
+            await self.sqs.send_message(
+                QueueUrl=url, MessageBody=message.body if isinstance(message.body, str)
+                else message.body.decode("utf-8", "replace"),
+                MessageAttributes={"flowcraftError": {"DataType": "String",
+                                                      "StringValue": reason[:1000]}},
+            )
+        await self.sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=message.handle)
+
+    async def _dead_letter_queue(self) -> str | None:
+        if self._dead_letter_url is False:
+            self._dead_letter_url = None
+            with contextlib.suppress(Exception):
+                attributes = await self.sqs.get_queue_attributes(
+                    QueueUrl=self.queue_url, AttributeNames=["RedrivePolicy"])
+                policy = attributes.get("Attributes", {}).get("RedrivePolicy")
+                if policy:
+                    arn = json.loads(policy)["deadLetterTargetArn"]
+                    response = await self.sqs.get_queue_url(QueueName=arn.rsplit(":", 1)[-1])
+                    self._dead_letter_url = response["QueueUrl"]
+        return self._dead_letter_url or None
+
+    async def stop(self, timeout_seconds: float | None = None) -> None:
+        await super().stop(timeout_seconds)
+        await self._flush_deletes()
+
+    # -- status records --------------------------------------------------------------------
+
+    async def _write_status(self, run_id: str, fields: Mapping[str, Any], *,
+                            only_if_running: bool) -> bool:
+        expression = Expression()
+        sets = ", ".join(f"{expression.name(k)} = {expression.value(v)}"
+                         for k, v in fields.items() if k != "runId")
+        arguments: dict[str, Any] = {
+            "TableName": self.status_table_name, "Key": {"runId": {"S": run_id}},
+            "UpdateExpression": f"SET {sets}",
+        }
+        if only_if_running:
+            arguments["ConditionExpression"] = (
+                f"attribute_not_exists({expression.name('runId')}) OR "
+                f"{expression.name('status')} = {expression.value('running')}")
+        arguments.update(expression.arguments())
+        try:
+            await self.dynamodb.update_item(**arguments)
+        except self.dynamodb.exceptions.ConditionalCheckFailedException:
+            return False
+        return True
+
+    async def _read_status(self, run_id: str) -> dict[str, Any] | None:
+        response = await self.dynamodb.get_item(TableName=self.status_table_name,
+                                                Key={"runId": {"S": run_id}},
+                                                ConsistentRead=True)
+        item = response.get("Item")
+        return from_item(item) if item else None
+
+    def _scan_statuses(self, status: str) -> AsyncIterator[dict[str, Any]]:
+        return scan_status_table(self.dynamodb, self.status_table_name, status)
+
+
+async def scan_status_table(client: Any, table_name: str,
+                            status: str | None = "running") -> AsyncIterator[dict[str, Any]]:
+    """Every status item (with ``status``, if given), following ``LastEvaluatedKey``."""
+    arguments: dict[str, Any] = {"TableName": table_name}
+    if status is not None:
+        expression = Expression()
+        arguments["FilterExpression"] = (
+            f"{expression.name('status')} = {expression.value(status)}")
+        arguments.update(expression.arguments())
+    while True:
+        response = await client.scan(**arguments)
+        for item in response.get("Items", []):
+            yield from_item(item)
+        last = response.get("LastEvaluatedKey")
+        if not last:
+            return
+        arguments["ExclusiveStartKey"] = last

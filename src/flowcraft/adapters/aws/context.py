@@ -1,0 +1,211 @@
+"""``DynamoDbContext``: a run's context as one DynamoDB item.
+
+The item's key is ``runId``; every context key is an attribute of its own,
+so a node's commit is one ``UpdateItem`` that sets and removes exactly the
+attributes the node changed (parallel branches never overwrite each other).
+Conditions and the returned item (``ReturnValues=ALL_NEW``) implement the
+claim/commit protocol of :mod:`flowcraft.distributed.context`.
+
+Runs started by the TypeScript client of the seed documentation store the
+initial context nested under a ``context`` attribute (``{runId, context:
+{...}}``); its keys are presented to nodes as top-level keys.
+
+DynamoDB items are limited to 400 KB. A write that would exceed it raises
+:class:`~flowcraft.errors.ContextTooLargeError` naming the run and the size;
+nothing is truncated.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from ...context import PatchOperation
+from ...distributed.context import (
+    Claim,
+    ClaimStatus,
+    claim_status,
+    commit_operations,
+    lease_value,
+    lock_key,
+)
+from ...errors import ContextTooLargeError
+from ...runtime.routing import RECORD_PREFIX
+from ._dynamo import ITEM_LIMIT_BYTES, Expression, approximate_size, from_item, to_item
+
+KEY = "runId"
+NESTED_CONTEXT = "context"
+
+
+class DynamoDbContext:
+    """The stored context of one run (``AsyncContext`` plus the distributed operations)."""
+
+    def __init__(self, run_id: str, *, client: Any, table_name: str) -> None:
+        self.run_id = run_id
+        self.client = client
+        self.table_name = table_name
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _key(self) -> dict[str, Any]:
+        return {KEY: {"S": self.run_id}}
+
+    def _data(self, item: Mapping[str, Any] | None) -> dict[str, Any] | None:
+        if item is None:
+            return None
+        data = from_item(item)
+        data.pop(KEY, None)
+        nested = data.get(NESTED_CONTEXT)
+        if isinstance(nested, dict):
+            # The seed's client writes {runId, context: initialContext}.
+            data.pop(NESTED_CONTEXT)
+            data = {**nested, **data}
+        return data
+
+    async def _update(self, operations: Sequence[PatchOperation], *, condition: str = "",
+                      expression: Expression | None = None,
+                      size_hint: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+        """One UpdateItem; ``None`` when the condition failed."""
+        expression = expression or Expression()
+        update = expression.update([op for op in operations if op.key != KEY])
+        arguments: dict[str, Any] = {
+            "TableName": self.table_name, "Key": self._key(), "UpdateExpression": update,
+            "ReturnValues": "ALL_NEW",
+        }
+        if condition:
+            arguments["ConditionExpression"] = condition
+        arguments.update(expression.arguments())
+        try:
+            response = await self.client.update_item(**arguments)
+        except self.client.exceptions.ConditionalCheckFailedException:
+            return None
+        except ClientError as exc:
+            if _is_size_error(exc):
+                current = await self.load() or {}
+                size = approximate_size({**current, **(size_hint or {})})
+                raise ContextTooLargeError(self.run_id, max(size, ITEM_LIMIT_BYTES + 1),
+                                           ITEM_LIMIT_BYTES, "DynamoDB") from None
+            raise
+        return self._data(response.get("Attributes"))
+
+    def check_size(self, data: Mapping[str, Any]) -> None:
+        size = approximate_size(data)
+        if size > ITEM_LIMIT_BYTES:
+            raise ContextTooLargeError(self.run_id, size, ITEM_LIMIT_BYTES, "DynamoDB")
+
+    # -- distributed operations ------------------------------------------------------------
+
+    async def load(self) -> dict[str, Any] | None:
+        response = await self.client.get_item(TableName=self.table_name, Key=self._key(),
+                                              ConsistentRead=True)
+        return self._data(response.get("Item"))
+
+    async def create(self, initial: Mapping[str, Any]) -> None:
+        self.check_size(initial)
+        item = to_item({k: v for k, v in initial.items() if k != KEY})
+        item[KEY] = {"S": self.run_id}
+        try:
+            await self.client.put_item(TableName=self.table_name, Item=item)
+        except ClientError as exc:
+            if _is_size_error(exc):
+                raise ContextTooLargeError(self.run_id, approximate_size(initial),
+                                           ITEM_LIMIT_BYTES, "DynamoDB") from None
+            raise
+
+    async def claim(self, node_id: str, iteration: int, owner: str,
+                    lease_seconds: float) -> Claim:
+        now = time.time()
+        expression = Expression()
+        record, lease = expression.name(RECORD_PREFIX + node_id), expression.name(lock_key(node_id))
+        condition = (
+            f"attribute_exists({expression.name(KEY)}) "
+            f"AND (attribute_not_exists({record}) OR {record}.{expression.name('n')} "
+            f"<= {expression.value(iteration)}) "
+            f"AND (attribute_not_exists({lease}) OR {lease}.{expression.name('owner')} = "
+            f"{expression.value(owner)} OR {lease}.{expression.name('expires')} < "
+            f"{expression.value(now)})"
+        )
+        data = await self._update(
+            [PatchOperation("set", lock_key(node_id),
+                            lease_value(owner, iteration, lease_seconds, now))],
+            condition=condition, expression=expression,
+        )
+        if data is not None:
+            return Claim(ClaimStatus.CLAIMED, data, owner)
+        current = await self.load()  # why the condition failed
+        status = claim_status(current, node_id, iteration, owner, time.time())
+        if status is ClaimStatus.CLAIMED:  # the lease expired in between: try once more
+            return await self.claim(node_id, iteration, owner, lease_seconds)
+        lease_now = (current or {}).get(lock_key(node_id)) or {}
+        return Claim(status, current, lease_now.get("owner"), lease_now.get("expires"))
+
+    async def commit(self, node_id: str, iteration: int, owner: str,
+                     operations: Sequence[PatchOperation],
+                     claims: Iterable[tuple[str, int]] = (),
+                     lease_seconds: float = 60.0) -> dict[str, Any] | None:
+        expression = Expression()
+        lease = expression.name(lock_key(node_id))
+        condition = f"{lease}.{expression.name('owner')} = {expression.value(owner)}"
+        full = commit_operations(node_id, operations, claims, owner, lease_seconds, time.time())
+        return await self._update(full, condition=condition, expression=expression,
+                                  size_hint={op.key: op.value for op in full})
+
+    async def renew(self, node_id: str, owner: str, lease_seconds: float) -> bool:
+        expression = Expression()
+        lease = expression.name(lock_key(node_id))
+        condition = f"{lease}.{expression.name('owner')} = {expression.value(owner)}"
+        arguments = {
+            "TableName": self.table_name, "Key": self._key(),
+            "UpdateExpression": f"SET {lease}.{expression.name('expires')} = "
+                                f"{expression.value(round(time.time() + lease_seconds, 3))}",
+            "ConditionExpression": condition,
+        }
+        arguments.update(expression.arguments())
+        try:
+            await self.client.update_item(**arguments)
+        except self.client.exceptions.ConditionalCheckFailedException:
+            return False
+        return True
+
+    async def release(self, node_id: str, owner: str) -> None:
+        expression = Expression()
+        lease = expression.name(lock_key(node_id))
+        condition = f"{lease}.{expression.name('owner')} = {expression.value(owner)}"
+        await self._update([PatchOperation("delete", lock_key(node_id))], condition=condition,
+                           expression=expression)
+
+    async def apply(self, operations: Sequence[PatchOperation]) -> dict[str, Any] | None:
+        expression = Expression()
+        return await self._update(operations, condition=f"attribute_exists({expression.name(KEY)})",
+                                  expression=expression,
+                                  size_hint={op.key: op.value for op in operations})
+
+    # -- AsyncContext ----------------------------------------------------------------------
+
+    async def get(self, key: str, default: Any = None) -> Any:
+        return (await self.load() or {}).get(key, default)
+
+    async def set(self, key: str, value: Any) -> None:
+        await self.apply([PatchOperation("set", key, value)])
+
+    async def has(self, key: str) -> bool:
+        return key in (await self.load() or {})
+
+    async def delete(self, key: str) -> bool:
+        existed = await self.has(key)
+        await self.apply([PatchOperation("delete", key)])
+        return existed
+
+    async def to_dict(self) -> dict[str, Any]:
+        return await self.load() or {}
+
+    async def patch(self, operations: Sequence[PatchOperation]) -> None:
+        await self.apply(operations)
+
+
+def _is_size_error(exc: ClientError) -> bool:
+    message = str(exc)
+    return "Item size" in message and "exceeded" in message

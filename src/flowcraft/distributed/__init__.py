@@ -1,0 +1,26 @@
+"""Distributed execution: the job algorithm once, over any queue and database."""
+
+from .adapter import BaseDistributedAdapter, QueueMessage, parse_timestamp
+from .context import Claim, ClaimStatus, DistributedContext, InMemoryRunStore
+from .coordination import CoordinationStore, InMemoryCoordinationStore
+from .inprocess import InProcessAdapter, InProcessQueue
+from .job import JobPayload, parse_job
+from .reconciler import Reconciler, ReconcileStats
+
+__all__ = [
+    "BaseDistributedAdapter",
+    "Claim",
+    "ClaimStatus",
+    "CoordinationStore",
+    "DistributedContext",
+    "InMemoryCoordinationStore",
+    "InMemoryRunStore",
+    "InProcessAdapter",
+    "InProcessQueue",
+    "JobPayload",
+    "QueueMessage",
+    "ReconcileStats",
+    "Reconciler",
+    "parse_job",
+    "parse_timestamp",
+]

@@ -1,0 +1,989 @@
+"""``BaseDistributedAdapter``: the job algorithm, written once for every queue and database.
+
+A subclass supplies the service primitives — a :class:`DistributedContext`
+per run, sending, receiving, acknowledging and delaying queue messages, and
+reading and writing status records — and inherits the algorithm below. The
+in-process backend (:mod:`flowcraft.distributed.inprocess`), the AWS adapter
+and the Azure adapter all run exactly this code.
+
+The job algorithm
+=================
+
+A job names (run, blueprint, node, iteration). Delivery is at least once: any
+job may arrive twice, late, or after the worker that had it died at any
+point. Each step says why repeating it is safe.
+
+1. **Parse and look up.** An unparseable message, or one naming an unknown
+   blueprint, is removed (or dead-lettered), logged with its message id, and
+   the run — where one is named — marked ``failed`` with the reason. A
+   message received more often than ``max_receive_count`` is treated the
+   same way: it cannot loop forever.
+
+2. **Claim** (one conditional write that returns the context). The worker
+   takes a lease on the node in the run's context item, unless the node has
+   already completed this iteration (``DONE``: a redelivery — go to step 6
+   to re-announce its successors, then acknowledge) or another worker holds a
+   live lease (``LOCKED``: put the message back with a delay). The lease is
+   renewed while the node runs, together with the message's visibility, so
+   a long node is never picked up twice; a crashed worker's lease expires.
+   A stored ``blueprintVersion`` that differs from this worker's blueprint
+   releases the claim and leaves the message for a matching worker.
+
+3. **Run** the node with the shared executor (retries, timeout, fallback).
+   The node works on the claimed snapshot; its writes are recorded, not sent.
+
+4. **Route before writing.** The routing decision (which edges were taken)
+   is computed now, from the snapshot plus the node's writes, and stored in
+   the node's record. A redelivered job therefore never re-evaluates a
+   condition against a context that changed meanwhile.
+
+5. **Commit** (one conditional write that returns the context): output,
+   context writes, routing record, and skip records for successors that can
+   only be skipped — applied only if this worker still holds the lease. If
+   the lease was lost (it expired and another worker took the node over),
+   the write does nothing and this worker's result is discarded: a node's
+   effect lands in the context exactly once. The same write may take the
+   lease of one successor this worker will run next (local continuation:
+   a chain costs no queue round trip per node).
+
+6. **Advance.** From the context the commit returned, decide each
+   successor's join with :mod:`flowcraft.runtime.routing` — the same code the
+   in-memory runtime uses. All commits of a run hit one item, so of a join's
+   predecessors exactly the last to commit sees them all and starts the
+   join; redelivered jobs repeat this step with the fresh context and find
+   successors already done or leased. ``any`` joins take their first
+   arrival through the coordination store (``set_if_not_exist``). Joins that
+   can no longer run are skipped with one more write, and skipping
+   propagates.
+
+7. **Enqueue** the ready successors that are neither done nor leased, in one
+   batch (durable ``sleep``: with a message delay). A crash between commit
+   and enqueue loses messages; :meth:`reconcile` recomputes the frontier from
+   the records and re-enqueues it.
+
+8. **Finish.** When every terminal node is done or skipped, the status
+   record is set ``completed`` with a write that only succeeds while it
+   is ``running`` (declared once). A failed node writes a failure record (so
+   nothing that needed it ever runs), poison / cancel markers for its
+   ``all`` / ``any`` successors, and the status ``failed`` with the reason.
+   Then the message is acknowledged.
+
+Service calls for a node: claim + commit (+ a batched send and a batched
+delete, amortised over the batch) — and with local continuation, a chain
+node costs one commit that also claims its successor.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from ..analysis import analyze_blueprint
+from ..blueprint import WorkflowBlueprint
+from ..context import PatchOperation, TrackedContext, public_view
+from ..errors import FlowcraftError, InvalidJobError, UnknownBlueprintError
+from ..events import EventBus, FlowcraftEvent, safe_emit
+from ..nodes.base import NodeContext, NodeResult
+from ..runtime.graph import Graph
+from ..runtime.routing import (
+    AWAITING_DETAILS_KEY,
+    AWAITING_IDS_KEY,
+    DYNAMIC_PREFIX,
+    INPUTS_PREFIX,
+    JoinDecision,
+    completed_record,
+    evaluate_join,
+    failed_record,
+    output_key,
+    read_record,
+    ready_frontier,
+    record_key,
+    resolution_count,
+    resolve_input,
+    route,
+    skipped_record,
+)
+from ..runtime.runtime import (
+    NodeEngine,
+    RuntimeOptions,
+    WorkflowResult,
+    dynamic_addition,
+    graph_for,
+    run_subflow,
+    serialize_context,
+    terminal_ids,
+)
+from .context import (
+    RUN_STATE_KEY,
+    VERSION_KEY,
+    ClaimStatus,
+    DistributedContext,
+    live_lease,
+)
+from .coordination import CoordinationStore, cancel_key, poison_key
+from .job import JobPayload, parse_job
+
+logger = logging.getLogger("flowcraft.distributed")
+
+FINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
+RESTING_STATUSES = FINAL_STATUSES | {"awaiting"}
+JobOutcome = Literal["processed", "duplicate", "deferred", "dropped"]
+
+
+@dataclass(slots=True)
+class QueueMessage:
+    """A received message, as the polling loop sees it."""
+
+    body: str | bytes
+    message_id: str
+    receive_count: int = 1
+    handle: Any = None
+
+
+@dataclass
+class _Step:
+    """One claimed node execution, possibly followed by a local continuation."""
+
+    job: JobPayload
+    data: dict[str, Any]
+    not_before: float | None = None
+
+
+@dataclass
+class _Advance:
+    ready: list[tuple[str, int, float | None]] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_timestamp(value: Any) -> float | None:
+    """``lastUpdated`` as epoch seconds: numbers as they are, ISO-8601 strings parsed."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        number = float(value)
+        return number / 1000.0 if number > 1e11 else number  # epoch milliseconds
+    if hasattr(value, "__float__") and not isinstance(value, str):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return parse_timestamp(float(text))
+        except ValueError:
+            pass
+        try:
+            parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        return parsed.timestamp()
+    return None
+
+
+class BaseDistributedAdapter(abc.ABC):
+    """The distributed job algorithm over abstract queue and storage primitives.
+
+    Args:
+        runtime_options: ``runtime.options`` of a :class:`~flowcraft.FlowRuntime`
+            (blueprints, registry, dependencies).
+        coordination_store: shared by all workers (``any`` joins, failure markers).
+        event_bus: receives node and job events.
+        concurrency: jobs this process runs at once.
+        lease_seconds: how long a claim on a node lasts without renewal; also the
+            message visibility the worker keeps while it runs.
+        max_receive_count: a message received more often than this is a poison
+            message: removed (dead-lettered where possible) and its run failed.
+        local_continuation: run a node's single next node in the same worker
+            instead of a queue round trip (it is claimed in the same write).
+        status_touch_seconds: at most one ``lastUpdated`` write per run and
+            worker in this interval; the reconciler's threshold must exceed it.
+    """
+
+    max_delay_seconds: float = 900.0
+    """The longest delay the queue accepts on a message (longer sleeps are chained)."""
+
+    def __init__(
+        self,
+        runtime_options: RuntimeOptions,
+        coordination_store: CoordinationStore,
+        event_bus: EventBus | None = None,
+        *,
+        concurrency: int = 8,
+        lease_seconds: float = 60.0,
+        max_receive_count: int = 5,
+        local_continuation: bool = True,
+        status_touch_seconds: float = 15.0,
+        poll_wait_seconds: float = 20.0,
+        batch_size: int = 10,
+        shutdown_timeout_seconds: float = 30.0,
+        worker_id: str | None = None,
+    ) -> None:
+        self.runtime_options = runtime_options
+        self.engine = NodeEngine(runtime_options)
+        self.coordination_store = coordination_store
+        self.event_bus = event_bus if event_bus is not None else runtime_options.event_bus
+        self.concurrency = concurrency
+        self.lease_seconds = lease_seconds
+        self.max_receive_count = max_receive_count
+        self.local_continuation = local_continuation
+        self.status_touch_seconds = status_touch_seconds
+        self.poll_wait_seconds = poll_wait_seconds
+        self.batch_size = batch_size
+        self.shutdown_timeout_seconds = shutdown_timeout_seconds
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self._status_touched: dict[str, float] = {}
+        self._active: set[asyncio.Task[None]] = set()
+        self._poll_task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self._slots = asyncio.Semaphore(concurrency)
+
+    # ==========================================================================================
+    # Primitives a backend supplies
+    # ==========================================================================================
+
+    @abc.abstractmethod
+    def create_context(self, run_id: str) -> DistributedContext:
+        """The stored context of one run."""
+
+    @abc.abstractmethod
+    async def _send_jobs(self, jobs: Sequence[JobPayload], delay_seconds: float = 0) -> None:
+        """Enqueue jobs (batched where the service allows); ``delay_seconds`` <= max_delay."""
+
+    @abc.abstractmethod
+    async def _receive(self, max_messages: int, wait_seconds: float) -> list[QueueMessage]:
+        """Long-poll for up to ``max_messages`` messages, invisible for ``lease_seconds``."""
+
+    @abc.abstractmethod
+    async def _delete(self, messages: Sequence[QueueMessage]) -> None:
+        """Acknowledge (remove) messages."""
+
+    @abc.abstractmethod
+    async def _set_visibility(self, message: QueueMessage, seconds: float) -> None:
+        """Keep a message invisible for ``seconds`` more (0: visible again now)."""
+
+    async def _dead_letter(self, message: QueueMessage, reason: str) -> None:
+        """Move a poison message aside. The default removes it; backends with a DLQ override."""
+        await self._delete([message])
+
+    @abc.abstractmethod
+    async def _write_status(self, run_id: str, fields: Mapping[str, Any], *,
+                            only_if_running: bool) -> bool:
+        """Create or update a status record; with ``only_if_running`` only while its status
+        is ``running`` (or the record is absent). Returns whether it was written."""
+
+    @abc.abstractmethod
+    async def _read_status(self, run_id: str) -> dict[str, Any] | None:
+        """The status record of a run, or ``None``."""
+
+    @abc.abstractmethod
+    def _scan_statuses(self, status: str) -> AsyncIterator[dict[str, Any]]:
+        """Every status record with the given ``status``, across all pages."""
+
+    # ==========================================================================================
+    # Worker loop
+    # ==========================================================================================
+
+    async def start(self) -> None:
+        """Start polling the queue in the background (returns at once)."""
+        if self._poll_task is not None and not self._poll_task.done():
+            return
+        self._stopping.clear()
+        self._poll_task = asyncio.get_running_loop().create_task(self._poll())
+        logger.info("worker %s polling (concurrency %d)", self.worker_id, self.concurrency)
+
+    async def run_forever(self) -> None:
+        await self.start()
+        assert self._poll_task is not None
+        await self._poll_task
+
+    async def stop(self, timeout_seconds: float | None = None) -> None:
+        """Stop polling; let running jobs finish for up to ``timeout_seconds``, then cancel
+        them and release what they hold (their messages become visible again)."""
+        self._stopping.set()
+        if self._poll_task is not None:
+            self._poll_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poll_task
+        timeout = self.shutdown_timeout_seconds if timeout_seconds is None else timeout_seconds
+        if self._active:
+            _, pending = await asyncio.wait(set(self._active), timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        logger.info("worker %s stopped", self.worker_id)
+
+    async def _poll(self) -> None:
+        while not self._stopping.is_set():
+            await self._slots.acquire()
+            free = 1
+            while free < self.batch_size and self._slots._value > 0:
+                await self._slots.acquire()
+                free += 1
+            try:
+                messages = await self._receive(free, self.poll_wait_seconds)
+            except asyncio.CancelledError:
+                for _ in range(free):
+                    self._slots.release()
+                raise
+            except Exception:
+                logger.exception("worker %s: receiving failed; retrying in 1 s", self.worker_id)
+                for _ in range(free):
+                    self._slots.release()
+                await asyncio.sleep(1.0)
+                continue
+            for _ in range(free - len(messages)):
+                self._slots.release()
+            for message in messages:
+                task = asyncio.get_running_loop().create_task(self._process_message(message))
+                self._active.add(task)
+                task.add_done_callback(self._job_done)
+
+    def _job_done(self, task: asyncio.Task[None]) -> None:
+        self._active.discard(task)
+        self._slots.release()
+
+    async def _process_message(self, message: QueueMessage) -> None:
+        heartbeat = asyncio.get_running_loop().create_task(self._keep_invisible(message))
+        outcome: JobOutcome = "deferred"
+        delay = 0.0
+        try:
+            outcome, delay = await self._handle_message(message)
+        except asyncio.CancelledError:
+            outcome, delay = "deferred", 0.0
+            raise
+        except Exception:
+            logger.exception("message %s: unexpected error; it will be redelivered",
+                             message.message_id)
+            outcome, delay = "deferred", min(30.0, self.lease_seconds)
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(Exception):
+                if outcome == "deferred":
+                    await self._set_visibility(message, delay)
+                else:
+                    await self._delete([message])
+
+    async def _keep_invisible(self, message: QueueMessage) -> None:
+        interval = max(1.0, self.lease_seconds / 3)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._set_visibility(message, self.lease_seconds)
+            except Exception as exc:
+                logger.warning("message %s: could not extend visibility: %s",
+                               message.message_id, exc)
+
+    async def _handle_message(self, message: QueueMessage) -> tuple[JobOutcome, float]:
+        try:
+            job = parse_job(message.body)
+        except InvalidJobError as exc:
+            logger.error("message %s removed: %s", message.message_id, exc.message)
+            await self._dead_letter(message, exc.message)
+            await self._emit("job:failed", messageId=message.message_id, error=exc.message)
+            return "dropped", 0.0
+        if message.receive_count > self.max_receive_count:
+            reason = (f"job for node '{job.node_id}' was received {message.receive_count} times "
+                      f"(limit {self.max_receive_count}); removed as a poison message")
+            logger.error("run %s node %s: message %s %s", job.run_id, job.node_id,
+                         message.message_id, reason)
+            await self._dead_letter(message, reason)
+            await self._fail_run(job.run_id, reason, node_id=job.node_id)
+            return "dropped", 0.0
+        return await self._handle(job, message_id=message.message_id)
+
+    # ==========================================================================================
+    # The job algorithm
+    # ==========================================================================================
+
+    async def handle_job(self, job: JobPayload | Mapping[str, Any] | str) -> JobOutcome:
+        """Process one job (for serverless handlers that receive messages themselves)."""
+        payload = job if isinstance(job, JobPayload) else parse_job(job)  # type: ignore[arg-type]
+        outcome, _ = await self._handle(payload, message_id=None)
+        return outcome
+
+    async def _handle(self, job: JobPayload, *, message_id: str | None) -> tuple[JobOutcome, float]:
+        try:
+            blueprint = self.engine.blueprint(job.blueprint_id)
+            base_graph = self.engine.graph(blueprint)
+        except (UnknownBlueprintError, FlowcraftError) as exc:
+            logger.error("run %s node %s: message %s removed: %s", job.run_id, job.node_id,
+                         message_id, exc.message)
+            await self._fail_run(job.run_id, exc.message, node_id=job.node_id)
+            return "dropped", 0.0
+        context = self.create_context(job.run_id)
+        await self._checkpoint("before_claim", job)
+        claim = await context.claim(job.node_id, job.iteration, self.worker_id, self.lease_seconds)
+        if claim.status is ClaimStatus.MISSING:
+            reason = f"no context is stored for run '{job.run_id}'; was it started?"
+            logger.error("run %s node %s: message %s removed: %s", job.run_id, job.node_id,
+                         message_id, reason)
+            await self._fail_run(job.run_id, reason, node_id=job.node_id)
+            return "dropped", 0.0
+        assert claim.data is not None
+        if claim.status is ClaimStatus.LOCKED:
+            wait = max(1.0, (claim.expires or time.time()) - time.time())
+            logger.info("run %s node %s: running on %s; retrying in %.0fs", job.run_id,
+                        job.node_id, claim.holder, wait)
+            return "deferred", wait
+        if claim.status is ClaimStatus.DONE:
+            logger.info("run %s node %s: already done (duplicate delivery); re-announcing "
+                        "its successors", job.run_id, job.node_id)
+            graph = graph_for(base_graph, claim.data)
+            await self._advance_and_enqueue(context, graph, blueprint, [job.node_id], claim.data)
+            return "duplicate", 0.0
+        data = claim.data
+        run_state = data.get(RUN_STATE_KEY)
+        if isinstance(run_state, Mapping) and run_state.get("status") in FINAL_STATUSES:
+            await context.release(job.node_id, self.worker_id)
+            logger.info("run %s node %s: run is %s; job dropped", job.run_id, job.node_id,
+                        run_state.get("status"))
+            return "dropped", 0.0
+        stored_version = data.get(VERSION_KEY)
+        if stored_version is not None and blueprint.version is not None and str(
+            stored_version
+        ) != str(blueprint.version):
+            await context.release(job.node_id, self.worker_id)
+            logger.error(
+                "run %s node %s: run was started with version %s of blueprint '%s' but this "
+                "worker has version %s; leaving the job for a matching worker",
+                job.run_id, job.node_id, stored_version, blueprint.id, blueprint.version,
+            )
+            return "deferred", min(60.0, self.max_delay_seconds)
+        step: _Step | None = _Step(job, data)
+        while step is not None:
+            step = await self._execute_claimed(context, base_graph, blueprint, step)
+        return "processed", 0.0
+
+    async def _execute_claimed(self, context: DistributedContext, base_graph: Graph,
+                               blueprint: WorkflowBlueprint, step: _Step) -> _Step | None:
+        job, data = step.job, step.data
+        graph = graph_for(base_graph, data)
+        node = graph.nodes.get(job.node_id)
+        if node is None:
+            reason = f"node '{job.node_id}' is not in blueprint '{blueprint.id}'"
+            await context.release(job.node_id, self.worker_id)
+            await self._fail_run(job.run_id, reason, node_id=job.node_id)
+            return None
+        first_arrival = None
+        if node.join_strategy == "any" and len(graph.forward_predecessors.get(node.id, ())) > 1:
+            first_arrival = await self.coordination_store.get(
+                _any_key(job.run_id, node.id, job.iteration))
+        resolved = resolve_input(graph, node, data, first_arrival)
+        tracked = TrackedContext(data)
+        if resolved.store:
+            tracked.set_now(INPUTS_PREFIX + node.id, resolved.value)
+        services = _WorkerServices(self)
+        await self._emit("node:start", runId=job.run_id, nodeId=node.id, input=resolved.value)
+        renewer = asyncio.get_running_loop().create_task(self._renew_lease(context, node.id))
+        try:
+            await self._checkpoint("before_run", job)
+            outcome = await self.engine.run_node(
+                graph, node, tracked, resolved.value, run_id=job.run_id,
+                iteration=job.iteration, services=services,
+            )
+        except BaseException:
+            renewer.cancel()
+            with contextlib.suppress(Exception):
+                await asyncio.shield(context.release(node.id, self.worker_id))
+            raise
+        renewer.cancel()
+        await self._checkpoint("after_run", job)
+        await self._touch_status(job.run_id)
+        operations = list(tracked.deltas)
+        if outcome.awaiting is not None:
+            return await self._park(context, job, operations, outcome.awaiting)
+        if outcome.error is not None:
+            await self._fail_node(context, graph, job, operations, outcome.error.message,
+                                  outcome.error.to_dict())
+            return None
+        assert outcome.result is not None
+        return await self._commit_success(context, graph, blueprint, job, tracked, operations,
+                                          outcome.result, services.wake_up_at)
+
+    async def _commit_success(
+        self, context: DistributedContext, graph: Graph, blueprint: WorkflowBlueprint,
+        job: JobPayload, tracked: TrackedContext, operations: list[PatchOperation],
+        result: NodeResult, wake_up_at: float | None, *, continue_locally: bool = True,
+    ) -> _Step | None:
+        node_id = job.node_id
+        working = tracked.data
+        if result.dynamic_nodes:
+            addition = dynamic_addition(graph, node_id, result.dynamic_nodes)
+            operations.append(PatchOperation("set", DYNAMIC_PREFIX + node_id, addition))
+            working[DYNAMIC_PREFIX + node_id] = addition
+            graph = graph.extended([addition])
+        operations.append(PatchOperation("set", output_key(node_id), result.output))
+        working[output_key(node_id)] = result.output
+        taken = route(graph, node_id, result.output, result.action, working)
+        record = completed_record(job.iteration, taken, result.action)
+        if wake_up_at is not None:
+            record["wakeUpAt"] = wake_up_at
+        operations.append(PatchOperation("set", record_key(node_id), record))
+        working[record_key(node_id)] = record
+        # Successors whose only way in is this node are decided now, in the same write.
+        certain_skips = self._certain_skips(graph, node_id, working)
+        for skipped in certain_skips:
+            value = skipped_record(resolution_count(working, skipped))
+            operations.append(PatchOperation("set", record_key(skipped), value))
+            working[record_key(skipped)] = value
+        continuation = None
+        if self.local_continuation and continue_locally and wake_up_at is None:
+            continuation = self._continuation(graph, node_id, working)
+        claims = [continuation] if continuation else []
+        await self._checkpoint("before_commit", job)
+        committed = await context.commit(node_id, job.iteration, self.worker_id, operations,
+                                         claims, self.lease_seconds)
+        if committed is None:
+            logger.warning("run %s node %s: lease lost before commit (the node ran elsewhere);"
+                           " this result is discarded", job.run_id, node_id)
+            return None
+        await self._emit("node:finish", runId=job.run_id, nodeId=node_id, output=result.output,
+                         action=result.action)
+        await self._checkpoint("after_commit", job)
+        advance = await self._advance(context, graph, blueprint, [node_id, *certain_skips],
+                                      committed, continued=continuation)
+        next_step = None
+        ready = advance.ready
+        if continuation is not None:
+            ready = [r for r in ready if (r[0], r[1]) != continuation]
+            next_step = _Step(JobPayload(job.run_id, job.blueprint_id, continuation[0],
+                                         continuation[1]), advance.data)
+        await self._enqueue_ready(job.run_id, blueprint.id, ready)
+        await self._checkpoint("after_enqueue", job)
+        await self._emit("job:processed", runId=job.run_id, nodeId=node_id)
+        return next_step
+
+    def _certain_skips(self, graph: Graph, node_id: str, working: dict[str, Any]) -> list[str]:
+        """Successors reachable only through nodes being skipped now: skip them in the commit."""
+        skips: list[str] = []
+        stack = [node_id]
+        while stack:
+            source = stack.pop()
+            record = read_record(working, source)
+            if record is None:
+                continue
+            edges = graph.outgoing[source]
+            delivered = set() if record.skipped else {edges[i].target for i in record.taken}
+            for target in dict.fromkeys(e.target for e in edges):
+                if (target in delivered or graph.is_back_edge(source, target)
+                        or graph.forward_predecessors.get(target) != (source,)
+                        or read_record(working, target) is not None):
+                    continue
+                value = skipped_record(resolution_count(working, target))
+                working[record_key(target)] = value  # provisional, for the recursion
+                skips.append(target)
+                stack.append(target)
+        for skipped in skips:
+            working.pop(record_key(skipped), None)
+        return skips
+
+    def _continuation(self, graph: Graph, node_id: str,
+                      working: Mapping[str, Any]) -> tuple[str, int] | None:
+        """The one successor certain to be ready after this commit, if any."""
+        record = read_record(working, node_id)
+        if record is None:
+            return None
+        edges = graph.outgoing[node_id]
+        for index in record.taken:
+            target = edges[index].target
+            only_way_in = graph.is_back_edge(node_id, target) or (
+                graph.forward_predecessors.get(target) == (node_id,)
+            )
+            if only_way_in and (
+                read_record(working, target) is None or graph.same_cycle(target, target)
+            ):
+                return target, resolution_count(working, target)
+        return None
+
+    async def _advance(
+        self, context: DistributedContext, graph: Graph, blueprint: WorkflowBlueprint,
+        sources: Sequence[str], data: dict[str, Any], *,
+        continued: tuple[str, int] | None = None,
+    ) -> _Advance:
+        """Decide every successor of ``sources`` from ``data`` (the context our write returned).
+
+        Skips are written (one patch per round, whose returned context feeds the next
+        round) and propagate. Returns the nodes to start and the freshest context.
+        """
+        run_id = context.run_id
+        ready: dict[tuple[str, int], float | None] = {}
+        frontier = list(dict.fromkeys(sources))
+        now = time.time()
+        while frontier:
+            skips: list[str] = []
+            for source in frontier:
+                record = read_record(data, source)
+                if record is None or record.failed:
+                    continue
+                edges = graph.outgoing.get(source, [])
+                delivered = set() if record.skipped else {edges[i].target for i in record.taken}
+                for target in dict.fromkeys(e.target for e in edges):
+                    generation = resolution_count(data, target)
+                    if graph.is_back_edge(source, target):
+                        if target in delivered:
+                            ready[(target, generation)] = record.wake_up_at
+                        continue
+                    target_record = read_record(data, target)
+                    if target_record is not None and not graph.same_cycle(target, target):
+                        continue  # already resolved
+                    decision = evaluate_join(graph, data, target)
+                    if decision is JoinDecision.RUN:
+                        if await self._wins_any_join(graph, run_id, source, target, generation,
+                                                     target in delivered):
+                            ready[(target, generation)] = record.wake_up_at
+                    elif decision is JoinDecision.SKIP and target not in skips:
+                        skips.append(target)
+            if not skips:
+                break
+            operations = [
+                PatchOperation("set", record_key(t), skipped_record(resolution_count(data, t)))
+                for t in skips
+            ]
+            fresh = await context.apply(operations)
+            data = fresh if fresh is not None else data
+            for skipped in skips:
+                logger.debug("run %s node %s: skipped", run_id, skipped)
+                await self._emit("node:skipped", runId=run_id, nodeId=skipped)
+            frontier = skips
+        startable = [
+            (node_id, generation, wake)
+            for (node_id, generation), wake in ready.items()
+            if (node_id, generation) == continued
+            or (
+                resolution_count(data, node_id) <= generation
+                and not live_lease(data, node_id, now)
+            )
+        ]
+        await self._maybe_complete(run_id, graph, data)
+        return _Advance(startable, data)
+
+    async def _wins_any_join(self, graph: Graph, run_id: str, source: str, target: str,
+                             generation: int, delivered: bool) -> bool:
+        node = graph.nodes[target]
+        if node.join_strategy != "any" or len(graph.forward_predecessors.get(target, ())) <= 1:
+            return True
+        key = _any_key(run_id, target, generation)
+        if not delivered:
+            # Decided by another predecessor's arrival; it holds the first-arrival key.
+            return await self.coordination_store.get(key) is None
+        if await self.coordination_store.set_if_not_exist(key, source, _COORDINATION_TTL):
+            return True
+        return await self.coordination_store.get(key) == source
+
+    async def _advance_and_enqueue(self, context: DistributedContext, graph: Graph,
+                                   blueprint: WorkflowBlueprint, sources: Sequence[str],
+                                   data: dict[str, Any]) -> list[str]:
+        advance = await self._advance(context, graph, blueprint, sources, data)
+        await self._enqueue_ready(context.run_id, blueprint.id, advance.ready)
+        return [node_id for node_id, _, _ in advance.ready]
+
+    async def _enqueue_ready(self, run_id: str, blueprint_id: str,
+                             ready: Iterable[tuple[str, int, float | None]]) -> None:
+        now_jobs: list[JobPayload] = []
+        delayed: dict[float, list[JobPayload]] = {}
+        now = time.time()
+        for node_id, generation, wake_up_at in ready:
+            job = JobPayload(run_id, blueprint_id, node_id, generation)
+            if wake_up_at is not None and wake_up_at > now + 0.5:
+                delay = min(self.max_delay_seconds, wake_up_at - now)
+                delayed.setdefault(round(delay, 1), []).append(job)
+            else:
+                now_jobs.append(job)
+        if now_jobs:
+            await self._send_jobs(now_jobs, 0)
+        for delay, jobs in delayed.items():
+            await self._send_jobs(jobs, delay)
+        for job in [*now_jobs, *(j for jobs in delayed.values() for j in jobs)]:
+            await self._emit("job:enqueued", runId=run_id, nodeId=job.node_id)
+
+    async def _maybe_complete(self, run_id: str, graph: Graph, data: Mapping[str, Any]) -> None:
+        if data.get(AWAITING_IDS_KEY):
+            return
+        run_state = data.get(RUN_STATE_KEY)
+        if isinstance(run_state, Mapping) and run_state.get("status") == "failed":
+            return
+        for terminal in terminal_ids(graph):
+            record = read_record(data, terminal)
+            if record is None or record.failed:
+                return
+        if await self._write_status(run_id, {"status": "completed", "finalStatus": "completed",
+                                             "lastUpdated": now_iso()}, only_if_running=True):
+            logger.info("run %s completed", run_id)
+            await self._emit("workflow:finish", runId=run_id, status="completed")
+
+    async def _park(self, context: DistributedContext, job: JobPayload,
+                    operations: list[PatchOperation], details: dict[str, Any]) -> None:
+        # The awaiting node keeps no record: resume_with_action completes it.
+        snapshot = await context.load() or {}
+        ids = list(snapshot.get(AWAITING_IDS_KEY) or [])
+        if job.node_id not in ids:
+            ids.append(job.node_id)
+        all_details = dict(snapshot.get(AWAITING_DETAILS_KEY) or {})
+        all_details[job.node_id] = {**details, "iteration": job.iteration}
+        operations += [PatchOperation("set", AWAITING_IDS_KEY, ids),
+                       PatchOperation("set", AWAITING_DETAILS_KEY, all_details)]
+        committed = await context.commit(job.node_id, job.iteration, self.worker_id, operations)
+        if committed is None:
+            return None
+        await self._write_status(job.run_id, {"status": "awaiting", "lastUpdated": now_iso(),
+                                              "awaitingNodeIds": ids}, only_if_running=True)
+        logger.info("run %s node %s: awaiting (%s)", job.run_id, job.node_id,
+                    details.get("reason"))
+        return None
+
+    async def _fail_node(self, context: DistributedContext, graph: Graph, job: JobPayload,
+                         operations: list[PatchOperation], message: str,
+                         error: dict[str, Any]) -> None:
+        reason = f"node '{job.node_id}' failed: {message}"
+        operations += [
+            PatchOperation("set", record_key(job.node_id), failed_record(job.iteration, message)),
+            PatchOperation("set", RUN_STATE_KEY, {"status": "failed", "reason": reason,
+                                                  "error": error}),
+        ]
+        committed = await context.commit(job.node_id, job.iteration, self.worker_id, operations)
+        if committed is None:
+            return
+        logger.error("run %s node %s failed: %s", job.run_id, job.node_id, message)
+        await self._emit("node:error", runId=job.run_id, nodeId=job.node_id, error=error)
+        for target in graph.forward_successors(job.node_id):
+            strategy = graph.nodes[target].join_strategy
+            key = cancel_key(job.run_id, target) if strategy == "any" else poison_key(
+                job.run_id, target)
+            await self.coordination_store.set_if_not_exist(key, job.node_id, _COORDINATION_TTL)
+        await self._fail_run(job.run_id, reason, node_id=job.node_id, error=error)
+
+    async def _fail_run(self, run_id: str, reason: str, *, node_id: str | None = None,
+                        error: Mapping[str, Any] | None = None) -> None:
+        fields: dict[str, Any] = {"status": "failed", "finalStatus": "failed",
+                                  "lastUpdated": now_iso(), "error": reason}
+        if node_id:
+            fields["failedNodeId"] = node_id
+        try:
+            written = await self._write_status(run_id, fields, only_if_running=True)
+        except Exception:
+            logger.exception("run %s: could not record the failure", run_id)
+            return
+        if written:
+            await self._emit("workflow:finish", runId=run_id, status="failed", error=reason)
+            await self._emit("job:failed", runId=run_id, nodeId=node_id, error=reason)
+
+    async def _renew_lease(self, context: DistributedContext, node_id: str) -> None:
+        interval = max(1.0, self.lease_seconds / 3)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if not await context.renew(node_id, self.worker_id, self.lease_seconds):
+                    logger.warning("run %s node %s: lease was taken over", context.run_id,
+                                   node_id)
+                    return
+            except Exception as exc:
+                logger.warning("run %s node %s: lease renewal failed: %s", context.run_id,
+                               node_id, exc)
+
+    async def _touch_status(self, run_id: str) -> None:
+        now = time.monotonic()
+        last = self._status_touched.get(run_id)
+        if last is not None and now - last < self.status_touch_seconds:
+            return
+        if len(self._status_touched) > 10_000:
+            self._status_touched.clear()
+        self._status_touched[run_id] = now
+        with contextlib.suppress(Exception):
+            await self._write_status(run_id, {"lastUpdated": now_iso()}, only_if_running=True)
+
+    async def _checkpoint(self, step: str, job: JobPayload) -> None:
+        """A named point of the job algorithm; tests override it to inject crashes."""
+
+    async def _emit(self, event_type: str, **payload: Any) -> None:
+        if self.event_bus is not None:
+            await safe_emit(self.event_bus, FlowcraftEvent(event_type, payload))
+
+    # ==========================================================================================
+    # Client side, reconcile, resume
+    # ==========================================================================================
+
+    async def start_workflow(
+        self,
+        blueprint: WorkflowBlueprint | str,
+        initial_context: Mapping[str, Any] | None = None,
+        *,
+        run_id: str | None = None,
+    ) -> str:
+        """Store the initial context and status, enqueue the start nodes; return the run id."""
+        bp = blueprint if isinstance(blueprint, WorkflowBlueprint) else self.engine.blueprint(
+            blueprint)
+        run_id = run_id or str(uuid.uuid4())
+        initial = dict(initial_context or {})
+        if bp.version is not None:
+            initial[VERSION_KEY] = bp.version
+        await self.create_context(run_id).create(initial)
+        await self._write_status(run_id, {"status": "running", "lastUpdated": now_iso(),
+                                          "blueprintId": bp.id}, only_if_running=False)
+        starts = analyze_blueprint(bp).start_node_ids
+        await self._send_jobs([JobPayload(run_id, bp.id, node_id) for node_id in starts], 0)
+        logger.info("run %s started (%s, start nodes %s)", run_id, bp.id, starts)
+        return run_id
+
+    async def get_run_status(self, run_id: str) -> dict[str, Any] | None:
+        return await self._read_status(run_id)
+
+    async def wait_for_result(self, run_id: str, timeout: float = 60.0,
+                              poll_interval: float = 0.25) -> WorkflowResult:
+        """Poll until the run rests (completed, failed, cancelled or awaiting)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = await self._read_status(run_id)
+            if status and status.get("status") in RESTING_STATUSES:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"run {run_id} did not finish within {timeout:g}s "
+                                   f"(status: {status.get('status') if status else 'unknown'})")
+            await asyncio.sleep(poll_interval)
+        data = await self.create_context(run_id).load() or {}
+        errors = []
+        if status.get("error"):
+            from ..runtime.executor import NodeError
+
+            error = (data.get(RUN_STATE_KEY) or {}).get("error") or {}
+            errors.append(NodeError(
+                node_id=status.get("failedNodeId") or error.get("nodeId") or "",
+                message=error.get("message") or status["error"],
+                attempt=int(error.get("attempt") or 0),
+                error_type=error.get("errorType") or "FlowcraftError", run_id=run_id,
+            ))
+        return WorkflowResult(status=status["status"], context=public_view(data),
+                              serialized_context=serialize_context(data), errors=errors,
+                              run_id=run_id)
+
+    async def reconcile(self, run_id: str) -> list[str]:
+        """Re-enqueue the ready frontier of a run (nodes neither done nor leased); write
+        skips that were lost; publish completion if it was missed. Returns the node ids
+        enqueued."""
+        status = await self._read_status(run_id)
+        blueprint_id = (status or {}).get("blueprintId")
+        context = self.create_context(run_id)
+        data = await context.load()
+        if data is None:
+            raise FlowcraftError(f"cannot reconcile run '{run_id}': no stored context",
+                                 run_id=run_id)
+        if not blueprint_id:
+            blueprint_id = self._infer_blueprint_id(data)
+        blueprint = self.engine.blueprint(blueprint_id)
+        graph = graph_for(self.engine.graph(blueprint), data)
+        ready, skip = ready_frontier(graph, data)
+        if skip:
+            data = await context.apply([
+                PatchOperation("set", record_key(t), skipped_record(resolution_count(data, t)))
+                for t in skip
+            ]) or data
+            advance = await self._advance(context, graph, blueprint, skip, data)
+            data = advance.data
+            ready = list(dict.fromkeys([*ready, *(r[0] for r in advance.ready)]))
+        now = time.time()
+        jobs = []
+        for node_id in ready:
+            if live_lease(data, node_id, now):
+                continue
+            wake = max((read_record(data, e.source).wake_up_at or 0  # type: ignore[union-attr]
+                        for e in graph.incoming.get(node_id, ())
+                        if read_record(data, e.source) is not None), default=0) or None
+            jobs.append((node_id, resolution_count(data, node_id), wake))
+        await self._enqueue_ready(run_id, blueprint.id, jobs)
+        await self._maybe_complete(run_id, graph, data)
+        if jobs:
+            logger.info("run %s reconciled: re-enqueued %s", run_id, [j[0] for j in jobs])
+        return [j[0] for j in jobs]
+
+    def _infer_blueprint_id(self, data: Mapping[str, Any]) -> str:
+        known = list(self.runtime_options.blueprints)
+        if len(known) == 1:
+            return known[0]
+        raise FlowcraftError("cannot tell the run's blueprint: its status record has no "
+                             "blueprintId and this worker knows several blueprints")
+
+    async def resume_with_action(self, run_id: str, action: str | None = None,
+                                 output: Any = None, node_id: str | None = None,
+                                 *, blueprint_id: str | None = None) -> list[str]:
+        """Complete an awaiting node with ``output``; ``action`` routes from it. Returns the
+        node ids enqueued."""
+        context = self.create_context(run_id)
+        data = await context.load()
+        if data is None:
+            raise FlowcraftError(f"cannot resume run '{run_id}': no stored context",
+                                 run_id=run_id)
+        awaiting = list(data.get(AWAITING_IDS_KEY) or [])
+        target = node_id or (awaiting[0] if awaiting else None)
+        if target is None or target not in awaiting:
+            raise FlowcraftError(f"cannot resume run '{run_id}': node {target!r} is not "
+                                 f"awaiting (awaiting: {awaiting})", run_id=run_id)
+        status = await self._read_status(run_id) or {}
+        blueprint = self.engine.blueprint(
+            blueprint_id or status.get("blueprintId") or self._infer_blueprint_id(data))
+        graph = graph_for(self.engine.graph(blueprint), data)
+        iteration = int((data.get(AWAITING_DETAILS_KEY) or {}).get(target, {}).get(
+            "iteration", resolution_count(data, target)))
+        claim = await context.claim(target, iteration, self.worker_id, self.lease_seconds)
+        if claim.status is not ClaimStatus.CLAIMED or claim.data is None:
+            raise FlowcraftError(f"cannot resume node '{target}' of run '{run_id}': "
+                                 f"{claim.status.value}", run_id=run_id, node_id=target)
+        data = claim.data
+        ids = [i for i in (data.get(AWAITING_IDS_KEY) or []) if i != target]
+        details = {k: v for k, v in (data.get(AWAITING_DETAILS_KEY) or {}).items()
+                   if k != target}
+        tracked = TrackedContext(data)
+        if ids:
+            tracked.set_now(AWAITING_IDS_KEY, ids)
+            tracked.set_now(AWAITING_DETAILS_KEY, details)
+        else:
+            tracked.delete_now(AWAITING_IDS_KEY)
+            tracked.delete_now(AWAITING_DETAILS_KEY)
+        await self._write_status(run_id, {"status": "running", "lastUpdated": now_iso()},
+                                 only_if_running=False)
+        job = JobPayload(run_id, blueprint.id, target, iteration)
+        step = await self._commit_success(
+            context, graph, blueprint, job, tracked, list(tracked.deltas),
+            NodeResult(output=output, action=action), None, continue_locally=False,
+        )
+        assert step is None
+        logger.info("run %s node %s resumed with action %r", run_id, target, action)
+        return [target]
+
+
+_COORDINATION_TTL = 7 * 24 * 3600
+
+
+def _any_key(run_id: str, node_id: str, iteration: int) -> str:
+    return f"flowcraft:any:{run_id}:{node_id}:{iteration}"
+
+
+class _WorkerServices:
+    """``ctx.engine`` on a worker: durable sleep and in-process subflows."""
+
+    def __init__(self, adapter: BaseDistributedAdapter) -> None:
+        self._adapter = adapter
+        self.wake_up_at: float | None = None
+
+    async def sleep(self, ctx: NodeContext, seconds: float) -> None:
+        if seconds <= 1.0:
+            await asyncio.sleep(seconds)
+            return
+        # Durable: the node completes now; its successors are enqueued with a delay.
+        self.wake_up_at = time.time() + seconds
+
+    async def run_subflow(self, ctx: NodeContext, blueprint_id: str) -> Any:
+        return await run_subflow(self._adapter.engine, ctx, blueprint_id)

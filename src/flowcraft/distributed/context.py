@@ -1,0 +1,260 @@
+"""Stored run contexts for distributed workers: one item per run, written conditionally.
+
+A :class:`DistributedContext` is an :class:`~flowcraft.context.AsyncContext`
+bound to one run, plus the four conditional operations the job algorithm is
+built on. Each is **one** service call, and each returns the whole context as
+it is after the call, so a worker never needs a separate read:
+
+``claim(node, iteration, owner, lease)``
+    Take the node's lease ``_flowcraft.lock.<node>`` if the node has not
+    completed that iteration and nobody else holds a live lease. Returns
+    ``CLAIMED`` / ``DONE`` / ``LOCKED`` / ``MISSING`` with the context.
+``commit(node, iteration, owner, operations, claims)``
+    If we still own the lease: apply the node's output, context writes and
+    routing record, drop our lease, take leases for ``claims`` (successors
+    this worker continues with). Else nothing.
+``renew(node, owner, lease)``
+    Push the lease's expiry out while a long node runs.
+``apply(operations)``
+    Unconditional patch (skip records, awaiting markers, resume).
+
+Because every commit of a run lands on the same item and returns it, the
+last of a join's predecessors to commit is the one that sees all of them:
+that worker, and only that one, starts the join. No counter, no second
+store, no double count under redelivery.
+
+Backends implement the conditions natively (DynamoDB condition expressions,
+Cosmos DB conditional patch / ``_etag``); :func:`claim_status` states them
+once in Python, for the in-memory backend and for reading a failed write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import enum
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..context import INTERNAL_PREFIX, PatchOperation, apply_patch
+from ..runtime.routing import RECORD_PREFIX
+
+LOCK_PREFIX = f"{INTERNAL_PREFIX}lock."
+RUN_STATE_KEY = f"{INTERNAL_PREFIX}run"
+"""``{"status": "failed", "reason": ...}`` once a run failed: later jobs of it are dropped."""
+VERSION_KEY = "blueprintVersion"
+
+
+def lock_key(node_id: str) -> str:
+    return LOCK_PREFIX + node_id
+
+
+class ClaimStatus(enum.Enum):
+    CLAIMED = "claimed"
+    DONE = "done"
+    """The node already completed this iteration (a redelivered job)."""
+    LOCKED = "locked"
+    """Another worker holds a live lease on the node."""
+    MISSING = "missing"
+    """No context is stored for the run."""
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    status: ClaimStatus
+    data: dict[str, Any] | None
+    holder: str | None = None
+    expires: float | None = None
+
+
+def claim_status(
+    data: Mapping[str, Any] | None, node_id: str, iteration: int, owner: str, now: float
+) -> ClaimStatus:
+    """The claim rule: not yet completed at ``iteration``, and no live lease of someone else."""
+    if data is None:
+        return ClaimStatus.MISSING
+    record = data.get(RECORD_PREFIX + node_id)
+    count = int(record.get("n", 1)) if isinstance(record, Mapping) else 0
+    if count > iteration:
+        return ClaimStatus.DONE
+    lease = data.get(LOCK_PREFIX + node_id)
+    if isinstance(lease, Mapping) and lease.get("owner") != owner and float(
+        lease.get("expires", 0)
+    ) > now:
+        return ClaimStatus.LOCKED
+    return ClaimStatus.CLAIMED
+
+
+def owns_lease(data: Mapping[str, Any], node_id: str, owner: str) -> bool:
+    lease = data.get(LOCK_PREFIX + node_id)
+    return isinstance(lease, Mapping) and lease.get("owner") == owner
+
+
+def lease_value(owner: str, iteration: int, lease_seconds: float, now: float) -> dict[str, Any]:
+    return {"owner": owner, "n": iteration, "expires": round(now + lease_seconds, 3)}
+
+
+def live_lease(data: Mapping[str, Any], node_id: str, now: float) -> bool:
+    lease = data.get(LOCK_PREFIX + node_id)
+    return isinstance(lease, Mapping) and float(lease.get("expires", 0)) > now
+
+
+class DistributedContext(Protocol):
+    """A run's stored context (see the module docstring for the operations)."""
+
+    run_id: str
+
+    async def get(self, key: str, default: Any = None) -> Any: ...
+    async def set(self, key: str, value: Any) -> None: ...
+    async def has(self, key: str) -> bool: ...
+    async def delete(self, key: str) -> bool: ...
+    async def to_dict(self) -> dict[str, Any]: ...
+    async def patch(self, operations: Sequence[PatchOperation]) -> None: ...
+
+    async def load(self) -> dict[str, Any] | None: ...
+    async def create(self, initial: Mapping[str, Any]) -> None: ...
+    async def claim(self, node_id: str, iteration: int, owner: str,
+                    lease_seconds: float) -> Claim: ...
+    async def commit(self, node_id: str, iteration: int, owner: str,
+                     operations: Sequence[PatchOperation],
+                     claims: Iterable[tuple[str, int]] = (),
+                     lease_seconds: float = 60.0) -> dict[str, Any] | None: ...
+    async def renew(self, node_id: str, owner: str, lease_seconds: float) -> bool: ...
+    async def release(self, node_id: str, owner: str) -> None: ...
+    async def apply(self, operations: Sequence[PatchOperation]) -> dict[str, Any] | None: ...
+
+
+def commit_operations(
+    node_id: str,
+    operations: Sequence[PatchOperation],
+    claims: Iterable[tuple[str, int]],
+    owner: str,
+    lease_seconds: float,
+    now: float,
+) -> list[PatchOperation]:
+    """The full write of a commit, in the order a backend applies it."""
+    full = list(operations)
+    full.append(PatchOperation("delete", lock_key(node_id)))
+    full.extend(
+        PatchOperation("set", lock_key(claimed), lease_value(owner, iteration, lease_seconds, now))
+        for claimed, iteration in claims
+    )
+    return full
+
+
+class InMemoryRunStore:
+    """Contexts of many runs in one process (the in-process backend's database).
+
+    ``calls`` counts operations by name, so tests can assert a ceiling on
+    store round trips per node.
+    """
+
+    def __init__(self) -> None:
+        self.items: dict[str, dict[str, Any]] = {}
+        self.lock = asyncio.Lock()
+        self.calls: dict[str, int] = {}
+
+    def context(self, run_id: str) -> InMemoryDistributedContext:
+        return InMemoryDistributedContext(self, run_id)
+
+    def count(self, operation: str) -> None:
+        self.calls[operation] = self.calls.get(operation, 0) + 1
+
+
+class InMemoryDistributedContext:
+    """A :class:`DistributedContext` over an :class:`InMemoryRunStore`."""
+
+    def __init__(self, store: InMemoryRunStore, run_id: str) -> None:
+        self.store = store
+        self.run_id = run_id
+
+    def _item(self) -> dict[str, Any] | None:
+        return self.store.items.get(self.run_id)
+
+    def _snapshot(self) -> dict[str, Any] | None:
+        item = self._item()
+        return copy.deepcopy(item) if item is not None else None
+
+    async def load(self) -> dict[str, Any] | None:
+        self.store.count("load")
+        return self._snapshot()
+
+    async def create(self, initial: Mapping[str, Any]) -> None:
+        self.store.count("create")
+        self.store.items[self.run_id] = copy.deepcopy(dict(initial))
+
+    async def claim(self, node_id: str, iteration: int, owner: str,
+                    lease_seconds: float) -> Claim:
+        self.store.count("claim")
+        async with self.store.lock:
+            item = self._item()
+            now = time.time()
+            status = claim_status(item, node_id, iteration, owner, now)
+            if status is ClaimStatus.CLAIMED:
+                assert item is not None
+                item[lock_key(node_id)] = lease_value(owner, iteration, lease_seconds, now)
+            lease = (item or {}).get(lock_key(node_id)) or {}
+            return Claim(status, self._snapshot(), lease.get("owner"), lease.get("expires"))
+
+    async def commit(self, node_id: str, iteration: int, owner: str,
+                     operations: Sequence[PatchOperation],
+                     claims: Iterable[tuple[str, int]] = (),
+                     lease_seconds: float = 60.0) -> dict[str, Any] | None:
+        self.store.count("commit")
+        async with self.store.lock:
+            item = self._item()
+            if item is None or not owns_lease(item, node_id, owner):
+                return None
+            now = time.time()
+            apply_patch(item, copy.deepcopy(
+                commit_operations(node_id, operations, claims, owner, lease_seconds, now)
+            ))
+            return self._snapshot()
+
+    async def renew(self, node_id: str, owner: str, lease_seconds: float) -> bool:
+        self.store.count("renew")
+        async with self.store.lock:
+            item = self._item()
+            if item is None or not owns_lease(item, node_id, owner):
+                return False
+            item[lock_key(node_id)]["expires"] = round(time.time() + lease_seconds, 3)
+            return True
+
+    async def release(self, node_id: str, owner: str) -> None:
+        self.store.count("release")
+        async with self.store.lock:
+            item = self._item()
+            if item is not None and owns_lease(item, node_id, owner):
+                del item[lock_key(node_id)]
+
+    async def apply(self, operations: Sequence[PatchOperation]) -> dict[str, Any] | None:
+        self.store.count("apply")
+        async with self.store.lock:
+            item = self._item()
+            if item is None:
+                return None
+            apply_patch(item, copy.deepcopy(list(operations)))
+            return self._snapshot()
+
+    # AsyncContext
+    async def get(self, key: str, default: Any = None) -> Any:
+        return (self._item() or {}).get(key, default)
+
+    async def set(self, key: str, value: Any) -> None:
+        await self.apply([PatchOperation("set", key, value)])
+
+    async def has(self, key: str) -> bool:
+        return key in (self._item() or {})
+
+    async def delete(self, key: str) -> bool:
+        existed = key in (self._item() or {})
+        await self.apply([PatchOperation("delete", key)])
+        return existed
+
+    async def to_dict(self) -> dict[str, Any]:
+        return self._snapshot() or {}
+
+    async def patch(self, operations: Sequence[PatchOperation]) -> None:
+        await self.apply(operations)

@@ -1,0 +1,187 @@
+"""The in-process backend: the distributed algorithm with an asyncio queue and dict stores.
+
+It runs exactly :class:`~flowcraft.distributed.adapter.BaseDistributedAdapter`'s
+job algorithm — the same code the AWS and Azure adapters run — over
+:class:`InProcessQueue` (visibility timeouts, redelivery, receive counts and
+delays, like SQS), :class:`~flowcraft.distributed.context.InMemoryRunStore`
+and a dict of status records. Tests use it to prove the algorithm without
+servers, including under duplicated, reordered and abandoned messages;
+several adapters sharing one queue and store behave like several workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..runtime.runtime import RuntimeOptions
+from .adapter import BaseDistributedAdapter, QueueMessage
+from .context import InMemoryRunStore
+from .coordination import CoordinationStore, InMemoryCoordinationStore
+from .job import JobPayload
+
+
+@dataclass
+class _Entry:
+    message_id: str
+    body: str
+    visible_at: float
+    receive_count: int = 0
+    receipt: str | None = None
+
+
+class InProcessQueue:
+    """A queue with SQS semantics, in memory.
+
+    ``duplicate_every_send`` delivers every message twice; ``shuffle`` hands
+    out visible messages in random order. ``sent``/``received``/``deleted``
+    count operations for cost assertions.
+    """
+
+    def __init__(self, *, duplicate_every_send: bool = False, shuffle: bool = False,
+                 seed: int | None = None) -> None:
+        self._entries: dict[str, _Entry] = {}
+        self._changed = asyncio.Condition()
+        self.duplicate_every_send = duplicate_every_send
+        self.shuffle = shuffle
+        self._random = random.Random(seed)
+        self._ids = itertools.count()
+        self.calls: dict[str, int] = {}
+        self.dead_letters: list[tuple[str, str]] = []
+
+    def _count(self, operation: str) -> None:
+        self.calls[operation] = self.calls.get(operation, 0) + 1
+
+    async def send(self, bodies: Sequence[str], delay_seconds: float = 0) -> None:
+        self._count("send")
+        visible_at = time.monotonic() + delay_seconds
+        async with self._changed:
+            for body in bodies:
+                for _ in range(2 if self.duplicate_every_send else 1):
+                    message_id = f"m{next(self._ids)}"
+                    self._entries[message_id] = _Entry(message_id, body, visible_at)
+            self._changed.notify_all()
+
+    async def receive(self, max_messages: int, wait_seconds: float,
+                      visibility_seconds: float) -> list[QueueMessage]:
+        self._count("receive")
+        deadline = time.monotonic() + wait_seconds
+        async with self._changed:
+            while True:
+                now = time.monotonic()
+                visible = [e for e in self._entries.values() if e.visible_at <= now]
+                if visible:
+                    if self.shuffle:
+                        self._random.shuffle(visible)
+                    taken = visible[:max_messages]
+                    result = []
+                    for entry in taken:
+                        entry.receive_count += 1
+                        entry.receipt = uuid.uuid4().hex
+                        entry.visible_at = now + visibility_seconds
+                        result.append(QueueMessage(entry.body, entry.message_id,
+                                                   entry.receive_count, entry.receipt))
+                    return result
+                remaining = deadline - now
+                if remaining <= 0:
+                    return []
+                upcoming = [e.visible_at - now for e in self._entries.values()]
+                timeout = min([remaining, *[u for u in upcoming if u > 0]])
+                try:
+                    await asyncio.wait_for(self._changed.wait(), timeout=max(timeout, 0.001))
+                except TimeoutError:
+                    pass
+
+    def _current(self, message: QueueMessage) -> _Entry | None:
+        entry = self._entries.get(message.message_id)
+        return entry if entry is not None and entry.receipt == message.handle else None
+
+    async def delete(self, messages: Sequence[QueueMessage]) -> None:
+        self._count("delete")
+        for message in messages:
+            if self._current(message) is not None:
+                del self._entries[message.message_id]
+
+    async def set_visibility(self, message: QueueMessage, seconds: float) -> None:
+        self._count("visibility")
+        entry = self._current(message)
+        if entry is not None:
+            async with self._changed:
+                entry.visible_at = time.monotonic() + seconds
+                self._changed.notify_all()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def bodies(self) -> list[str]:
+        return [entry.body for entry in self._entries.values()]
+
+
+class InProcessAdapter(BaseDistributedAdapter):
+    """A worker over in-process services; pass the same ``queue``, ``store``, ``statuses``
+    and ``coordination_store`` to several adapters to get several cooperating workers."""
+
+    def __init__(
+        self,
+        runtime_options: RuntimeOptions,
+        coordination_store: CoordinationStore | None = None,
+        *,
+        queue: InProcessQueue | None = None,
+        store: InMemoryRunStore | None = None,
+        statuses: dict[str, dict[str, Any]] | None = None,
+        **options: Any,
+    ) -> None:
+        options.setdefault("poll_wait_seconds", 0.2)
+        super().__init__(runtime_options, coordination_store or InMemoryCoordinationStore(),
+                         **options)
+        self.queue = queue if queue is not None else InProcessQueue()
+        self.store = store if store is not None else InMemoryRunStore()
+        self.statuses = statuses if statuses is not None else {}
+        self.status_writes = 0
+
+    def create_context(self, run_id: str) -> Any:
+        return self.store.context(run_id)
+
+    async def _send_jobs(self, jobs: Sequence[JobPayload], delay_seconds: float = 0) -> None:
+        for start in range(0, len(jobs), 10):
+            await self.queue.send([job.to_json() for job in jobs[start:start + 10]],
+                                  delay_seconds)
+
+    async def _receive(self, max_messages: int, wait_seconds: float) -> list[QueueMessage]:
+        return await self.queue.receive(max_messages, wait_seconds, self.lease_seconds)
+
+    async def _delete(self, messages: Sequence[QueueMessage]) -> None:
+        await self.queue.delete(messages)
+
+    async def _set_visibility(self, message: QueueMessage, seconds: float) -> None:
+        await self.queue.set_visibility(message, seconds)
+
+    async def _dead_letter(self, message: QueueMessage, reason: str) -> None:
+        self.queue.dead_letters.append((message.message_id, reason))
+        await self.queue.delete([message])
+
+    async def _write_status(self, run_id: str, fields: Mapping[str, Any], *,
+                            only_if_running: bool) -> bool:
+        self.status_writes += 1
+        current = self.statuses.get(run_id)
+        if only_if_running and current is not None and current.get("status") != "running":
+            return False
+        record = dict(current or {"runId": run_id})
+        record.update(fields)
+        self.statuses[run_id] = record
+        return True
+
+    async def _read_status(self, run_id: str) -> dict[str, Any] | None:
+        record = self.statuses.get(run_id)
+        return dict(record) if record is not None else None
+
+    async def _scan_statuses(self, status: str) -> AsyncIterator[dict[str, Any]]:
+        for record in list(self.statuses.values()):
+            if record.get("status") == status:
+                yield dict(record)

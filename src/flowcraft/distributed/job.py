@@ -1,0 +1,104 @@
+"""The job message: which node of which run to execute.
+
+Wire format (JSON, the TypeScript library's, so its clients can start runs)::
+
+    {"runId": "...", "blueprintId": "...", "nodeId": "..."}
+
+with optional ``attempt`` and ``isLastAttempt`` (the reference's), and
+``iteration`` (ours: which loop iteration of the node the job is for; absent
+means 0). Unknown fields are ignored. On Azure the message text is base64 of
+that JSON; :func:`parse_job` accepts plain JSON text too.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import InvalidJobError
+
+
+@dataclass(frozen=True, slots=True)
+class JobPayload:
+    run_id: str
+    blueprint_id: str
+    node_id: str
+    iteration: int = 0
+    attempt: int | None = None
+    is_last_attempt: bool | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "runId": self.run_id, "blueprintId": self.blueprint_id, "nodeId": self.node_id,
+        }
+        if self.iteration:
+            body["iteration"] = self.iteration
+        if self.attempt is not None:
+            body["attempt"] = self.attempt
+        if self.is_last_attempt is not None:
+            body["isLastAttempt"] = self.is_last_attempt
+        return body
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    def to_base64(self) -> str:
+        return base64.b64encode(self.to_json().encode()).decode("ascii")
+
+    @property
+    def key(self) -> str:
+        """Identifies one execution: run, node and iteration."""
+        return f"{self.run_id}:{self.node_id}:{self.iteration}"
+
+
+def parse_job(body: str | bytes | dict[str, Any]) -> JobPayload:
+    """Parse a message body; raise :class:`InvalidJobError` saying what is wrong."""
+    data: Any = body
+    if isinstance(body, bytes):
+        try:
+            body = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidJobError("message body is not UTF-8 text") from None
+    if isinstance(body, str):
+        data = _decode_text(body)
+    if not isinstance(data, dict):
+        raise InvalidJobError(f"job must be a JSON object, got {type(data).__name__}")
+    missing = [k for k in ("runId", "blueprintId", "nodeId") if not data.get(k)]
+    if missing:
+        raise InvalidJobError(f"job is missing {', '.join(missing)}")
+    for key in ("runId", "blueprintId", "nodeId"):
+        if not isinstance(data[key], str):
+            raise InvalidJobError(f"job field {key} must be a string")
+    iteration = data.get("iteration", 0)
+    if not isinstance(iteration, int) or isinstance(iteration, bool) or iteration < 0:
+        raise InvalidJobError("job field iteration must be a non-negative integer")
+    attempt = data.get("attempt")
+    return JobPayload(
+        run_id=data["runId"],
+        blueprint_id=data["blueprintId"],
+        node_id=data["nodeId"],
+        iteration=iteration,
+        attempt=attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else None,
+        is_last_attempt=data.get("isLastAttempt") if isinstance(data.get("isLastAttempt"), bool)
+        else None,
+    )
+
+
+def _decode_text(text: str) -> Any:
+    stripped = text.strip()
+    if stripped.startswith("{"):
+        try:
+            return json.loads(stripped)
+        except json.JSONDecodeError as exc:
+            raise InvalidJobError(f"message is not valid JSON: {exc}") from None
+    try:
+        decoded = base64.b64decode(stripped, validate=True).decode("utf-8")
+        return json.loads(decoded)
+    except (binascii.Error, UnicodeDecodeError, json.JSONDecodeError, ValueError):
+        preview = stripped[:60] + ("..." if len(stripped) > 60 else "")
+        raise InvalidJobError(
+            f"message is neither JSON nor base64-encoded JSON: {preview!r}"
+        ) from None
