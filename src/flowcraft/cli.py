@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +153,234 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(backend=args.backend, orders=args.orders, workers=args.workers)
 
 
+# -- cloud commands ----------------------------------------------------------------------------
+
+
+def _runtime_options(args: argparse.Namespace, *, need_registry: bool = True) -> Any:
+    from .runtime import FlowRuntime
+
+    if not getattr(args, "blueprints", None):
+        raise UsageError("--blueprints DIR is required (the directory of blueprint JSON files)")
+    blueprints = load_blueprints(args.blueprints)
+    if not blueprints:
+        raise UsageError(f"--blueprints {args.blueprints}: no *.json blueprints found")
+    registry = load_registry(getattr(args, "registry", []) or [])
+    if need_registry and not registry:
+        raise UsageError("--registry MODULE:ATTR is required (the node implementations)")
+    return FlowRuntime(blueprints=blueprints, registry=registry).options
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from .backends import AwsSettings
+
+    if args.backend == "aws":
+        return AwsSettings.resolve(
+            region=args.region, endpoint_url=args.endpoint_url, queue_url=args.queue_url,
+            queue_name=args.queue_name, context_table=args.context_table,
+            status_table=args.status_table, coordination_table=args.coordination_table,
+        )
+    from .backends import AzureSettings
+
+    return AzureSettings.resolve(
+        storage_connection_string=args.storage_connection_string,
+        cosmos_connection_string=args.cosmos_connection_string,
+        redis_url=args.redis_url, queue_name=args.queue_name, database=args.database,
+        context_container=args.context_container, status_container=args.status_container,
+    )
+
+
+def _adapter(args: argparse.Namespace, options: Any, **adapter_options: Any) -> Any:
+    from . import backends
+
+    if args.backend == "aws":
+        return backends.aws_adapter(_settings(args), options, **adapter_options)
+    return backends.azure_adapter(_settings(args), options, **adapter_options)
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    from . import backends
+
+    async def provision() -> dict[str, Any]:
+        settings = _settings(args)
+        if args.backend == "aws":
+            from .adapters.aws import AwsNames, provision_aws
+
+            async with backends.aws_clients(settings) as (sqs, dynamodb):
+                return await provision_aws(sqs, dynamodb, AwsNames(
+                    settings.queue_name, settings.context_table, settings.status_table,
+                    settings.coordination_table))
+        return await backends.provision_azure(settings)
+
+    result = asyncio.run(provision())
+    created = result.get("created") or []
+    print(f"provisioned {args.backend}: " + (", ".join(created) if created else
+                                              "everything already existed"))
+    for key, value in result.items():
+        if key != "created":
+            print(f"  {key}: {value}")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import signal
+
+    options = _runtime_options(args)
+
+    async def work() -> None:
+        async with _adapter(args, options, concurrency=args.concurrency,
+                            lease_seconds=args.lease_seconds) as adapter:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, stop.set)
+            await adapter.start()
+            print(f"flowcraft worker ({args.backend}) {adapter.worker_id}: "
+                  f"{len(options.blueprints)} blueprint(s), concurrency {args.concurrency}",
+                  flush=True)
+            await stop.wait()
+            print("flowcraft worker: stopping (finishing running jobs)", flush=True)
+            await adapter.stop()
+
+    asyncio.run(work())
+    return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    options = _runtime_options(args, need_registry=False)
+    if args.blueprint_id not in options.blueprints:
+        raise UsageError(f"unknown blueprint id '{args.blueprint_id}' (found: "
+                         f"{', '.join(sorted(options.blueprints))})")
+
+    async def start() -> int:
+        async with _adapter(args, options) as adapter:
+            run_id = await adapter.start_workflow(args.blueprint_id, parse_context(args.context),
+                                                  run_id=args.run_id)
+            print(run_id, flush=True)
+            if not args.wait:
+                return 0
+            result = await adapter.wait_for_result(run_id, timeout=args.timeout)
+            print_json(result.to_dict())
+            return 0 if result.status == "completed" else 1
+
+    return asyncio.run(start())
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .runtime import RuntimeOptions
+
+    async def status() -> int:
+        async with _adapter(args, RuntimeOptions({}, {}, {})) as adapter:
+            record = await adapter.get_run_status(args.run_id)
+            if record is None:
+                raise UsageError(f"no run '{args.run_id}' in the status store")
+            output: dict[str, Any] = {"status": record}
+            if args.context:
+                from .context import public_view
+
+                output["context"] = public_view(
+                    await adapter.create_context(args.run_id).load() or {})
+            print_json(output)
+            return 0
+
+    return asyncio.run(status())
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    options = _runtime_options(args, need_registry=False)
+
+    async def reconcile() -> int:
+        async with _adapter(args, options) as adapter:
+            reconciler = _reconciler(args, adapter)
+            while True:
+                stats = await reconciler.run()
+                print(f"scanned {stats.scanned_items} runs, {stats.stalled_runs} stalled, "
+                      f"{stats.reconciled_runs} reconciled, {stats.failed_runs} failed",
+                      flush=True)
+                if not args.every:
+                    return 0 if stats.failed_runs == 0 else 1
+                await asyncio.sleep(args.every)
+
+    try:
+        return asyncio.run(reconcile())
+    except KeyboardInterrupt:
+        return 0
+
+
+def _reconciler(args: argparse.Namespace, adapter: Any) -> Any:
+    if args.backend == "aws":
+        from .adapters.aws import create_sqs_reconciler
+
+        return create_sqs_reconciler(adapter, adapter.dynamodb, adapter.status_table_name,
+                                     args.stalled_threshold)
+    from .adapters.azure import create_azure_reconciler
+
+    return create_azure_reconciler(adapter, adapter.cosmos_client, adapter.cosmos_database_name,
+                                   adapter.status_container_name, args.stalled_threshold)
+
+
+def _add_cloud_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("backend", choices=["aws", "azure"])
+    aws = parser.add_argument_group("AWS (default: environment variables, then the setup "
+                                    "guide's names)")
+    aws.add_argument("--region", help="AWS region (AWS_REGION)")
+    aws.add_argument("--endpoint-url", help="AWS endpoint, e.g. a local moto server "
+                                            "(AWS_ENDPOINT_URL)")
+    aws.add_argument("--queue-url", help="SQS queue URL (SQS_QUEUE_URL); else looked up by name")
+    aws.add_argument("--context-table", help="context table (flowcraft-contexts)")
+    aws.add_argument("--status-table", help="status table (flowcraft-statuses)")
+    aws.add_argument("--coordination-table", help="coordination table (flowcraft-coordination)")
+    azure = parser.add_argument_group("Azure")
+    azure.add_argument("--storage-connection-string",
+                       help="storage account (AZURE_STORAGE_CONNECTION_STRING)")
+    azure.add_argument("--cosmos-connection-string", help="Cosmos DB (COSMOS_DB_CONNECTION_STRING)")
+    azure.add_argument("--redis-url", help="Redis (REDIS_CONNECTION_STRING)")
+    azure.add_argument("--database", help="Cosmos database (flowcraft-db)")
+    azure.add_argument("--context-container", help="context container (contexts)")
+    azure.add_argument("--status-container", help="status container (statuses)")
+    parser.add_argument("--queue-name", help="queue name (flowcraft-jobs)")
+
+
+def _register_cloud_commands(commands: Any) -> None:
+    provision = commands.add_parser("provision", help="create the queue, tables / containers")
+    _add_cloud_options(provision)
+    provision.set_defaults(handler=cmd_provision)
+
+    worker = commands.add_parser("worker", help="process jobs until SIGINT / SIGTERM")
+    _add_cloud_options(worker)
+    worker.add_argument("--registry", action="append", default=[], metavar="MODULE:ATTR")
+    worker.add_argument("--blueprints", metavar="DIR", help="directory of blueprint JSON files")
+    worker.add_argument("--concurrency", type=int, default=8, help="jobs at once (8)")
+    worker.add_argument("--lease-seconds", type=float, default=60.0,
+                        help="node lease / message visibility, renewed while a node runs (60)")
+    worker.set_defaults(handler=cmd_worker)
+
+    start = commands.add_parser("start", help="start a run; prints its id")
+    _add_cloud_options(start)
+    start.add_argument("blueprint_id")
+    start.add_argument("--blueprints", metavar="DIR", help="directory of blueprint JSON files")
+    start.add_argument("--context", help="initial context as JSON, or @file.json")
+    start.add_argument("--run-id", help="use this run id instead of a new UUID")
+    start.add_argument("--wait", action="store_true", help="wait for the result and print it")
+    start.add_argument("--timeout", type=float, default=300.0, help="with --wait (300 s)")
+    start.set_defaults(handler=cmd_start)
+
+    status = commands.add_parser("status", help="show a run's status record")
+    _add_cloud_options(status)
+    status.add_argument("run_id")
+    status.add_argument("--context", action="store_true", help="also print the run's context")
+    status.set_defaults(handler=cmd_status)
+
+    reconcile = commands.add_parser("reconcile", help="resume stalled runs")
+    _add_cloud_options(reconcile)
+    reconcile.add_argument("--blueprints", metavar="DIR", help="directory of blueprint JSON files")
+    reconcile.add_argument("--registry", action="append", default=[], metavar="MODULE:ATTR")
+    reconcile.add_argument("--every", type=float, metavar="SECONDS",
+                           help="repeat every SECONDS until interrupted")
+    reconcile.add_argument("--stalled-threshold", type=float, default=300.0, metavar="SECONDS",
+                           help="a running run not updated for this long is stalled (300)")
+    reconcile.set_defaults(handler=cmd_reconcile)
+
+
 # -- parser ------------------------------------------------------------------------------------
 
 
@@ -189,14 +417,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=int, default=3, help="worker processes (distributed)")
     demo.set_defaults(handler=cmd_demo)
 
-    for register in EXTRA_COMMANDS:
-        register(commands)
+    _register_cloud_commands(commands)
     return parser
 
 
-DEMO_BACKENDS = ["memory"]
-DEFAULT_DEMO_BACKEND = "memory"
-EXTRA_COMMANDS: list[Callable[[Any], None]] = []
+DEMO_BACKENDS = ["aws-local", "memory", "azure-local"]
+DEFAULT_DEMO_BACKEND = "aws-local"
+
+
+# Errors of the service SDKs (unreachable endpoint, missing credentials, refused request)
+# are one line for the user, not a traceback.
+_SERVICE_ERROR_MODULES = {"botocore", "aiobotocore", "azure", "redis", "aiohttp"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -211,6 +442,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FlowcraftError as exc:
         print(f"flowcraft: {exc}", file=sys.stderr)
         return 2
+    except (OSError, TimeoutError) as exc:
+        print(f"flowcraft: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if type(exc).__module__.split(".")[0] in _SERVICE_ERROR_MODULES:
+            print(f"flowcraft: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 2
+        raise
     except KeyboardInterrupt:
         print("flowcraft: interrupted", file=sys.stderr)
         return 130

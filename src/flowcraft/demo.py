@@ -1,29 +1,53 @@
 """``flowcraft demo``: the example order pipeline, run end to end.
 
-``--backend memory`` runs every order in this process. The distributed
-backends start local services, provision them, start worker processes and
-drive the same workflow through a real queue and database.
+``aws-local`` (the default) starts a moto server (SQS + DynamoDB) inside
+this process, provisions the queue and tables exactly as ``flowcraft
+provision aws`` does, starts worker processes (``flowcraft worker aws``),
+starts one run per order, shows each run finishing, and prints the results
+and the number of SQS and DynamoDB requests the workers made.
+``azure-local`` does the same on Azurite, a local Cosmos DB server and Redis;
+``memory`` runs every order in this process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
 import time
+import urllib.request
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from .blueprint import load_blueprint
+from .context import public_view
 from .events import FlowcraftEvent, InMemoryEventBus
 from .examples import EXAMPLES_DIR
 from .examples.orders import registry, sample_orders
 
 DEMO_BLUEPRINT = EXAMPLES_DIR / "order_pipeline.json"
+REGISTRY_SPEC = "flowcraft.examples.orders:registry"
 
 
-def run_demo(backend: str = "memory", orders: int = 6, workers: int = 3) -> int:
+def run_demo(backend: str = "aws-local", orders: int = 6, workers: int = 3) -> int:
     if backend == "memory":
         return asyncio.run(_memory_demo(orders))
+    if backend == "aws-local":
+        return _aws_demo(orders, workers)
+    if backend == "azure-local":
+        from .demo_azure import azure_demo
+
+        return azure_demo(orders, workers)
     raise ValueError(f"unknown demo backend {backend!r}")
+
+
+# -- in memory -----------------------------------------------------------------------------------
 
 
 async def _memory_demo(order_count: int) -> int:
@@ -31,39 +55,186 @@ async def _memory_demo(order_count: int) -> int:
 
     blueprint = load_blueprint(DEMO_BLUEPRINT)
     bus = InMemoryEventBus(keep_history=False)
-    finished: dict[str, int] = {}
+    finished: Counter[str] = Counter()
 
     def progress(event: FlowcraftEvent) -> None:
-        run_id = event.payload["runId"]
-        finished[run_id] = finished.get(run_id, 0) + 1
+        finished[event.payload["runId"]] += 1
 
     bus.subscribe(progress, "node:finish")
     runtime = FlowRuntime(registry=registry, event_bus=bus)
-    print(f"flowcraft demo: {order_count} orders through '{blueprint.id}' in memory")
+    print(f"flowcraft demo: {order_count} orders through '{blueprint.id}', in this process")
     started = time.perf_counter()
     results = await asyncio.gather(*(
         runtime.run(blueprint, {"order": order}, run_id=order["id"])
         for order in sample_orders(order_count)
     ))
     elapsed = time.perf_counter() - started
-    return report(results, elapsed, finished)
-
-
-def report(results: list[Any], elapsed: float, node_counts: dict[str, int]) -> int:
-    failures = 0
     for result in results:
-        notify = result.context.get("_outputs.notify")
-        line = f"  {result.run_id}: {result.status:<9} {node_counts.get(result.run_id, 0):>2} nodes"
-        if notify:
-            line += f"  {notify}"
-        for error in result.errors:
-            line += f"  error in {error.node_id}: {error.message}"
-        print(line)
-        failures += result.status != "completed"
-    total_nodes = sum(node_counts.values())
-    print(f"{len(results) - failures}/{len(results)} runs completed, {total_nodes} node "
-          f"executions in {elapsed:.2f}s")
-    if results:
-        print("context of the first run:")
-        print(json.dumps(results[0].context, indent=2, default=str))
-    return 0 if failures == 0 else 1
+        _print_run(result.run_id, result.status, result.context, finished[result.run_id],
+                   [e.message for e in result.errors])
+    return _summary([r.status for r in results], sum(finished.values()), elapsed)
+
+
+# -- AWS on a local moto server ------------------------------------------------------------------
+
+
+def _aws_demo(order_count: int, worker_count: int) -> int:
+    from .local_services import moto_server
+
+    with tempfile.TemporaryDirectory(prefix="flowcraft-demo-") as scratch:
+        os.environ["MOTO_RECORDER_FILEPATH"] = str(Path(scratch) / "requests.jsonl")
+        print("flowcraft demo: starting a local AWS (moto: SQS + DynamoDB) ...", flush=True)
+        with moto_server() as endpoint:
+            env = {**os.environ, **endpoint.environment()}
+            os.environ.update(endpoint.environment())
+            return asyncio.run(_aws_demo_async(endpoint.url, env, order_count, worker_count,
+                                               Path(scratch)))
+
+
+async def _aws_demo_async(endpoint_url: str, env: dict[str, str], order_count: int,
+                          worker_count: int, scratch: Path) -> int:
+    from .adapters.aws import provision_aws
+    from .backends import AwsSettings, aws_adapter, aws_clients
+    from .runtime import FlowRuntime
+
+    settings = AwsSettings.resolve(endpoint_url=endpoint_url)
+    async with aws_clients(settings) as (sqs, dynamodb):
+        provisioned = await provision_aws(sqs, dynamodb)
+    print(f"  provisioned: {', '.join(provisioned['created'])}")
+    command = [sys.executable, "-m", "flowcraft", "worker", "aws", "--registry", REGISTRY_SPEC,
+               "--blueprints", str(EXAMPLES_DIR), "--concurrency", "8"]
+    processes = _start_workers(command, env, worker_count, scratch)
+    try:
+        blueprint = load_blueprint(DEMO_BLUEPRINT)
+        options = FlowRuntime(blueprints={blueprint.id: blueprint}).options
+        async with aws_adapter(settings, options) as client:
+            _recorder(endpoint_url, "reset-recording")
+            _recorder(endpoint_url, "start-recording")
+            return await _drive(client, blueprint, order_count,
+                                lambda: _aws_call_report(endpoint_url, settings))
+    finally:
+        _stop_workers(processes)
+
+
+def _recorder(endpoint_url: str, action: str) -> bytes:
+    method = "GET" if action == "download-recording" else "POST"
+    request = urllib.request.Request(f"{endpoint_url}/moto-api/recorder/{action}", method=method)
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return bytes(response.read())
+
+
+def _aws_call_report(endpoint_url: str, settings: Any) -> Counter[str]:
+    """Requests the workers made, by operation (the demo's own polling excluded)."""
+    import base64
+
+    _recorder(endpoint_url, "stop-recording")
+    calls: Counter[str] = Counter()
+    for line in _recorder(endpoint_url, "download-recording").decode().splitlines():
+        entry = json.loads(line)
+        target = entry.get("headers", {}).get("X-Amz-Target", "")
+        if not target:
+            continue
+        body = entry.get("body") or ""
+        try:
+            text = base64.b64decode(body).decode() if body else ""
+        except ValueError:
+            text = str(body)
+        if settings.status_table in text and target.endswith((".GetItem", ".Scan")):
+            continue  # the demo watching the status table
+        calls[target.split(".", 1)[1]] += 1
+    return calls
+
+
+# -- shared --------------------------------------------------------------------------------------
+
+
+def _start_workers(command: Sequence[str], env: dict[str, str], count: int,
+                   scratch: Path) -> list[subprocess.Popen[bytes]]:
+    processes = []
+    for index in range(count):
+        log = open(scratch / f"worker-{index}.log", "wb")  # noqa: SIM115 - lives with the process
+        processes.append(subprocess.Popen(list(command), env=env, stdout=log,
+                                          stderr=subprocess.STDOUT))
+    print(f"  started {count} worker processes (pids "
+          f"{', '.join(str(p.pid) for p in processes)})", flush=True)
+    return processes
+
+
+def _stop_workers(processes: list[subprocess.Popen[bytes]]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+async def _drive(client: Any, blueprint: Any, order_count: int, call_report: Any) -> int:
+    orders = sample_orders(order_count)
+    started = time.perf_counter()
+    run_ids = {}
+    for order in orders:
+        run_ids[await client.start_workflow(blueprint, {"order": order},
+                                            run_id=order["id"])] = order
+    print(f"  started {len(run_ids)} runs of '{blueprint.id}'; waiting for the workers ...",
+          flush=True)
+    pending = set(run_ids)
+    finals: dict[str, Any] = {}
+    deadline = time.monotonic() + 120
+    while pending and time.monotonic() < deadline:
+        for run_id in sorted(pending):
+            status = await client.get_run_status(run_id)
+            if status and status.get("status") in ("completed", "failed", "cancelled"):
+                pending.discard(run_id)
+                finals[run_id] = await client.wait_for_result(run_id, timeout=5)
+                result = finals[run_id]
+                print(f"  [{time.perf_counter() - started:5.2f}s] {run_id} {result.status}",
+                      flush=True)
+        await asyncio.sleep(0.5)  # polling costs the local server CPU the workers need
+    elapsed = time.perf_counter() - started
+    calls = call_report()
+    print("\nresults:")
+    executed = 0
+    statuses = []
+    for run_id in run_ids:
+        result = finals.get(run_id)
+        if result is None:
+            print(f"  {run_id}: did not finish within 120 s")
+            statuses.append("timeout")
+            continue
+        nodes = sum(1 for key in result.context if key.startswith("_outputs."))
+        executed += nodes
+        _print_run(run_id, result.status, result.context, nodes,
+                   [e.message for e in result.errors])
+        statuses.append(result.status)
+    code = _summary(statuses, executed, elapsed)
+    total = sum(calls.values())
+    if total and executed:
+        detail = ", ".join(f"{name} {count}" for name, count in calls.most_common())
+        print(f"service calls by the workers: {total} for {executed} node executions "
+              f"= {total / executed:.2f} per node\n  ({detail})")
+    return code
+
+
+def _print_run(run_id: str, status: str, context: dict[str, Any], nodes: int,
+               errors: list[str]) -> None:
+    context = public_view(context)
+    decision = context.get("_outputs.decide") or {}
+    line = f"  {run_id}: {status:<9} {nodes:>2} nodes"
+    if decision:
+        line += f"  risk {decision.get('risk')}, amount {decision.get('amount')} EUR"
+    notify = context.get("_outputs.notify")
+    if notify:
+        line += f"  -> {notify}"
+    for error in errors:
+        line += f"  error: {error}"
+    print(line)
+
+
+def _summary(statuses: list[str], executed: int, elapsed: float) -> int:
+    completed = sum(1 for status in statuses if status == "completed")
+    print(f"{completed}/{len(statuses)} runs completed, {executed} node executions in "
+          f"{elapsed:.2f}s")
+    return 0 if completed == len(statuses) else 1

@@ -11,6 +11,7 @@ Everything started here is stopped by the context managers that started it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import time
@@ -66,6 +67,8 @@ def moto_server(port: int | None = None) -> Iterator[MotoEndpoint]:
     # Credentials for the SDKs in this process; moto accepts any.
     for key, value in LOCAL_AWS_CREDENTIALS.items():
         os.environ.setdefault(key, value)
+    # werkzeug logs every request at INFO on its own; keep the caller's output readable.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     try:

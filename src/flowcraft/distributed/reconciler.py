@@ -67,7 +67,7 @@ class Reconciler:
             run_id = str(item.get("runId") or item.get("id"))
             try:
                 await self.adapter.reconcile(run_id)
-                await self.adapter._write_status(  # noqa: SLF001 - the adapter's own record
+                await self.adapter._write_status(
                     run_id, {"lastUpdated": now_iso()}, only_if_running=True)
                 stats.reconciled_runs += 1
             except Exception as exc:

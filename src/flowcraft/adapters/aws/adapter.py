@@ -66,7 +66,7 @@ class SqsAdapter(BaseDistributedAdapter):
         self.status_table_name = status_table_name
         self._pending_deletes: list[QueueMessage] = []
         self._delete_flush: asyncio.Task[None] | None = None
-        self._dead_letter_url: str | None | bool = False  # False: not looked up yet
+        self._dead_letter_url: str | bool | None = False  # False: not looked up yet
 
     def create_context(self, run_id: str) -> DynamoDbContext:
         return DynamoDbContext(run_id, client=self.dynamodb, table_name=self.context_table_name)
@@ -74,7 +74,7 @@ class SqsAdapter(BaseDistributedAdapter):
     # -- queue -----------------------------------------------------------------------------
 
     async def _send_jobs(self, jobs: Sequence[JobPayload], delay_seconds: float = 0) -> None:
-        delay = max(0, min(int(round(delay_seconds)), int(self.max_delay_seconds)))
+        delay = max(0, min(round(delay_seconds), int(self.max_delay_seconds)))
         for start in range(0, len(jobs), 10):
             chunk = jobs[start:start + 10]
             entries = [{"Id": str(i), "MessageBody": job.to_json(), "DelaySeconds": delay}
