@@ -97,3 +97,118 @@ async def aws_adapter(settings: AwsSettings, runtime_options: Any,
             **adapter_options,
         )
         yield adapter
+
+
+@dataclass
+class AzureSettings:
+    storage_connection_string: str | None = None
+    cosmos_connection_string: str | None = None
+    redis_url: str | None = None
+    queue_name: str = "flowcraft-jobs"
+    database: str = "flowcraft-db"
+    context_container: str = "contexts"
+    status_container: str = "statuses"
+    verify_tls: bool = True
+
+    ENVIRONMENT = {
+        "storage_connection_string": "AZURE_STORAGE_CONNECTION_STRING",
+        "cosmos_connection_string": "COSMOS_DB_CONNECTION_STRING",
+        "redis_url": "REDIS_CONNECTION_STRING", "queue_name": "FLOWCRAFT_QUEUE_NAME",
+        "database": "FLOWCRAFT_COSMOS_DATABASE",
+        "context_container": "FLOWCRAFT_CONTEXT_CONTAINER",
+        "status_container": "FLOWCRAFT_STATUS_CONTAINER",
+    }
+
+    @classmethod
+    def resolve(cls, **flags: Any) -> AzureSettings:
+        settings = cls()
+        for name, variable in cls.ENVIRONMENT.items():
+            value = flags.get(name) or _env(variable)
+            if value:
+                setattr(settings, name, value)
+        settings.verify_tls = (_env("COSMOS_DB_VERIFY_TLS", "true") or "true").lower() not in (
+            "false", "0", "no")
+        return settings
+
+    def require(self) -> None:
+        missing = [variable for name, variable in self.ENVIRONMENT.items()
+                   if name in ("storage_connection_string", "cosmos_connection_string",
+                               "redis_url") and not getattr(self, name)]
+        if missing:
+            raise FlowcraftError(f"the Azure backend needs {', '.join(missing)} (or the "
+                                 "matching flags)")
+
+    def cosmos_verify(self) -> bool:
+        """TLS checks may be turned off only for a Cosmos server on this machine."""
+        if self.verify_tls:
+            return True
+        endpoint = _connection_value(self.cosmos_connection_string or "", "AccountEndpoint")
+        host = (endpoint or "").split("://")[-1].split("/")[0].rsplit(":", 1)[0].strip("[]")
+        if host not in ("localhost", "::1") and not host.startswith("127."):
+            raise FlowcraftError("COSMOS_DB_VERIFY_TLS=false is only allowed for a local Cosmos "
+                                 f"emulator, not for {host}")
+        return False
+
+
+def _connection_value(connection_string: str, key: str) -> str | None:
+    for part in connection_string.split(";"):
+        name, _, value = part.partition("=")
+        if name.strip().lower() == key.lower():
+            return value.strip()
+    return None
+
+
+@contextlib.asynccontextmanager
+async def azure_clients(settings: AzureSettings) -> AsyncIterator[tuple[Any, Any, Any, Any]]:
+    """``(queue_client, queue_service, cosmos_client, redis)`` for the settings."""
+    settings.require()
+    try:
+        import redis.asyncio as redis_asyncio
+        from azure.cosmos.aio import CosmosClient
+        from azure.storage.queue.aio import QueueClient, QueueServiceClient
+    except ImportError:
+        raise FlowcraftError(
+            "the Azure backend needs the azure extra: pip install 'flowcraft-py[azure]'"
+        ) from None
+    assert settings.storage_connection_string and settings.cosmos_connection_string
+    verify = settings.cosmos_verify()
+    if not verify:
+        import warnings
+
+        warnings.filterwarnings("ignore", message="Unverified HTTPS request")
+    service = QueueServiceClient.from_connection_string(settings.storage_connection_string)
+    queue = QueueClient.from_connection_string(settings.storage_connection_string,
+                                               settings.queue_name)
+    cosmos = CosmosClient.from_connection_string(settings.cosmos_connection_string,
+                                                 connection_verify=verify)
+    redis = redis_asyncio.from_url(settings.redis_url)
+    try:
+        async with service, queue, cosmos:
+            yield queue, service, cosmos, redis
+    finally:
+        await redis.aclose()
+
+
+@contextlib.asynccontextmanager
+async def azure_adapter(settings: AzureSettings, runtime_options: Any,
+                        **adapter_options: Any) -> AsyncIterator[Any]:
+    from .adapters.azure import AzureQueueAdapter, RedisCoordinationStore
+
+    async with azure_clients(settings) as (queue, _service, cosmos, redis):
+        yield AzureQueueAdapter(
+            runtime_options, RedisCoordinationStore(redis), queue, cosmos,
+            cosmos_database_name=settings.database,
+            context_container_name=settings.context_container,
+            status_container_name=settings.status_container,
+            **adapter_options,
+        )
+
+
+async def provision_azure(settings: AzureSettings) -> dict[str, Any]:
+    from .adapters.azure import AzureNames
+    from .adapters.azure import provision_azure as provision
+
+    async with azure_clients(settings) as (_queue, service, cosmos, _redis):
+        return await provision(service, cosmos, AzureNames(
+            settings.queue_name, settings.database, settings.context_container,
+            settings.status_container))

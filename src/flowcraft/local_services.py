@@ -13,10 +13,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import socket
+import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 LOCAL_AWS_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -76,3 +80,149 @@ def moto_server(port: int | None = None) -> Iterator[MotoEndpoint]:
         yield MotoEndpoint(f"http://127.0.0.1:{port}", port)
     finally:
         server.stop()
+
+
+# -- Azure emulators and Redis (child processes) ---------------------------------------------
+
+AZURITE_ACCOUNT = "devstoreaccount1"
+# The public development keys of Azurite and of the Cosmos DB emulator (not secrets).
+AZURITE_KEY = (
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+)
+COSMOS_EMULATOR_KEY = (
+    "C2y6yDjf5/R+ob0N8A7Cgv30VRDJIWEHLM+4QDU5DE2nQ9nDuVTqobD4b8mGGyPMbIZnqyMsEcaGQy67XIw/Jw=="
+)
+_REPO_TOOLS = Path(__file__).resolve().parents[2] / "tools" / "local-services"
+
+
+def node_tools_dir() -> Path:
+    """Where ``scripts/setup`` installed the npm emulators (``FLOWCRAFT_LOCAL_SERVICES_DIR``
+    overrides)."""
+    configured = os.environ.get("FLOWCRAFT_LOCAL_SERVICES_DIR")
+    return Path(configured) if configured else _REPO_TOOLS
+
+
+def node_binary(name: str) -> str:
+    candidate = node_tools_dir() / "node_modules" / ".bin" / name
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which(name)
+    if found:
+        return found
+    raise RuntimeError(
+        f"{name} is not installed: run scripts/setup (it installs the local emulators from "
+        f"{node_tools_dir() / 'package-lock.json'})"
+    )
+
+
+class LocalProcess:
+    """A service started as a child process on a port; ``restart()`` keeps the port."""
+
+    def __init__(self, name: str, command: list[str], port: int, log_dir: Path) -> None:
+        self.name = name
+        self.command = command
+        self.port = port
+        self.log_path = log_dir / f"{name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60.0) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
+        self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            wait_for_port(self.port, timeout)
+        except TimeoutError:
+            self.stop()
+            tail = self.log_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{self.name} did not start on port {self.port}:\n{tail}") from None
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@dataclass(frozen=True)
+class AzureEndpoints:
+    storage_connection_string: str
+    cosmos_url: str
+    cosmos_key: str
+    redis_url: str
+
+    @property
+    def cosmos_connection_string(self) -> str:
+        return f"AccountEndpoint={self.cosmos_url}/;AccountKey={self.cosmos_key};"
+
+    def environment(self) -> dict[str, str]:
+        """Variables for the CLI, workers and JavaScript clients (TLS checks off for the
+        local Cosmos server only)."""
+        return {
+            "AZURE_STORAGE_CONNECTION_STRING": self.storage_connection_string,
+            "COSMOS_DB_CONNECTION_STRING": self.cosmos_connection_string,
+            "COSMOS_DB_VERIFY_TLS": "false",
+            "REDIS_CONNECTION_STRING": self.redis_url,
+        }
+
+
+@dataclass
+class AzureServices:
+    endpoints: AzureEndpoints
+    azurite: LocalProcess
+    cosmos: LocalProcess
+    redis: LocalProcess
+
+
+def azurite_process(log_dir: Path, port: int | None = None) -> LocalProcess:
+    port = port or free_port()
+    return LocalProcess("azurite", [
+        node_binary("azurite-queue"), "--queueHost", "127.0.0.1", "--queuePort", str(port),
+        "--inMemoryPersistence", "--skipApiVersionCheck", "--disableTelemetry", "--silent",
+    ], port, log_dir)
+
+
+def cosmos_process(log_dir: Path, port: int | None = None) -> LocalProcess:
+    port = port or free_port()
+    return LocalProcess("cosmosdb-server",
+                        [node_binary("cosmosdb-server"), "--host", "127.0.0.1", "-p", str(port)],
+                        port, log_dir)
+
+
+def redis_process(log_dir: Path, port: int | None = None) -> LocalProcess:
+    server = shutil.which("redis-server")
+    if server is None:
+        raise RuntimeError("redis-server is not installed: run scripts/setup")
+    port = port or free_port()
+    return LocalProcess("redis", [server, "--port", str(port), "--bind", "127.0.0.1",
+                                  "--save", "", "--appendonly", "no"], port, log_dir)
+
+
+@contextlib.contextmanager
+def azure_services(log_dir: Path | None = None) -> Iterator[AzureServices]:
+    """Azurite (queues), a Cosmos DB SQL API server and Redis, on free loopback ports."""
+    with contextlib.ExitStack() as stack:
+        if log_dir is None:
+            log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="flowcraft-")))
+        azurite, cosmos, redis = (azurite_process(log_dir), cosmos_process(log_dir),
+                                  redis_process(log_dir))
+        for process in (azurite, cosmos, redis):
+            process.start()
+            stack.callback(process.stop)
+        storage = (
+            f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};"
+            f"AccountKey={AZURITE_KEY};"
+            f"QueueEndpoint=http://127.0.0.1:{azurite.port}/{AZURITE_ACCOUNT};"
+        )
+        yield AzureServices(
+            AzureEndpoints(storage, f"https://127.0.0.1:{cosmos.port}", COSMOS_EMULATOR_KEY,
+                           f"redis://127.0.0.1:{redis.port}/0"),
+            azurite, cosmos, redis,
+        )

@@ -1,0 +1,76 @@
+"""Cosmos DB helpers: patch paths, predicate literals, system properties, throttling retries."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
+
+logger = logging.getLogger("flowcraft.azure")
+
+SYSTEM_PROPERTIES = frozenset({"_rid", "_self", "_etag", "_attachments", "_ts"})
+MAX_PATCH_OPERATIONS = 10
+"""Cosmos DB accepts at most 10 operations in one partial update."""
+ITEM_LIMIT_BYTES = 2 * 1024 * 1024
+THROTTLED = frozenset({429, 503})
+
+T = TypeVar("T")
+
+
+def pointer(key: str) -> str:
+    """The JSON-pointer path of a top-level property (``~`` and ``/`` escaped)."""
+    return "/" + key.replace("~", "~0").replace("/", "~1")
+
+
+def literal(value: Any) -> str:
+    """A Cosmos SQL literal (JSON syntax: strings double-quoted and escaped)."""
+    return json.dumps(value)
+
+
+def prop(key: str) -> str:
+    """``c["key"]``: property access that works for any key, dots included."""
+    return f"c[{literal(key)}]"
+
+
+def strip_system(item: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in item.items() if k not in SYSTEM_PROPERTIES}
+
+
+def status_code(error: BaseException) -> int | None:
+    code = getattr(error, "status_code", None)
+    return int(code) if isinstance(code, int) else None
+
+
+async def with_throttling_retries(call: Callable[[], Awaitable[T]], *, what: str,
+                                  attempts: int = 8) -> T:
+    """Retry a call that Cosmos DB or Storage answered with 429/503, with jittered backoff.
+
+    The SDKs retry too; this outer loop keeps a throttled account from failing a node.
+    """
+    delay = 0.1
+    for attempt in range(1, attempts + 1):
+        try:
+            return await call()
+        except Exception as exc:
+            if status_code(exc) not in THROTTLED or attempt == attempts:
+                raise
+            retry_after = _retry_after(exc)
+            wait = retry_after if retry_after is not None else delay * (1 + random.random())
+            logger.warning("%s throttled (%s); retrying in %.2fs", what, status_code(exc), wait)
+            await asyncio.sleep(wait)
+            delay = min(delay * 2, 5.0)
+    raise AssertionError("unreachable")
+
+
+def _retry_after(error: BaseException) -> float | None:
+    headers = getattr(getattr(error, "response", None), "headers", None) or {}
+    for name in ("x-ms-retry-after-ms", "retry-after-ms"):
+        if name in headers:
+            try:
+                return float(headers[name]) / 1000.0
+            except ValueError:
+                return None
+    return None

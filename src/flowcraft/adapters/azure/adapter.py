@@ -1,0 +1,246 @@
+"""``AzureQueueAdapter``: workers that take jobs from Azure Queue Storage, state in Cosmos DB.
+
+The job algorithm is :class:`~flowcraft.distributed.adapter.BaseDistributedAdapter`'s;
+this module only speaks the two services:
+
+* messages are base64 of the job JSON (what Azure Functions' queue trigger
+  expects); plain JSON text, as the seed's client sends it, is accepted too;
+* receive: up to 32 messages per call; Queue Storage has no long polling,
+  so an empty queue is polled with a backoff of up to ``max_poll_interval``;
+* a running job's message stays invisible through ``update_message``;
+* durable sleep: the successor is sent with a visibility timeout (up to 7 days);
+* poison messages (dequeued more than ``max_receive_count`` times, or
+  unreadable) move to ``<queue>-poison``;
+* status records: one item per run in the status container, partitioned on
+  ``/runId``; updates are partial, conditioned on the status where needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+from ...distributed.adapter import BaseDistributedAdapter, QueueMessage
+from ...distributed.coordination import CoordinationStore
+from ...distributed.job import JobPayload
+from ...runtime.runtime import RuntimeOptions
+from ._cosmos import literal, pointer, status_code, strip_system, with_throttling_retries
+from .context import CosmosDbContext
+
+logger = logging.getLogger("flowcraft.azure")
+
+
+class AzureQueueAdapter(BaseDistributedAdapter):
+    """A worker (and client) over Azure Queue Storage + Cosmos DB (+ Redis coordination).
+
+    ``queue_client`` is an ``azure.storage.queue.aio.QueueClient``, ``cosmos_client`` an
+    ``azure.cosmos.aio.CosmosClient``. Other keyword arguments are
+    :class:`BaseDistributedAdapter`'s.
+    """
+
+    max_delay_seconds = 7 * 24 * 3600.0
+
+    def __init__(
+        self,
+        runtime_options: RuntimeOptions,
+        coordination_store: CoordinationStore,
+        queue_client: Any,
+        cosmos_client: Any,
+        cosmos_database_name: str = "flowcraft-db",
+        context_container_name: str = "contexts",
+        status_container_name: str = "statuses",
+        *,
+        max_poll_interval: float = 1.0,
+        poison_queue_client: Any = None,
+        **options: Any,
+    ) -> None:
+        options.setdefault("batch_size", 32)
+        super().__init__(runtime_options, coordination_store, **options)
+        self.queue = queue_client
+        self.cosmos_client = cosmos_client
+        self.cosmos_database_name = cosmos_database_name
+        self.context_container_name = context_container_name
+        self.status_container_name = status_container_name
+        self.max_poll_interval = max_poll_interval
+        self._poison_queue = poison_queue_client
+        self._statuses = cosmos_client.get_database_client(
+            cosmos_database_name).get_container_client(status_container_name)
+
+    def create_context(self, run_id: str) -> CosmosDbContext:
+        return CosmosDbContext(run_id, client=self.cosmos_client,
+                               database_name=self.cosmos_database_name,
+                               container_name=self.context_container_name)
+
+    # -- queue -----------------------------------------------------------------------------
+
+    async def _send_jobs(self, jobs: Sequence[JobPayload], delay_seconds: float = 0) -> None:
+        delay = max(0, min(round(delay_seconds), int(self.max_delay_seconds)))
+
+        async def send(job: JobPayload) -> None:
+            await with_throttling_retries(
+                lambda: self.queue.send_message(job.to_base64(), visibility_timeout=delay or None),
+                what="sending a job")
+
+        await asyncio.gather(*(send(job) for job in jobs))
+
+    async def _receive(self, max_messages: int, wait_seconds: float) -> list[QueueMessage]:
+        deadline = time.monotonic() + wait_seconds
+        pause = 0.05
+        while True:
+            messages = await self._receive_once(max_messages)
+            if messages or time.monotonic() >= deadline:
+                return messages
+            await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            pause = min(pause * 2, self.max_poll_interval)
+
+    async def _receive_once(self, max_messages: int) -> list[QueueMessage]:
+        pages = self.queue.receive_messages(
+            messages_per_page=max(1, min(32, max_messages)),
+            visibility_timeout=int(self.lease_seconds),
+        ).by_page()
+        received: list[QueueMessage] = []
+        async for page in pages:
+            async for message in page:
+                received.append(QueueMessage(
+                    body=message.content if message.content is not None else "",
+                    message_id=message.id,
+                    receive_count=int(message.dequeue_count or 1),
+                    handle=message.pop_receipt,
+                ))
+            break  # one page: one request
+        return received
+
+    async def _delete(self, messages: Sequence[QueueMessage]) -> None:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        for message in messages:
+            try:
+                await self.queue.delete_message(message.message_id, message.handle)
+            except ResourceNotFoundError:
+                # Its pop receipt is stale: another worker has the message now and will
+                # find the node done.
+                logger.info("message %s was already taken over; not deleted", message.message_id)
+
+    async def _set_visibility(self, message: QueueMessage, seconds: float) -> None:
+        updated = await self.queue.update_message(
+            message.message_id, message.handle, visibility_timeout=max(0, int(seconds)))
+        message.handle = updated.pop_receipt  # every update issues a new pop receipt
+
+    async def _dead_letter(self, message: QueueMessage, reason: str) -> None:
+        poison = await self._poison()
+        body = message.body if isinstance(message.body, str) else message.body.decode(
+            "utf-8", "replace")
+        await poison.send_message(body)
+        logger.error("message %s moved to %s: %s", message.message_id, poison.queue_name, reason)
+        await self._delete([message])
+
+    async def _poison(self) -> Any:
+        if self._poison_queue is None:
+            from azure.core.exceptions import ResourceExistsError
+            from azure.storage.queue.aio import QueueClient
+
+            name = f"{self.queue.queue_name}-poison"
+            self._poison_queue = QueueClient(
+                self.queue.url.rsplit("/", 1)[0], name, credential=self.queue.credential)
+            try:
+                await self._poison_queue.create_queue()
+            except ResourceExistsError:
+                pass
+        return self._poison_queue
+
+    # -- status records --------------------------------------------------------------------
+
+    async def _write_status(self, run_id: str, fields: Mapping[str, Any], *,
+                            only_if_running: bool) -> bool:
+        from azure.cosmos.exceptions import CosmosHttpResponseError
+
+        patch = [{"op": "set", "path": pointer(k), "value": v}
+                 for k, v in fields.items() if k not in ("id", "runId")]
+        arguments: dict[str, Any] = {"partition_key": run_id, "patch_operations": patch}
+        if only_if_running:
+            arguments["filter_predicate"] = f"FROM c WHERE c.status = {literal('running')}"
+        try:
+            item = await with_throttling_retries(
+                lambda: self._statuses.patch_item(run_id, **arguments),
+                what=f"status of run {run_id}")
+        except CosmosHttpResponseError as exc:
+            if status_code(exc) == 412:
+                return False
+            if status_code(exc) != 404:
+                raise
+            return await self._create_status(run_id, fields, only_if_running)
+        if "runId" not in item:
+            await self._adopt_status(run_id)
+        return True
+
+    async def _create_status(self, run_id: str, fields: Mapping[str, Any],
+                             only_if_running: bool) -> bool:
+        from azure.cosmos.exceptions import CosmosHttpResponseError
+
+        existing = await self._find_status(run_id)
+        if existing is not None:
+            # A client-created record without runId: move it into its partition first.
+            await self._adopt_status(run_id)
+            return await self._write_status(run_id, fields, only_if_running=only_if_running)
+        try:
+            await self._statuses.create_item({"id": run_id, "runId": run_id, **fields})
+        except CosmosHttpResponseError as exc:
+            if status_code(exc) != 409:
+                raise
+            return await self._write_status(run_id, fields, only_if_running=only_if_running)
+        return True
+
+    async def _find_status(self, run_id: str) -> dict[str, Any] | None:
+        query = "SELECT * FROM c WHERE c.id = @id"
+        async for item in self._statuses.query_items(
+                query, parameters=[{"name": "@id", "value": run_id}]):
+            return strip_system(item)
+        return None
+
+    async def _adopt_status(self, run_id: str) -> None:
+        from azure.cosmos.exceptions import CosmosHttpResponseError
+        from azure.cosmos.partition_key import NonePartitionKeyValue
+
+        found = [item async for item in self._statuses.query_items(
+            "SELECT * FROM c WHERE c.id = @id", parameters=[{"name": "@id", "value": run_id}])]
+        orphan = next((item for item in found if "runId" not in item), None)
+        if orphan is None:
+            return
+        try:
+            await self._statuses.upsert_item({**strip_system(orphan), "runId": run_id})
+        except CosmosHttpResponseError:
+            logger.warning("run %s: could not move its status record into its partition", run_id)
+            return
+        try:
+            await self._statuses.delete_item(run_id, partition_key=NonePartitionKeyValue)
+        except CosmosHttpResponseError:
+            pass
+
+    async def _read_status(self, run_id: str) -> dict[str, Any] | None:
+        from azure.cosmos.exceptions import CosmosResourceNotFoundError
+
+        try:
+            item = await self._statuses.read_item(run_id, partition_key=run_id)
+        except CosmosResourceNotFoundError:
+            return await self._find_status(run_id)
+        return strip_system(item)
+
+    def _scan_statuses(self, status: str) -> AsyncIterator[dict[str, Any]]:
+        return scan_status_container(self._statuses, status)
+
+
+async def scan_status_container(container: Any,
+                                status: str | None = "running") -> AsyncIterator[dict[str, Any]]:
+    """Every status item (with ``status``, if given), across partitions and pages."""
+    if status is None:
+        items = container.query_items("SELECT * FROM c")
+    else:
+        items = container.query_items("SELECT * FROM c WHERE c.status = @status",
+                                      parameters=[{"name": "@status", "value": status}])
+    async for item in items:
+        record = strip_system(item)
+        record.setdefault("runId", record.get("id"))
+        yield record

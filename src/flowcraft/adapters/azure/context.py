@@ -1,0 +1,294 @@
+"""``CosmosDbContext``: a run's context as one Cosmos DB item.
+
+The item is ``{"id": runId, "runId": runId, ...context keys}`` in a container
+partitioned on ``/runId``. Writes are partial updates (patch) of exactly the
+keys that changed, conditioned with a filter predicate where the protocol of
+:mod:`flowcraft.distributed.context` needs a condition; Cosmos DB returns the
+patched item, so a claim or commit is one request. Parallel branches
+therefore never overwrite each other's keys (no read-modify-write).
+
+A patch takes at most 10 operations, and cannot remove a property that is
+absent; such writes fall back to optimistic concurrency on ``_etag`` (read,
+apply, replace if unchanged, retry), which is just as safe.
+
+Items created by the seed documentation's TypeScript client have ``id`` but
+no ``runId``: they are adopted on first use (copied into the run's partition
+with ``runId`` set, the original removed). Throttling (429) is retried.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from ...context import PatchOperation, apply_patch, squash
+from ...distributed.context import (
+    Claim,
+    ClaimStatus,
+    claim_status,
+    commit_operations,
+    lease_value,
+    lock_key,
+    owns_lease,
+)
+from ...errors import ContextTooLargeError, FlowcraftError
+from ...runtime.routing import RECORD_PREFIX
+from ._cosmos import (
+    ITEM_LIMIT_BYTES,
+    MAX_PATCH_OPERATIONS,
+    literal,
+    pointer,
+    prop,
+    status_code,
+    strip_system,
+    with_throttling_retries,
+)
+
+RESERVED = frozenset({"id", "runId"})
+
+
+class _ConditionFailed(Exception):
+    pass
+
+
+class CosmosDbContext:
+    """The stored context of one run (``AsyncContext`` plus the distributed operations)."""
+
+    def __init__(self, run_id: str, *, client: Any, database_name: str,
+                 container_name: str) -> None:
+        self.run_id = run_id
+        self.client = client
+        self.container = client.get_database_client(database_name).get_container_client(
+            container_name)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _data(self, item: Mapping[str, Any] | None) -> dict[str, Any] | None:
+        if item is None:
+            return None
+        return {k: v for k, v in strip_system(item).items() if k not in RESERVED}
+
+    async def _read(self) -> dict[str, Any] | None:
+        """The raw item (with ``_etag``), adopting a client-created item without ``runId``."""
+        from azure.cosmos.exceptions import CosmosResourceNotFoundError
+
+        try:
+            return await with_throttling_retries(
+                lambda: self.container.read_item(self.run_id, partition_key=self.run_id),
+                what=f"reading run {self.run_id}")
+        except CosmosResourceNotFoundError:
+            return await self._adopt()
+
+    async def _adopt(self) -> dict[str, Any] | None:
+        """Move an item written without ``runId`` into the run's partition."""
+        from azure.cosmos.exceptions import CosmosHttpResponseError
+        from azure.cosmos.partition_key import NonePartitionKeyValue
+
+        query = "SELECT * FROM c WHERE c.id = @id"
+        found = [item async for item in self.container.query_items(
+            query, parameters=[{"name": "@id", "value": self.run_id}])]
+        orphan = next((item for item in found if "runId" not in item), None)
+        if orphan is None:
+            return next((item for item in found if item.get("runId") == self.run_id), None)
+        adopted = {**strip_system(orphan), "id": self.run_id, "runId": self.run_id}
+        try:
+            created = await self.container.create_item(adopted)
+        except CosmosHttpResponseError as exc:
+            if status_code(exc) != 409:
+                raise
+            created = await self.container.read_item(self.run_id, partition_key=self.run_id)
+        try:
+            await self.container.delete_item(self.run_id, partition_key=NonePartitionKeyValue)
+        except CosmosHttpResponseError:
+            pass  # already gone, or another worker removed it
+        return dict(created)
+
+    async def _patch(self, operations: Sequence[PatchOperation], *,
+                     predicate: str | None = None,
+                     check: Callable[[Mapping[str, Any]], bool] | None = None,
+                     ) -> dict[str, Any] | None:
+        """One conditional partial update returning the item; ``None`` if the condition failed.
+
+        ``predicate`` (Cosmos SQL) and ``check`` (Python) state the same condition: the first
+        for the patch, the second for the ``_etag`` fallback.
+        """
+        from azure.cosmos.exceptions import CosmosHttpResponseError
+
+        operations = [op for op in squash(operations) if op.key not in RESERVED]
+        if len(operations) <= MAX_PATCH_OPERATIONS:
+            patch = [
+                {"op": "set", "path": pointer(op.key), "value": op.value} if op.op == "set"
+                else {"op": "remove", "path": pointer(op.key)}
+                for op in operations
+            ]
+            arguments: dict[str, Any] = {"partition_key": self.run_id, "patch_operations": patch}
+            if predicate:
+                arguments["filter_predicate"] = predicate
+            try:
+                item = await with_throttling_retries(
+                    lambda: self.container.patch_item(self.run_id, **arguments),
+                    what=f"updating run {self.run_id}")
+            except CosmosHttpResponseError as exc:
+                code = status_code(exc)
+                if code == 412:
+                    return None
+                if code == 413:
+                    raise self._too_large(operations) from None
+                if code not in (400, 404):
+                    raise
+                # 404: an item to adopt; 400: e.g. removing an absent property.
+                return await self._replace(operations, check)
+            if "runId" not in item:
+                # A lenient server patched a client-created item in place: adopt it.
+                await self._adopt()
+            return dict(item)
+        return await self._replace(operations, check)
+
+    async def _replace(self, operations: Sequence[PatchOperation],
+                       check: Callable[[Mapping[str, Any]], bool] | None) -> dict[str, Any] | None:
+        from azure.core import MatchConditions
+        from azure.cosmos.exceptions import CosmosHttpResponseError
+
+        for _ in range(20):
+            item = await self._read()
+            if item is None:
+                return None
+            data = self._data(item) or {}
+            if check is not None and not check(data):
+                return None
+            apply_patch(data, operations)
+            replacement = {**data, "id": self.run_id, "runId": self.run_id}
+            def replace(body: dict[str, Any] = replacement, etag: str = item["_etag"]) -> Any:
+                return self.container.replace_item(
+                    self.run_id, body, etag=etag, match_condition=MatchConditions.IfNotModified)
+
+            try:
+                replaced = await with_throttling_retries(replace,
+                                                         what=f"replacing run {self.run_id}")
+            except CosmosHttpResponseError as exc:
+                if status_code(exc) == 412:
+                    continue  # someone wrote in between: read again
+                if status_code(exc) == 413:
+                    raise self._too_large(operations) from None
+                raise
+            return dict(replaced)
+        raise FlowcraftError(f"run {self.run_id}: too much write contention on its context item",
+                             run_id=self.run_id)
+
+    def _too_large(self, operations: Sequence[PatchOperation]) -> ContextTooLargeError:
+        import json
+
+        size = sum(len(json.dumps(op.value, default=str)) for op in operations)
+        return ContextTooLargeError(self.run_id, max(size, ITEM_LIMIT_BYTES + 1),
+                                    ITEM_LIMIT_BYTES, "Cosmos DB")
+
+    @staticmethod
+    def _lease_predicate(node_id: str, owner: str) -> str:
+        return f"FROM c WHERE {prop(lock_key(node_id))}.owner = {literal(owner)}"
+
+    # -- distributed operations ------------------------------------------------------------
+
+    async def load(self) -> dict[str, Any] | None:
+        return self._data(await self._read())
+
+    async def create(self, initial: Mapping[str, Any]) -> None:
+        from azure.cosmos.exceptions import CosmosHttpResponseError
+
+        item = {k: v for k, v in initial.items() if k not in RESERVED}
+        try:
+            await with_throttling_retries(
+                lambda: self.container.create_item({**item, "id": self.run_id,
+                                                    "runId": self.run_id}),
+                what=f"creating run {self.run_id}")
+        except CosmosHttpResponseError as exc:
+            if status_code(exc) == 409:
+                raise FlowcraftError(f"a run with id '{self.run_id}' already exists",
+                                     run_id=self.run_id) from None
+            if status_code(exc) == 413:
+                raise self._too_large([PatchOperation("set", k, v)
+                                       for k, v in item.items()]) from None
+            raise
+
+    async def claim(self, node_id: str, iteration: int, owner: str,
+                    lease_seconds: float) -> Claim:
+        now = time.time()
+        record, lease = prop(RECORD_PREFIX + node_id), prop(lock_key(node_id))
+        predicate = (
+            f"FROM c WHERE (NOT IS_DEFINED({record}) OR {record}.n <= {iteration}) AND "
+            f"(NOT IS_DEFINED({lease}) OR {lease}.owner = {literal(owner)} OR "
+            f"{lease}.expires < {now})"
+        )
+
+        def claimable(data: Mapping[str, Any]) -> bool:
+            return claim_status(data, node_id, iteration, owner, now) is ClaimStatus.CLAIMED
+
+        item = await self._patch(
+            [PatchOperation("set", lock_key(node_id),
+                            lease_value(owner, iteration, lease_seconds, now))],
+            predicate=predicate, check=claimable,
+        )
+        if item is not None:
+            return Claim(ClaimStatus.CLAIMED, self._data(item), owner)
+        current = await self.load()
+        status = claim_status(current, node_id, iteration, owner, time.time())
+        if status is ClaimStatus.CLAIMED:  # the lease expired in between
+            return await self.claim(node_id, iteration, owner, lease_seconds)
+        held = (current or {}).get(lock_key(node_id)) or {}
+        return Claim(status, current, held.get("owner"), held.get("expires"))
+
+    async def commit(self, node_id: str, iteration: int, owner: str,
+                     operations: Sequence[PatchOperation],
+                     claims: Iterable[tuple[str, int]] = (),
+                     lease_seconds: float = 60.0) -> dict[str, Any] | None:
+        full = commit_operations(node_id, operations, claims, owner, lease_seconds, time.time())
+        item = await self._patch(full, predicate=self._lease_predicate(node_id, owner),
+                                 check=lambda data: owns_lease(data, node_id, owner))
+        return self._data(item)
+
+    async def renew(self, node_id: str, owner: str, lease_seconds: float) -> bool:
+        from azure.cosmos.exceptions import CosmosHttpResponseError
+
+        try:
+            await self.container.patch_item(
+                self.run_id, partition_key=self.run_id,
+                patch_operations=[{"op": "set", "path": pointer(lock_key(node_id)) + "/expires",
+                                   "value": round(time.time() + lease_seconds, 3)}],
+                filter_predicate=self._lease_predicate(node_id, owner),
+            )
+        except CosmosHttpResponseError as exc:
+            if status_code(exc) in (404, 412):
+                return False
+            raise
+        return True
+
+    async def release(self, node_id: str, owner: str) -> None:
+        await self._patch([PatchOperation("delete", lock_key(node_id))],
+                          predicate=self._lease_predicate(node_id, owner),
+                          check=lambda data: owns_lease(data, node_id, owner))
+
+    async def apply(self, operations: Sequence[PatchOperation]) -> dict[str, Any] | None:
+        return self._data(await self._patch(operations))
+
+    # -- AsyncContext ----------------------------------------------------------------------
+
+    async def get(self, key: str, default: Any = None) -> Any:
+        return (await self.load() or {}).get(key, default)
+
+    async def set(self, key: str, value: Any) -> None:
+        await self.apply([PatchOperation("set", key, value)])
+
+    async def has(self, key: str) -> bool:
+        return key in (await self.load() or {})
+
+    async def delete(self, key: str) -> bool:
+        existed = await self.has(key)
+        if existed:
+            await self.apply([PatchOperation("delete", key)])
+        return existed
+
+    async def to_dict(self) -> dict[str, Any]:
+        return await self.load() or {}
+
+    async def patch(self, operations: Sequence[PatchOperation]) -> None:
+        await self.apply(operations)
