@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, fields
 from typing import Any
@@ -51,9 +52,14 @@ class AwsSettings:
         return settings
 
 
+CallCounter = Counter
+"""Service requests by ``service.Operation``, counted as they are sent (retries included)."""
+
+
 @contextlib.asynccontextmanager
-async def aws_clients(settings: AwsSettings) -> AsyncIterator[tuple[Any, Any]]:
-    """``(sqs, dynamodb)`` aiobotocore clients for the settings."""
+async def aws_clients(settings: AwsSettings,
+                      calls: Counter[str] | None = None) -> AsyncIterator[tuple[Any, Any]]:
+    """``(sqs, dynamodb)`` aiobotocore clients for the settings; ``calls`` counts requests."""
     try:
         from aiobotocore.session import get_session
     except ImportError:
@@ -66,7 +72,18 @@ async def aws_clients(settings: AwsSettings) -> AsyncIterator[tuple[Any, Any]]:
     async with session.create_client("sqs", **options) as sqs, session.create_client(
         "dynamodb", **options
     ) as dynamodb:
+        if calls is not None:
+            for client, service in ((sqs, "sqs"), (dynamodb, "dynamodb")):
+                client.meta.events.register(f"before-send.{service}", _aws_counter(calls))
         yield sqs, dynamodb
+
+
+def _aws_counter(calls: Counter[str]) -> Any:
+    def count(event_name: str, **_: Any) -> None:
+        # event_name is "before-send.<service>.<Operation>"
+        calls[event_name.split(".", 1)[1]] += 1
+
+    return count
 
 
 async def resolve_queue_url(sqs: Any, settings: AwsSettings) -> str:
@@ -83,11 +100,12 @@ async def resolve_queue_url(sqs: Any, settings: AwsSettings) -> str:
 
 @contextlib.asynccontextmanager
 async def aws_adapter(settings: AwsSettings, runtime_options: Any,
+                      calls: Counter[str] | None = None,
                       **adapter_options: Any) -> AsyncIterator[Any]:
     """A ready :class:`~flowcraft.adapters.aws.SqsAdapter` for the settings."""
     from .adapters.aws import DynamoDbCoordinationStore, SqsAdapter
 
-    async with aws_clients(settings) as (sqs, dynamodb):
+    async with aws_clients(settings, calls) as (sqs, dynamodb):
         adapter = SqsAdapter(
             runtime_options,
             DynamoDbCoordinationStore(client=dynamodb, table_name=settings.coordination_table),
@@ -159,8 +177,10 @@ def _connection_value(connection_string: str, key: str) -> str | None:
 
 
 @contextlib.asynccontextmanager
-async def azure_clients(settings: AzureSettings) -> AsyncIterator[tuple[Any, Any, Any, Any]]:
-    """``(queue_client, queue_service, cosmos_client, redis)`` for the settings."""
+async def azure_clients(settings: AzureSettings, calls: Counter[str] | None = None,
+                        ) -> AsyncIterator[tuple[Any, Any, Any, Any]]:
+    """``(queue_client, queue_service, cosmos_client, redis)`` for the settings; ``calls``
+    counts HTTP requests (queue, Cosmos) and Redis round trips."""
     settings.require()
     try:
         import redis.asyncio as redis_asyncio
@@ -176,11 +196,14 @@ async def azure_clients(settings: AzureSettings) -> AsyncIterator[tuple[Any, Any
         import warnings
 
         warnings.filterwarnings("ignore", message="Unverified HTTPS request")
-    service = QueueServiceClient.from_connection_string(settings.storage_connection_string)
+    service = QueueServiceClient.from_connection_string(settings.storage_connection_string,
+                                                        **_azure_counter(calls, "queue"))
     queue = QueueClient.from_connection_string(settings.storage_connection_string,
-                                               settings.queue_name)
+                                               settings.queue_name,
+                                               **_azure_counter(calls, "queue"))
     cosmos = CosmosClient.from_connection_string(settings.cosmos_connection_string,
-                                                 connection_verify=verify)
+                                                 connection_verify=verify,
+                                                 **_azure_counter(calls, "cosmos"))
     redis = redis_asyncio.from_url(settings.redis_url)
     try:
         async with service, queue, cosmos:
@@ -191,17 +214,29 @@ async def azure_clients(settings: AzureSettings) -> AsyncIterator[tuple[Any, Any
 
 @contextlib.asynccontextmanager
 async def azure_adapter(settings: AzureSettings, runtime_options: Any,
+                        calls: Counter[str] | None = None,
                         **adapter_options: Any) -> AsyncIterator[Any]:
     from .adapters.azure import AzureQueueAdapter, RedisCoordinationStore
 
-    async with azure_clients(settings) as (queue, _service, cosmos, redis):
+    async with azure_clients(settings, calls) as (queue, _service, cosmos, redis):
         yield AzureQueueAdapter(
-            runtime_options, RedisCoordinationStore(redis), queue, cosmos,
+            runtime_options, RedisCoordinationStore(redis, calls=calls), queue, cosmos,
             cosmos_database_name=settings.database,
             context_container_name=settings.context_container,
             status_container_name=settings.status_container,
             **adapter_options,
         )
+
+
+def _azure_counter(calls: Counter[str] | None, service: str) -> dict[str, Any]:
+    """Client options that count every HTTP request (each retry too) as ``service.METHOD``."""
+    if calls is None:
+        return {}
+
+    def count(request: Any) -> None:
+        calls[f"{service}.{request.http_request.method}"] += 1
+
+    return {"raw_request_hook": count}
 
 
 async def provision_azure(settings: AzureSettings) -> dict[str, Any]:

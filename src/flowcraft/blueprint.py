@@ -230,6 +230,12 @@ def check_registry(blueprint: WorkflowBlueprint, known_uses: Mapping[str, Any]) 
                     f"node '{node.id}': fallback '{fallback}' is neither a registered uses key "
                     "nor a node with a registered implementation"
                 )
+        worker = (node.params or {}).get("workerUsesKey") if node.uses == "batch-scatter" else None
+        if worker is not None and worker not in known_uses:
+            # Batch workers are added while running; their uses is known now.
+            problems.append(
+                f"node '{node.id}': no implementation registered for workerUsesKey '{worker}'"
+            )
     if problems:
         raise BlueprintValidationError(blueprint.id, problems)
 

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import sys
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -221,13 +222,18 @@ def cmd_provision(args: argparse.Namespace) -> int:
     return 0
 
 
+WORKER_CALLS_PREFIX = "flowcraft worker: service calls "
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     import signal
 
     options = _runtime_options(args)
 
+    calls: Counter[str] = Counter()
+
     async def work() -> None:
-        async with _adapter(args, options, concurrency=args.concurrency,
+        async with _adapter(args, options, calls=calls, concurrency=args.concurrency,
                             lease_seconds=args.lease_seconds) as adapter:
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
@@ -240,6 +246,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             await stop.wait()
             print("flowcraft worker: stopping (finishing running jobs)", flush=True)
             await adapter.stop()
+            print(f"{WORKER_CALLS_PREFIX}{json.dumps(dict(calls), sort_keys=True)}", flush=True)
 
     asyncio.run(work())
     return 0

@@ -19,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,9 +40,7 @@ def run_demo(backend: str = "aws-local", orders: int = 6, workers: int = 3) -> i
     if backend == "aws-local":
         return _aws_demo(orders, workers)
     if backend == "azure-local":
-        from .demo_azure import azure_demo
-
-        return azure_demo(orders, workers)
+        return _azure_demo(orders, workers)
     raise ValueError(f"unknown demo backend {backend!r}")
 
 
@@ -75,73 +72,88 @@ async def _memory_demo(order_count: int) -> int:
     return _summary([r.status for r in results], sum(finished.values()), elapsed)
 
 
-# -- AWS on a local moto server ------------------------------------------------------------------
+# -- distributed, on local services --------------------------------------------------------------
 
 
 def _aws_demo(order_count: int, worker_count: int) -> int:
+    from .backends import AwsSettings, aws_adapter, aws_clients
     from .local_services import moto_server
 
-    with tempfile.TemporaryDirectory(prefix="flowcraft-demo-") as scratch:
-        os.environ["MOTO_RECORDER_FILEPATH"] = str(Path(scratch) / "requests.jsonl")
-        print("flowcraft demo: starting a local AWS (moto: SQS + DynamoDB) ...", flush=True)
-        with moto_server() as endpoint:
-            env = {**os.environ, **endpoint.environment()}
-            os.environ.update(endpoint.environment())
-            return asyncio.run(_aws_demo_async(endpoint.url, env, order_count, worker_count,
-                                               Path(scratch)))
+    print("flowcraft demo: starting a local AWS (moto: SQS + DynamoDB) in this process ...",
+          flush=True)
+    with moto_server() as endpoint, tempfile.TemporaryDirectory(prefix="flowcraft-") as scratch:
+        os.environ.update(endpoint.environment())
+        settings = AwsSettings.resolve(endpoint_url=endpoint.url)
+
+        async def provision() -> list[str]:
+            from .adapters.aws import provision_aws
+
+            async with aws_clients(settings) as (sqs, dynamodb):
+                return list((await provision_aws(sqs, dynamodb))["created"])
+
+        return _distributed_demo("aws", settings, aws_adapter, provision, dict(os.environ),
+                                 order_count, worker_count, Path(scratch))
 
 
-async def _aws_demo_async(endpoint_url: str, env: dict[str, str], order_count: int,
-                          worker_count: int, scratch: Path) -> int:
-    from .adapters.aws import provision_aws
-    from .backends import AwsSettings, aws_adapter, aws_clients
+def _azure_demo(order_count: int, worker_count: int) -> int:
+    from .backends import AzureSettings, azure_adapter, provision_azure
+    from .local_services import azure_services
+
+    print("flowcraft demo: starting local Azure services (Azurite queues, a Cosmos DB server, "
+          "Redis) ...", flush=True)
+    with tempfile.TemporaryDirectory(prefix="flowcraft-") as scratch, azure_services(
+        Path(scratch)
+    ) as services:
+        os.environ.update(services.endpoints.environment())
+        settings = AzureSettings.resolve()
+
+        async def provision() -> list[str]:
+            return list((await provision_azure(settings))["created"])
+
+        return _distributed_demo("azure", settings, azure_adapter, provision, dict(os.environ),
+                                 order_count, worker_count, Path(scratch))
+
+
+def _distributed_demo(backend: str, settings: Any, adapter_factory: Any, provision: Any,
+                      env: dict[str, str], order_count: int, worker_count: int,
+                      scratch: Path) -> int:
     from .runtime import FlowRuntime
 
-    settings = AwsSettings.resolve(endpoint_url=endpoint_url)
-    async with aws_clients(settings) as (sqs, dynamodb):
-        provisioned = await provision_aws(sqs, dynamodb)
-    print(f"  provisioned: {', '.join(provisioned['created'])}")
-    command = [sys.executable, "-m", "flowcraft", "worker", "aws", "--registry", REGISTRY_SPEC,
-               "--blueprints", str(EXAMPLES_DIR), "--concurrency", "8"]
+    print(f"  provisioned: {', '.join(asyncio.run(provision())) or 'already there'}",
+          flush=True)
+    command = [sys.executable, "-m", "flowcraft", "worker", backend, "--registry",
+               REGISTRY_SPEC, "--blueprints", str(EXAMPLES_DIR), "--concurrency", "8"]
     processes = _start_workers(command, env, worker_count, scratch)
+    blueprint = load_blueprint(DEMO_BLUEPRINT)
+    options = FlowRuntime(blueprints={blueprint.id: blueprint}).options
+
+    async def drive() -> tuple[list[str], int, float]:
+        async with adapter_factory(settings, options) as client:
+            return await _drive(client, blueprint, order_count)
+
     try:
-        blueprint = load_blueprint(DEMO_BLUEPRINT)
-        options = FlowRuntime(blueprints={blueprint.id: blueprint}).options
-        async with aws_adapter(settings, options) as client:
-            _recorder(endpoint_url, "reset-recording")
-            _recorder(endpoint_url, "start-recording")
-            return await _drive(client, blueprint, order_count,
-                                lambda: _aws_call_report(endpoint_url, settings))
+        statuses, executed, elapsed = asyncio.run(drive())
     finally:
         _stop_workers(processes)
+    code = _summary(statuses, executed, elapsed)
+    calls = _worker_calls(scratch, worker_count)
+    total = sum(calls.values())
+    if total and executed:
+        detail = ", ".join(f"{name} {count}" for name, count in calls.most_common())
+        print(f"service requests made by the {worker_count} workers: {total} for {executed} "
+              f"node executions = {total / executed:.2f} per node (idle polling included)\n"
+              f"  ({detail})")
+    return code
 
 
-def _recorder(endpoint_url: str, action: str) -> bytes:
-    method = "GET" if action == "download-recording" else "POST"
-    request = urllib.request.Request(f"{endpoint_url}/moto-api/recorder/{action}", method=method)
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return bytes(response.read())
+def _worker_calls(scratch: Path, worker_count: int) -> Counter[str]:
+    from .cli import WORKER_CALLS_PREFIX
 
-
-def _aws_call_report(endpoint_url: str, settings: Any) -> Counter[str]:
-    """Requests the workers made, by operation (the demo's own polling excluded)."""
-    import base64
-
-    _recorder(endpoint_url, "stop-recording")
     calls: Counter[str] = Counter()
-    for line in _recorder(endpoint_url, "download-recording").decode().splitlines():
-        entry = json.loads(line)
-        target = entry.get("headers", {}).get("X-Amz-Target", "")
-        if not target:
-            continue
-        body = entry.get("body") or ""
-        try:
-            text = base64.b64decode(body).decode() if body else ""
-        except ValueError:
-            text = str(body)
-        if settings.status_table in text and target.endswith((".GetItem", ".Scan")):
-            continue  # the demo watching the status table
-        calls[target.split(".", 1)[1]] += 1
+    for index in range(worker_count):
+        for line in (scratch / f"worker-{index}.log").read_text(errors="replace").splitlines():
+            if line.startswith(WORKER_CALLS_PREFIX):
+                calls.update(json.loads(line[len(WORKER_CALLS_PREFIX):]))
     return calls
 
 
@@ -171,7 +183,7 @@ def _stop_workers(processes: list[subprocess.Popen[bytes]]) -> None:
             process.kill()
 
 
-async def _drive(client: Any, blueprint: Any, order_count: int, call_report: Any) -> int:
+async def _drive(client: Any, blueprint: Any, order_count: int) -> tuple[list[str], int, float]:
     orders = sample_orders(order_count)
     started = time.perf_counter()
     run_ids = {}
@@ -194,7 +206,6 @@ async def _drive(client: Any, blueprint: Any, order_count: int, call_report: Any
                       flush=True)
         await asyncio.sleep(0.5)  # polling costs the local server CPU the workers need
     elapsed = time.perf_counter() - started
-    calls = call_report()
     print("\nresults:")
     executed = 0
     statuses = []
@@ -209,13 +220,7 @@ async def _drive(client: Any, blueprint: Any, order_count: int, call_report: Any
         _print_run(run_id, result.status, result.context, nodes,
                    [e.message for e in result.errors])
         statuses.append(result.status)
-    code = _summary(statuses, executed, elapsed)
-    total = sum(calls.values())
-    if total and executed:
-        detail = ", ".join(f"{name} {count}" for name, count in calls.most_common())
-        print(f"service calls by the workers: {total} for {executed} node executions "
-              f"= {total / executed:.2f} per node\n  ({detail})")
-    return code
+    return statuses, executed, elapsed
 
 
 def _print_run(run_id: str, status: str, context: dict[str, Any], nodes: int,

@@ -17,13 +17,15 @@ point. Each step says why repeating it is safe.
    blueprint, is removed (or dead-lettered), logged with its message id, and
    the run — where one is named — marked ``failed`` with the reason. A
    message received more often than ``max_receive_count`` is treated the
-   same way: it cannot loop forever.
+   same way: it cannot loop forever. Only crashed attempts count: a job
+   that must wait (its node is leased elsewhere, or its run needs another
+   blueprint version) goes back to the queue as a fresh message.
 
 2. **Claim** (one conditional write that returns the context). The worker
    takes a lease on the node in the run's context item, unless the node has
    already completed this iteration (``DONE``: a redelivery — go to step 6
    to re-announce its successors, then acknowledge) or another worker holds a
-   live lease (``LOCKED``: put the message back with a delay). The lease is
+   live lease (``LOCKED``: send the job again with a delay). The lease is
    renewed while the node runs, together with the message's visibility, so
    a long node is never picked up twice; a crashed worker's lease expires.
    A stored ``blueprintVersion`` that differs from this worker's blueprint
@@ -137,7 +139,7 @@ logger = logging.getLogger("flowcraft.distributed")
 
 FINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
 RESTING_STATUSES = FINAL_STATUSES | {"awaiting"}
-JobOutcome = Literal["processed", "duplicate", "deferred", "dropped"]
+JobOutcome = Literal["processed", "duplicate", "deferred", "dropped", "requeued"]
 
 
 @dataclass(slots=True)
@@ -156,6 +158,8 @@ class _Step:
 
     job: JobPayload
     data: dict[str, Any]
+    owner: str
+    """The lease owner of this execution (and of its local continuations)."""
     not_before: float | None = None
 
 
@@ -379,7 +383,7 @@ class BaseDistributedAdapter(abc.ABC):
                     await self._delete([message])
 
     async def _keep_invisible(self, message: QueueMessage) -> None:
-        interval = max(1.0, self.lease_seconds / 3)
+        interval = self._renew_interval()
         while True:
             await asyncio.sleep(interval)
             try:
@@ -395,6 +399,8 @@ class BaseDistributedAdapter(abc.ABC):
             logger.error("message %s removed: %s", message.message_id, exc.message)
             await self._dead_letter(message, exc.message)
             await self._emit("job:failed", messageId=message.message_id, error=exc.message)
+            if exc.run_id:
+                await self._fail_run(exc.run_id, f"invalid job message: {exc.message}")
             return "dropped", 0.0
         if message.receive_count > self.max_receive_count:
             reason = (f"job for node '{job.node_id}' was received {message.receive_count} times "
@@ -404,7 +410,14 @@ class BaseDistributedAdapter(abc.ABC):
             await self._dead_letter(message, reason)
             await self._fail_run(job.run_id, reason, node_id=job.node_id)
             return "dropped", 0.0
-        return await self._handle(job, message_id=message.message_id)
+        outcome, delay = await self._handle(job, message_id=message.message_id, message=message)
+        if outcome == "deferred":
+            # Waiting is not failing: the job goes back as a fresh message, so its receive
+            # count (what makes a message poison, here and in a queue's redrive policy)
+            # only counts attempts that crashed.
+            await self._send_jobs([job], min(delay, self.max_delay_seconds))
+            return "requeued", 0.0
+        return outcome, delay
 
     # ==========================================================================================
     # The job algorithm
@@ -416,22 +429,28 @@ class BaseDistributedAdapter(abc.ABC):
         outcome, _ = await self._handle(payload, message_id=None)
         return outcome
 
-    async def _handle(self, job: JobPayload, *, message_id: str | None) -> tuple[JobOutcome, float]:
+    async def _handle(self, job: JobPayload, *, message_id: str | None,
+                      message: QueueMessage | None = None) -> tuple[JobOutcome, float]:
         try:
             blueprint = self.engine.blueprint(job.blueprint_id)
             base_graph = self.engine.graph(blueprint)
         except (UnknownBlueprintError, FlowcraftError) as exc:
             logger.error("run %s node %s: message %s removed: %s", job.run_id, job.node_id,
                          message_id, exc.message)
+            if message is not None:
+                await self._dead_letter(message, exc.message)
             await self._fail_run(job.run_id, exc.message, node_id=job.node_id)
             return "dropped", 0.0
         context = self.create_context(job.run_id)
         await self._checkpoint("before_claim", job)
-        claim = await context.claim(job.node_id, job.iteration, self.worker_id, self.lease_seconds)
+        owner = self._lease_owner()
+        claim = await context.claim(job.node_id, job.iteration, owner, self.lease_seconds)
         if claim.status is ClaimStatus.MISSING:
             reason = f"no context is stored for run '{job.run_id}'; was it started?"
             logger.error("run %s node %s: message %s removed: %s", job.run_id, job.node_id,
                          message_id, reason)
+            if message is not None:
+                await self._dead_letter(message, reason)
             await self._fail_run(job.run_id, reason, node_id=job.node_id)
             return "dropped", 0.0
         assert claim.data is not None
@@ -449,7 +468,7 @@ class BaseDistributedAdapter(abc.ABC):
         data = claim.data
         run_state = data.get(RUN_STATE_KEY)
         if isinstance(run_state, Mapping) and run_state.get("status") in FINAL_STATUSES:
-            await context.release(job.node_id, self.worker_id)
+            await context.release(job.node_id, owner)
             logger.info("run %s node %s: run is %s; job dropped", job.run_id, job.node_id,
                         run_state.get("status"))
             return "dropped", 0.0
@@ -457,26 +476,26 @@ class BaseDistributedAdapter(abc.ABC):
         if stored_version is not None and blueprint.version is not None and str(
             stored_version
         ) != str(blueprint.version):
-            await context.release(job.node_id, self.worker_id)
+            await context.release(job.node_id, owner)
             logger.error(
                 "run %s node %s: run was started with version %s of blueprint '%s' but this "
                 "worker has version %s; leaving the job for a matching worker",
                 job.run_id, job.node_id, stored_version, blueprint.id, blueprint.version,
             )
             return "deferred", min(60.0, self.max_delay_seconds)
-        step: _Step | None = _Step(job, data)
+        step: _Step | None = _Step(job, data, owner)
         while step is not None:
             step = await self._execute_claimed(context, base_graph, blueprint, step)
         return "processed", 0.0
 
     async def _execute_claimed(self, context: DistributedContext, base_graph: Graph,
                                blueprint: WorkflowBlueprint, step: _Step) -> _Step | None:
-        job, data = step.job, step.data
+        job, data, owner = step.job, step.data, step.owner
         graph = graph_for(base_graph, data)
         node = graph.nodes.get(job.node_id)
         if node is None:
             reason = f"node '{job.node_id}' is not in blueprint '{blueprint.id}'"
-            await context.release(job.node_id, self.worker_id)
+            await context.release(job.node_id, owner)
             await self._fail_run(job.run_id, reason, node_id=job.node_id)
             return None
         first_arrival = None
@@ -489,7 +508,8 @@ class BaseDistributedAdapter(abc.ABC):
             tracked.set_now(INPUTS_PREFIX + node.id, resolved.value)
         services = _WorkerServices(self)
         await self._emit("node:start", runId=job.run_id, nodeId=node.id, input=resolved.value)
-        renewer = asyncio.get_running_loop().create_task(self._renew_lease(context, node.id))
+        renewer = asyncio.get_running_loop().create_task(
+            self._renew_lease(context, node.id, owner))
         try:
             await self._checkpoint("before_run", job)
             outcome = await self.engine.run_node(
@@ -499,26 +519,27 @@ class BaseDistributedAdapter(abc.ABC):
         except BaseException:
             renewer.cancel()
             with contextlib.suppress(Exception):
-                await asyncio.shield(context.release(node.id, self.worker_id))
+                await asyncio.shield(context.release(node.id, owner))
             raise
         renewer.cancel()
         await self._checkpoint("after_run", job)
         await self._touch_status(job.run_id)
         operations = list(tracked.deltas)
         if outcome.awaiting is not None:
-            return await self._park(context, job, operations, outcome.awaiting)
+            return await self._park(context, job, owner, operations, outcome.awaiting)
         if outcome.error is not None:
-            await self._fail_node(context, graph, job, operations, outcome.error.message,
+            await self._fail_node(context, graph, job, owner, operations, outcome.error.message,
                                   outcome.error.to_dict())
             return None
         assert outcome.result is not None
-        return await self._commit_success(context, graph, blueprint, job, tracked, operations,
-                                          outcome.result, services.wake_up_at)
+        return await self._commit_success(context, graph, blueprint, job, owner, tracked,
+                                          operations, outcome.result, services.wake_up_at)
 
     async def _commit_success(
         self, context: DistributedContext, graph: Graph, blueprint: WorkflowBlueprint,
-        job: JobPayload, tracked: TrackedContext, operations: list[PatchOperation],
-        result: NodeResult, wake_up_at: float | None, *, continue_locally: bool = True,
+        job: JobPayload, owner: str, tracked: TrackedContext,
+        operations: list[PatchOperation], result: NodeResult, wake_up_at: float | None, *,
+        continue_locally: bool = True,
     ) -> _Step | None:
         node_id = job.node_id
         working = tracked.data
@@ -546,7 +567,7 @@ class BaseDistributedAdapter(abc.ABC):
             continuation = self._continuation(graph, node_id, working)
         claims = [continuation] if continuation else []
         await self._checkpoint("before_commit", job)
-        committed = await context.commit(node_id, job.iteration, self.worker_id, operations,
+        committed = await context.commit(node_id, job.iteration, owner, operations,
                                          claims, self.lease_seconds)
         if committed is None:
             logger.warning("run %s node %s: lease lost before commit (the node ran elsewhere);"
@@ -562,7 +583,7 @@ class BaseDistributedAdapter(abc.ABC):
         if continuation is not None:
             ready = [r for r in ready if (r[0], r[1]) != continuation]
             next_step = _Step(JobPayload(job.run_id, job.blueprint_id, continuation[0],
-                                         continuation[1]), advance.data)
+                                         continuation[1]), advance.data, owner)
         await self._enqueue_ready(job.run_id, blueprint.id, ready)
         await self._checkpoint("after_enqueue", job)
         await self._emit("job:processed", runId=job.run_id, nodeId=node_id)
@@ -726,7 +747,7 @@ class BaseDistributedAdapter(abc.ABC):
             logger.info("run %s completed", run_id)
             await self._emit("workflow:finish", runId=run_id, status="completed")
 
-    async def _park(self, context: DistributedContext, job: JobPayload,
+    async def _park(self, context: DistributedContext, job: JobPayload, owner: str,
                     operations: list[PatchOperation], details: dict[str, Any]) -> None:
         # The awaiting node keeps no record: resume_with_action completes it.
         snapshot = await context.load() or {}
@@ -737,7 +758,7 @@ class BaseDistributedAdapter(abc.ABC):
         all_details[job.node_id] = {**details, "iteration": job.iteration}
         operations += [PatchOperation("set", AWAITING_IDS_KEY, ids),
                        PatchOperation("set", AWAITING_DETAILS_KEY, all_details)]
-        committed = await context.commit(job.node_id, job.iteration, self.worker_id, operations)
+        committed = await context.commit(job.node_id, job.iteration, owner, operations)
         if committed is None:
             return None
         await self._write_status(job.run_id, {"status": "awaiting", "lastUpdated": now_iso(),
@@ -747,7 +768,7 @@ class BaseDistributedAdapter(abc.ABC):
         return None
 
     async def _fail_node(self, context: DistributedContext, graph: Graph, job: JobPayload,
-                         operations: list[PatchOperation], message: str,
+                         owner: str, operations: list[PatchOperation], message: str,
                          error: dict[str, Any]) -> None:
         reason = f"node '{job.node_id}' failed: {message}"
         operations += [
@@ -755,7 +776,7 @@ class BaseDistributedAdapter(abc.ABC):
             PatchOperation("set", RUN_STATE_KEY, {"status": "failed", "reason": reason,
                                                   "error": error}),
         ]
-        committed = await context.commit(job.node_id, job.iteration, self.worker_id, operations)
+        committed = await context.commit(job.node_id, job.iteration, owner, operations)
         if committed is None:
             return
         logger.error("run %s node %s failed: %s", job.run_id, job.node_id, message)
@@ -782,12 +803,12 @@ class BaseDistributedAdapter(abc.ABC):
             await self._emit("workflow:finish", runId=run_id, status="failed", error=reason)
             await self._emit("job:failed", runId=run_id, nodeId=node_id, error=reason)
 
-    async def _renew_lease(self, context: DistributedContext, node_id: str) -> None:
-        interval = max(1.0, self.lease_seconds / 3)
+    async def _renew_lease(self, context: DistributedContext, node_id: str, owner: str) -> None:
+        interval = self._renew_interval()
         while True:
             await asyncio.sleep(interval)
             try:
-                if not await context.renew(node_id, self.worker_id, self.lease_seconds):
+                if not await context.renew(node_id, owner, self.lease_seconds):
                     logger.warning("run %s node %s: lease was taken over", context.run_id,
                                    node_id)
                     return
@@ -805,6 +826,16 @@ class BaseDistributedAdapter(abc.ABC):
         self._status_touched[run_id] = now
         with contextlib.suppress(Exception):
             await self._write_status(run_id, {"lastUpdated": now_iso()}, only_if_running=True)
+
+    def _renew_interval(self) -> float:
+        """How often leases and message visibility are extended: three times per lease, so
+        one late renewal never lets a running node's lease or message lapse."""
+        return max(0.05, self.lease_seconds / 3)
+
+    def _lease_owner(self) -> str:
+        """A lease owner for one job execution: the worker id plus a token, so two
+        deliveries of one job on the same worker never both hold the node's lease."""
+        return f"{self.worker_id}/{uuid.uuid4().hex[:8]}"
 
     async def _checkpoint(self, step: str, job: JobPayload) -> None:
         """A named point of the job algorithm; tests override it to inject crashes."""
@@ -937,7 +968,8 @@ class BaseDistributedAdapter(abc.ABC):
         graph = graph_for(self.engine.graph(blueprint), data)
         iteration = int((data.get(AWAITING_DETAILS_KEY) or {}).get(target, {}).get(
             "iteration", resolution_count(data, target)))
-        claim = await context.claim(target, iteration, self.worker_id, self.lease_seconds)
+        owner = self._lease_owner()
+        claim = await context.claim(target, iteration, owner, self.lease_seconds)
         if claim.status is not ClaimStatus.CLAIMED or claim.data is None:
             raise FlowcraftError(f"cannot resume node '{target}' of run '{run_id}': "
                                  f"{claim.status.value}", run_id=run_id, node_id=target)
@@ -956,7 +988,7 @@ class BaseDistributedAdapter(abc.ABC):
                                  only_if_running=False)
         job = JobPayload(run_id, blueprint.id, target, iteration)
         step = await self._commit_success(
-            context, graph, blueprint, job, tracked, list(tracked.deltas),
+            context, graph, blueprint, job, owner, tracked, list(tracked.deltas),
             NodeResult(output=output, action=action), None, continue_locally=False,
         )
         assert step is None

@@ -66,15 +66,18 @@ def parse_job(body: str | bytes | dict[str, Any]) -> JobPayload:
         data = _decode_text(body)
     if not isinstance(data, dict):
         raise InvalidJobError(f"job must be a JSON object, got {type(data).__name__}")
+    # Where the message names a run, the error does too: that run is failed with the reason.
+    run_id = data.get("runId") if isinstance(data.get("runId"), str) else None
     missing = [k for k in ("runId", "blueprintId", "nodeId") if not data.get(k)]
     if missing:
-        raise InvalidJobError(f"job is missing {', '.join(missing)}")
+        raise InvalidJobError(f"job is missing {', '.join(missing)}", run_id=run_id or None)
     for key in ("runId", "blueprintId", "nodeId"):
         if not isinstance(data[key], str):
-            raise InvalidJobError(f"job field {key} must be a string")
+            raise InvalidJobError(f"job field {key} must be a string", run_id=run_id)
     iteration = data.get("iteration", 0)
     if not isinstance(iteration, int) or isinstance(iteration, bool) or iteration < 0:
-        raise InvalidJobError("job field iteration must be a non-negative integer")
+        raise InvalidJobError("job field iteration must be a non-negative integer",
+                              run_id=run_id)
     attempt = data.get("attempt")
     return JobPayload(
         run_id=data["runId"],
@@ -89,7 +92,7 @@ def parse_job(body: str | bytes | dict[str, Any]) -> JobPayload:
 
 def _decode_text(text: str) -> Any:
     stripped = text.strip()
-    if stripped.startswith("{"):
+    if stripped.startswith(("{", "[", '"')):
         try:
             return json.loads(stripped)
         except json.JSONDecodeError as exc:

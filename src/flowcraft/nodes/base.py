@@ -15,6 +15,7 @@ Any return value ``v`` that is not a :class:`NodeResult` means ``NodeResult(outp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -108,7 +109,8 @@ class CancellationSignal:
         woken = asyncio.Event()
 
         def wake() -> None:
-            loop.call_soon_threadsafe(woken.set)
+            with contextlib.suppress(RuntimeError):  # the loop may be closed by now
+                loop.call_soon_threadsafe(woken.set)
 
         self.add_callback(wake)
         try:

@@ -8,6 +8,7 @@ context) into a :class:`NodeOutcome`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import logging
 import random
@@ -61,6 +62,8 @@ async def call_implementation(implementation: Any, node: NodeDefinition, ctx: No
         prepared = await instance.prep(ctx)
         executed = await instance.exec(prepared, ctx)
         return await instance.post(executed, ctx)
+    if params is not None:  # a fallback named by node id runs with that node's params
+        ctx = dataclasses.replace(ctx, params=params)
     outcome = _call_function(implementation, ctx)
     return await outcome if inspect.isawaitable(outcome) else outcome
 
@@ -144,6 +147,8 @@ async def execute_node(
                     if delay:
                         await asyncio.sleep(delay)
     assert last_error is not None
+    if ctx.signal.is_set():  # the last attempt timed out; the fallback is a fresh start
+        ctx = make_context(attempt)
     # Fallbacks: the class's own fallback() first, then config.fallback.
     if instance is not None and type(instance).has_fallback():
         try:

@@ -29,6 +29,7 @@ class Graph:
         "incoming",
         "nodes",
         "outgoing",
+        "repeatable",
         "start_node_ids",
         "strongly_connected",
         "terminal_node_ids",
@@ -54,14 +55,10 @@ class Graph:
             _strongly_connected_components(self.outgoing) if cycles else {}
         )
         self.forward_predecessors: dict[str, tuple[str, ...]] = {
-            node_id: tuple(
-                dict.fromkeys(
-                    edge.source for edge in edges if (edge.source, node_id) not in self.back_edges
-                )
-            )
-            for node_id, edges in self.incoming.items()
+            node_id: self._forward_sources(node_id) for node_id in self.incoming
         }
         self.dynamic_node_ids: tuple[str, ...] = ()
+        self.repeatable: frozenset[str] = self._repeatable()
 
     def _find_back_edges(self, roots: Sequence[str]) -> set[tuple[str, str]]:
         back: set[tuple[str, str]] = set()
@@ -85,6 +82,26 @@ class Graph:
                     state[edge.target] = 1
                     stack.append((edge.target, iter(self.outgoing[edge.target])))
         return back
+
+    def _repeatable(self) -> frozenset[str]:
+        """Nodes that may resolve more than once in a run: those on a cycle or after one."""
+        found = set(self.strongly_connected)
+        stack = list(found)
+        while stack:
+            for edge in self.outgoing[stack.pop()]:
+                if edge.target not in found:
+                    found.add(edge.target)
+                    stack.append(edge.target)
+        return frozenset(found)
+
+    def _forward_sources(self, node_id: str) -> tuple[str, ...]:
+        """The predecessors a join counts: not back edges, and not fallback-only nodes (they
+        run only in another node's place, so they never arrive on their own)."""
+        return tuple(dict.fromkeys(
+            edge.source for edge in self.incoming[node_id]
+            if (edge.source, node_id) not in self.back_edges
+            and edge.source not in self.fallback_only
+        ))
 
     # -- queries ----------------------------------------------------------------------
 
@@ -140,14 +157,9 @@ class Graph:
                 clone.incoming[edge.target].append(edge)
                 touched.add(edge.target)
         for node_id in touched:
-            clone.forward_predecessors[node_id] = tuple(
-                dict.fromkeys(
-                    e.source
-                    for e in clone.incoming[node_id]
-                    if (e.source, node_id) not in clone.back_edges
-                )
-            )
+            clone.forward_predecessors[node_id] = clone._forward_sources(node_id)
         clone.dynamic_node_ids = tuple(dynamic)
+        clone.repeatable = clone._repeatable()
         return clone
 
 

@@ -270,24 +270,38 @@ def deliveries(graph: Graph, data: Mapping[str, Any], target: str) -> list[Deliv
     return found
 
 
-def evaluate_join(graph: Graph, data: Mapping[str, Any], target: str) -> JoinDecision:
-    """The join decision for ``target``'s pending run, from the records in ``data``."""
-    predecessors = graph.forward_predecessors.get(target, ())
+def resolved_for_good(graph: Graph, data: Mapping[str, Any], node_id: str) -> bool:
+    """A node neither on nor after a cycle resolves (runs or is skipped) once per run; after
+    that, a late arrival (at an ``any`` join) changes nothing."""
+    return node_id not in graph.repeatable and read_record(data, node_id) is not None
+
+
+def join_arrivals(graph: Graph, data: Mapping[str, Any], target: str) -> tuple[set[str], set[str]]:
+    """The forward predecessors that resolved for ``target``'s pending run, and those of them
+    that delivered to it, from the records in ``data``."""
     target_count = resolution_count(data, target)
-    resolved = 0
-    delivered = 0
-    out_edges = graph.outgoing
-    for source in predecessors:
+    resolved: set[str] = set()
+    delivered: set[str] = set()
+    for source in graph.forward_predecessors.get(target, ()):
         record = _fresh(graph, data, source, target, target_count, back=False)
         if record is None:
             continue
-        resolved += 1
-        if not record.skipped:
-            out = out_edges[source]
-            if any(i < len(out) and out[i].target == target for i in record.taken):
-                delivered += 1
+        resolved.add(source)
+        out = graph.outgoing[source]
+        if not record.skipped and any(i < len(out) and out[i].target == target
+                                      for i in record.taken):
+            delivered.add(source)
+    return resolved, delivered
+
+
+def evaluate_join(graph: Graph, data: Mapping[str, Any], target: str) -> JoinDecision:
+    """The join decision for ``target``'s pending run, from the records in ``data``."""
+    if resolved_for_good(graph, data, target):
+        return JoinDecision.WAIT
+    resolved, delivered = join_arrivals(graph, data, target)
     node = graph.nodes[target]
-    return join_decision(node.join_strategy, len(predecessors), resolved, delivered)
+    expected = len(graph.forward_predecessors.get(target, ()))
+    return join_decision(node.join_strategy, expected, len(resolved), len(delivered))
 
 
 def ready_frontier(graph: Graph, data: Mapping[str, Any]) -> tuple[list[str], list[str]]:

@@ -38,6 +38,7 @@ from .routing import (
     INPUTS_PREFIX,
     JoinDecision,
     completed_record,
+    join_arrivals,
     join_decision,
     output_key,
     read_record,
@@ -45,6 +46,7 @@ from .routing import (
     record_key,
     resolution_count,
     resolve_input,
+    resolved_for_good,
     route,
     skipped_record,
 )
@@ -158,11 +160,13 @@ class NodeEngine:
         name = node.config.fallback if node.config else None
         if not name:
             return None, None
-        if name in self.registry:
-            return self.registry[name], None
+        # A node id first: that node is fallback-only (never runs on its own), as the
+        # reference's docs use it; otherwise a uses key.
         target = graph.nodes.get(name)
         if target is not None and target.uses in self.registry:
             return self.registry[target.uses], target.params or {}
+        if name in self.registry:
+            return self.registry[name], None
         return None, None
 
     async def run_node(
@@ -185,14 +189,15 @@ class NodeEngine:
             ))
         fallback, fallback_params = self.fallback_for(graph, node)
         params = node.params or {}
-        shared_signal = signal or CancellationSignal()
 
         def make_context(attempt: int) -> NodeContext:
+            # Each attempt gets its own signal: a timeout cancels that attempt only, while
+            # cancelling ``signal`` (the run) reaches every attempt.
             return NodeContext(
                 context=tracked, input=node_input, params=params,
                 dependencies=self.options.dependencies, run_id=run_id, node_id=node.id,
                 blueprint_id=graph.blueprint.id, attempt=attempt, iteration=iteration,
-                signal=shared_signal, engine=services,
+                signal=CancellationSignal(signal), engine=services,
             )
 
         return await execute_node(
@@ -270,6 +275,7 @@ class FlowRuntime:
         *,
         registry: Mapping[str, Any] | None = None,
         run_id: str | None = None,
+        signal: CancellationSignal | None = None,
     ) -> WorkflowResult:
         """Continue an ``awaiting`` run. ``resume_data`` may hold ``output`` (the waiting
         node's output) and ``action`` (drives routing from it)."""
@@ -288,7 +294,7 @@ class FlowRuntime:
                 f"cannot resume node '{target}': it is not awaiting (awaiting: {awaiting})",
                 node_id=target, run_id=run_id,
             )
-        run = _InMemoryRun(engine, bp, data, run_id or str(uuid.uuid4()), None, None)
+        run = _InMemoryRun(engine, bp, data, run_id or str(uuid.uuid4()), signal, None)
         return await run.resume(target, dict(resume_data or {}))
 
 
@@ -311,7 +317,7 @@ class _InMemoryRun:
         self.bus = engine.options.event_bus
         self.errors: list[NodeError] = []
         self.scheduled: set[tuple[str, int]] = set()
-        self.arrivals: dict[tuple[str, int], list[int]] = {}
+        self.arrivals: dict[tuple[str, int], tuple[set[str], set[str]]] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.running = 0
         self.idle = asyncio.Event()
@@ -341,14 +347,22 @@ class _InMemoryRun:
             self._schedule(node_id, resume=resume_data)
         else:
             result = NodeResult(output=resume_data.get("output"), action=resume_data.get("action"))
-            self._complete(node_id, resolution_count(self.data, node_id), result, [])
+            try:
+                events = self._complete(node_id, resolution_count(self.data, node_id), result, [])
+            except Exception as exc:  # a bad condition on the resumed node's edges: as in run()
+                logger.exception("run %s node %s: engine error", self.run_id, node_id)
+                self.errors.append(NodeError(node_id, str(exc), 0, type(exc).__name__,
+                                             self.run_id))
+                return await self._finish()
+            for event in events:
+                await safe_emit(self.bus, event)
         self._schedule_frontier()
         return await self._finish()
 
     async def _finish(self) -> WorkflowResult:
         if self.running:
             self.idle.clear()
-            await self.idle.wait()
+            await self._wait_until_idle()
         status = self._status()
         result = WorkflowResult(
             status=status,
@@ -361,6 +375,21 @@ class _InMemoryRun:
                          errors=[e.to_dict() for e in self.errors])
         logger.info("run %s (%s) finished: %s", self.run_id, self.blueprint.id, status)
         return result
+
+    async def _wait_until_idle(self) -> None:
+        """Wait for the running nodes; when the run is cancelled, cancel them instead."""
+        idle = asyncio.ensure_future(self.idle.wait())
+        cancelled = asyncio.ensure_future(self.signal.wait())
+        try:
+            await asyncio.wait((idle, cancelled), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop = self.signal.is_set() or not idle.done()  # cancelled, or we were
+            idle.cancel()
+            cancelled.cancel()
+            tasks = list(self.tasks) if stop else []
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(idle, cancelled, *tasks, return_exceptions=True)
 
     def _status(self) -> RunStatus:
         if self.signal.is_set():
@@ -433,7 +462,7 @@ class _InMemoryRun:
         services = _RunServices(self, resume)
         outcome = await self.engine.run_node(
             self.graph, node, tracked, resolved.value, run_id=self.run_id,
-            iteration=generation, services=services, signal=None,
+            iteration=generation, services=services, signal=self.signal,
         )
         if self.signal.is_set():
             return
@@ -507,37 +536,21 @@ class _InMemoryRun:
                     stack.append(target)
 
     def _arrive(self, source: str, target: str, delivered: bool) -> JoinDecision:
-        generation = resolution_count(self.data, target)
-        key = (target, generation)
-        counts = self.arrivals.get(key)
-        if counts is None:
-            from .routing import evaluate_join  # derived once, from the records
-
-            decision = evaluate_join(self.graph, self.data, target)
-            # Re-derive counts so later arrivals can be counted incrementally.
-            counts = self._derive_counts(target)
-            self.arrivals[key] = counts
-            return decision
-        counts[0] += 1
-        counts[1] += int(delivered)
+        if resolved_for_good(self.graph, self.data, target):
+            return JoinDecision.WAIT
+        key = (target, resolution_count(self.data, target))
+        arrivals = self.arrivals.get(key)
+        if arrivals is None:
+            # Derived once from the records (which may already hold predecessors whose own
+            # arrival is still to come); later arrivals add themselves. Sets, so a source is
+            # never counted twice.
+            arrivals = self.arrivals[key] = join_arrivals(self.graph, self.data, target)
+        arrivals[0].add(source)
+        if delivered:
+            arrivals[1].add(source)
         node = self.graph.nodes[target]
         expected = len(self.graph.forward_predecessors.get(target, ()))
-        return join_decision(node.join_strategy, expected, counts[0], counts[1])
-
-    def _derive_counts(self, target: str) -> list[int]:
-        from .routing import _fresh  # the same freshness rule the join uses
-
-        resolved = delivered = 0
-        generation = resolution_count(self.data, target)
-        for source in self.graph.forward_predecessors.get(target, ()):
-            record = _fresh(self.graph, self.data, source, target, generation, back=False)
-            if record is None:
-                continue
-            resolved += 1
-            out = self.graph.outgoing[source]
-            if not record.skipped and any(out[i].target == target for i in record.taken):
-                delivered += 1
-        return [resolved, delivered]
+        return join_decision(node.join_strategy, expected, len(arrivals[0]), len(arrivals[1]))
 
     def _skip(self, node_id: str, events: list[FlowcraftEvent] | None = None) -> bool:
         generation = resolution_count(self.data, node_id)
@@ -610,8 +623,10 @@ async def run_subflow(engine: NodeEngine, ctx: NodeContext, blueprint_id: str,
     runtime.engine = engine
     state_key = f"_subflowState.{ctx.node_id}"
     saved = parent.get_now(state_key)
+    # The child run is cancelled with this node (its timeout, or the parent run's cancellation).
     if resume is not None and saved:
-        result = await runtime.resume(child, saved, resume, run_id=child_run_id)
+        result = await runtime.resume(child, saved, resume, run_id=child_run_id,
+                                      signal=ctx.signal)
     else:
         initial: dict[str, Any] = {}
         mapping = ctx.params.get("inputs")
@@ -624,7 +639,7 @@ async def run_subflow(engine: NodeEngine, ctx: NodeContext, blueprint_id: str,
         elif ctx.input is not None:
             for start_id in start_node_ids(child):
                 initial[INPUTS_PREFIX + start_id] = ctx.input
-        result = await runtime.run(child, initial, run_id=child_run_id)
+        result = await runtime.run(child, initial, run_id=child_run_id, signal=ctx.signal)
     if result.status == "awaiting":
         parent.set_now(state_key, result.serialized_context)
         raise AwaitingSignal({"reason": "subflow", "blueprintId": blueprint_id,

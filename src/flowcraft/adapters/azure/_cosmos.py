@@ -20,9 +20,19 @@ THROTTLED = frozenset({429, 503})
 T = TypeVar("T")
 
 
+CONTEXT_PROPERTY = "context"
+"""Context keys live in this object of the item: patch paths may not start with ``_``,
+and the engine's keys (``_outputs.x``) do."""
+
+
 def pointer(key: str) -> str:
     """The JSON-pointer path of a top-level property (``~`` and ``/`` escaped)."""
     return "/" + key.replace("~", "~0").replace("/", "~1")
+
+
+def context_pointer(key: str) -> str:
+    """The JSON-pointer path of a context key inside the item's context object."""
+    return f"/{CONTEXT_PROPERTY}{pointer(key)}"
 
 
 def literal(value: Any) -> str:
@@ -31,8 +41,8 @@ def literal(value: Any) -> str:
 
 
 def prop(key: str) -> str:
-    """``c["key"]``: property access that works for any key, dots included."""
-    return f"c[{literal(key)}]"
+    """``c.context["key"]``: a context key in Cosmos SQL, whatever characters it has."""
+    return f"c.{CONTEXT_PROPERTY}[{literal(key)}]"
 
 
 def strip_system(item: Mapping[str, Any]) -> dict[str, Any]:

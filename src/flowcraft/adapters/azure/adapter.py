@@ -66,6 +66,7 @@ class AzureQueueAdapter(BaseDistributedAdapter):
         self.status_container_name = status_container_name
         self.max_poll_interval = max_poll_interval
         self._poison_queue = poison_queue_client
+        self._work_sent = asyncio.Event()
         self._statuses = cosmos_client.get_database_client(
             cosmos_database_name).get_container_client(status_container_name)
 
@@ -85,16 +86,24 @@ class AzureQueueAdapter(BaseDistributedAdapter):
                 what="sending a job")
 
         await asyncio.gather(*(send(job) for job in jobs))
+        if not delay:
+            self._work_sent.set()  # our own poller need not wait out its backoff
 
     async def _receive(self, max_messages: int, wait_seconds: float) -> list[QueueMessage]:
         deadline = time.monotonic() + wait_seconds
         pause = 0.05
         while True:
+            self._work_sent.clear()
             messages = await self._receive_once(max_messages)
             if messages or time.monotonic() >= deadline:
                 return messages
-            await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-            pause = min(pause * 2, self.max_poll_interval)
+            # Queue Storage has no long polling: back off, but wake up for our own sends.
+            try:
+                await asyncio.wait_for(self._work_sent.wait(),
+                                       timeout=min(pause, max(0.0, deadline - time.monotonic())))
+                pause = 0.05
+            except TimeoutError:
+                pause = min(pause * 2, self.max_poll_interval)
 
     async def _receive_once(self, max_messages: int) -> list[QueueMessage]:
         pages = self.queue.receive_messages(

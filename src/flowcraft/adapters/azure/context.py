@@ -1,8 +1,10 @@
 """``CosmosDbContext``: a run's context as one Cosmos DB item.
 
-The item is ``{"id": runId, "runId": runId, ...context keys}`` in a container
-partitioned on ``/runId``. Writes are partial updates (patch) of exactly the
-keys that changed, conditioned with a filter predicate where the protocol of
+The item is ``{"id": runId, "runId": runId, "context": {...context keys}}`` in
+a container partitioned on ``/runId`` (the keys sit in an object of their own
+because a patch path may not begin with ``_``, and ``_outputs.<node>`` does).
+Writes are partial updates (patch) of exactly the keys that changed,
+conditioned with a filter predicate where the protocol of
 :mod:`flowcraft.distributed.context` needs a condition; Cosmos DB returns the
 patched item, so a claim or commit is one request. Parallel branches
 therefore never overwrite each other's keys (no read-modify-write).
@@ -12,8 +14,10 @@ absent; such writes fall back to optimistic concurrency on ``_etag`` (read,
 apply, replace if unchanged, retry), which is just as safe.
 
 Items created by the seed documentation's TypeScript client have ``id`` but
-no ``runId``: they are adopted on first use (copied into the run's partition
-with ``runId`` set, the original removed). Throttling (429) is retried.
+no ``runId``, and the initial context as top-level properties: they are
+adopted on first use (copied into the run's partition with ``runId`` set and
+the keys moved into ``context``, the original removed). Throttling (429) is
+retried.
 """
 
 from __future__ import annotations
@@ -35,17 +39,18 @@ from ...distributed.context import (
 from ...errors import ContextTooLargeError, FlowcraftError
 from ...runtime.routing import RECORD_PREFIX
 from ._cosmos import (
+    CONTEXT_PROPERTY,
     ITEM_LIMIT_BYTES,
     MAX_PATCH_OPERATIONS,
+    context_pointer,
     literal,
-    pointer,
     prop,
     status_code,
     strip_system,
     with_throttling_retries,
 )
 
-RESERVED = frozenset({"id", "runId"})
+RESERVED = frozenset({"id", "runId", CONTEXT_PROPERTY})
 
 
 class _ConditionFailed(Exception):
@@ -67,7 +72,14 @@ class CosmosDbContext:
     def _data(self, item: Mapping[str, Any] | None) -> dict[str, Any] | None:
         if item is None:
             return None
-        return {k: v for k, v in strip_system(item).items() if k not in RESERVED}
+        # Top-level keys come from clients that write the context flat; ours are nested.
+        flat = {k: v for k, v in strip_system(item).items() if k not in RESERVED}
+        nested = item.get(CONTEXT_PROPERTY)
+        return {**flat, **nested} if isinstance(nested, dict) else flat
+
+    @staticmethod
+    def _has_flat_keys(item: Mapping[str, Any]) -> bool:
+        return any(k not in RESERVED for k in strip_system(item))
 
     async def _read(self) -> dict[str, Any] | None:
         """The raw item (with ``_etag``), adopting a client-created item without ``runId``."""
@@ -91,7 +103,8 @@ class CosmosDbContext:
         orphan = next((item for item in found if "runId" not in item), None)
         if orphan is None:
             return next((item for item in found if item.get("runId") == self.run_id), None)
-        adopted = {**strip_system(orphan), "id": self.run_id, "runId": self.run_id}
+        adopted = {"id": self.run_id, "runId": self.run_id,
+                   CONTEXT_PROPERTY: self._data(orphan) or {}}
         try:
             created = await self.container.create_item(adopted)
         except CosmosHttpResponseError as exc:
@@ -115,11 +128,11 @@ class CosmosDbContext:
         """
         from azure.cosmos.exceptions import CosmosHttpResponseError
 
-        operations = [op for op in squash(operations) if op.key not in RESERVED]
+        operations = squash(operations)
         if len(operations) <= MAX_PATCH_OPERATIONS:
             patch = [
-                {"op": "set", "path": pointer(op.key), "value": op.value} if op.op == "set"
-                else {"op": "remove", "path": pointer(op.key)}
+                {"op": "set", "path": context_pointer(op.key), "value": op.value}
+                if op.op == "set" else {"op": "remove", "path": context_pointer(op.key)}
                 for op in operations
             ]
             arguments: dict[str, Any] = {"partition_key": self.run_id, "patch_operations": patch}
@@ -139,9 +152,10 @@ class CosmosDbContext:
                     raise
                 # 404: an item to adopt; 400: e.g. removing an absent property.
                 return await self._replace(operations, check)
-            if "runId" not in item:
-                # A lenient server patched a client-created item in place: adopt it.
-                await self._adopt()
+            if "runId" not in item or self._has_flat_keys(item):
+                # A client-created item: move it into its partition and its keys into
+                # the context object (a lenient server may have patched it in place).
+                return await self._normalize()
             return dict(item)
         return await self._replace(operations, check)
 
@@ -158,7 +172,7 @@ class CosmosDbContext:
             if check is not None and not check(data):
                 return None
             apply_patch(data, operations)
-            replacement = {**data, "id": self.run_id, "runId": self.run_id}
+            replacement = {"id": self.run_id, "runId": self.run_id, CONTEXT_PROPERTY: data}
             def replace(body: dict[str, Any] = replacement, etag: str = item["_etag"]) -> Any:
                 return self.container.replace_item(
                     self.run_id, body, etag=etag, match_condition=MatchConditions.IfNotModified)
@@ -175,6 +189,10 @@ class CosmosDbContext:
             return dict(replaced)
         raise FlowcraftError(f"run {self.run_id}: too much write contention on its context item",
                              run_id=self.run_id)
+
+    async def _normalize(self) -> dict[str, Any] | None:
+        """Rewrite a client-created item into the nested layout (etag-guarded)."""
+        return await self._replace([], None)
 
     def _too_large(self, operations: Sequence[PatchOperation]) -> ContextTooLargeError:
         import json
@@ -195,11 +213,11 @@ class CosmosDbContext:
     async def create(self, initial: Mapping[str, Any]) -> None:
         from azure.cosmos.exceptions import CosmosHttpResponseError
 
-        item = {k: v for k, v in initial.items() if k not in RESERVED}
+        item = dict(initial)
         try:
             await with_throttling_retries(
-                lambda: self.container.create_item({**item, "id": self.run_id,
-                                                    "runId": self.run_id}),
+                lambda: self.container.create_item({"id": self.run_id, "runId": self.run_id,
+                                                    CONTEXT_PROPERTY: item}),
                 what=f"creating run {self.run_id}")
         except CosmosHttpResponseError as exc:
             if status_code(exc) == 409:
@@ -252,7 +270,8 @@ class CosmosDbContext:
         try:
             await self.container.patch_item(
                 self.run_id, partition_key=self.run_id,
-                patch_operations=[{"op": "set", "path": pointer(lock_key(node_id)) + "/expires",
+                patch_operations=[{"op": "set",
+                                   "path": context_pointer(lock_key(node_id)) + "/expires",
                                    "value": round(time.time() + lease_seconds, 3)}],
                 filter_predicate=self._lease_predicate(node_id, owner),
             )

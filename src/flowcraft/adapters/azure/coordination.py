@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -18,9 +19,12 @@ T = TypeVar("T")
 
 
 class RedisCoordinationStore:
-    def __init__(self, redis_client: Any, *, reconnect_seconds: float = 60.0) -> None:
+    def __init__(self, redis_client: Any, *, reconnect_seconds: float = 60.0,
+                 calls: Counter[str] | None = None) -> None:
         self.redis = redis_client
         self.reconnect_seconds = reconnect_seconds
+        self.calls = calls if calls is not None else Counter()
+        """Round trips by operation (``redis.<operation>``)."""
 
     async def _call(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
         from redis.exceptions import ConnectionError as RedisConnectionError
@@ -30,6 +34,7 @@ class RedisCoordinationStore:
         deadline = loop.time() + self.reconnect_seconds
         delay = 0.1
         while True:
+            self.calls[f"redis.{what}"] += 1
             try:
                 return await operation()
             except (RedisConnectionError, RedisTimeoutError, ConnectionError) as exc:
