@@ -68,10 +68,28 @@ async def call_implementation(implementation: Any, node: NodeDefinition, ctx: No
     return await outcome if inspect.isawaitable(outcome) else outcome
 
 
+_IS_ASYNC: dict[Any, bool] = {}
+
+
+def _is_async(function: Callable[..., Any]) -> bool:
+    """Cached: ``inspect`` is slow enough to show at 100k nodes per run."""
+    try:
+        return _IS_ASYNC[function]
+    except (KeyError, TypeError):
+        verdict = inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(
+            getattr(function, "__call__", None)  # noqa: B004 - async callable objects
+        )
+        try:
+            if len(_IS_ASYNC) > 10_000:
+                _IS_ASYNC.clear()
+            _IS_ASYNC[function] = verdict
+        except TypeError:  # unhashable callable
+            pass
+        return verdict
+
+
 def _call_function(function: Callable[..., Any], ctx: NodeContext) -> Any:
-    if inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(
-        getattr(function, "__call__", None)  # noqa: B004 - async callable objects
-    ):
+    if _is_async(function):
         return function(ctx)
     # Plain functions run in a thread so a blocking call never stalls other nodes.
     return asyncio.to_thread(function, ctx)

@@ -21,6 +21,7 @@ from ..blueprint import EdgeDefinition, NodeDefinition, WorkflowBlueprint
 
 class Graph:
     __slots__ = (
+        "_edge_index",
         "back_edges",
         "blueprint",
         "dynamic_node_ids",
@@ -58,6 +59,7 @@ class Graph:
             node_id: self._forward_sources(node_id) for node_id in self.incoming
         }
         self.dynamic_node_ids: tuple[str, ...] = ()
+        self._edge_index: dict[tuple[str, str], tuple[int, ...]] = {}
         self.repeatable: frozenset[str] = self._repeatable()
 
     def _find_back_edges(self, roots: Sequence[str]) -> set[tuple[str, str]]:
@@ -115,6 +117,19 @@ class Graph:
         component = self.strongly_connected.get(a)
         return component is not None and component == self.strongly_connected.get(b)
 
+    def edge_indices(self, source: str, target: str) -> tuple[int, ...]:
+        """Indices into ``outgoing[source]`` of the edges that lead to ``target``."""
+        key = (source, target)
+        found = self._edge_index.get(key)
+        if found is None:
+            if not self._edge_index:
+                for node_id, edges in self.outgoing.items():
+                    for index, edge in enumerate(edges):
+                        pair = (node_id, edge.target)
+                        self._edge_index[pair] = (*self._edge_index.get(pair, ()), index)
+            found = self._edge_index.get(key, ())
+        return found
+
     def forward_successors(self, node_id: str) -> list[str]:
         return list(
             dict.fromkeys(
@@ -160,6 +175,7 @@ class Graph:
             clone.forward_predecessors[node_id] = clone._forward_sources(node_id)
         clone.dynamic_node_ids = tuple(dynamic)
         clone.repeatable = clone._repeatable()
+        clone._edge_index = {}
         return clone
 
 

@@ -68,23 +68,54 @@ class NodeRecord:
     action: str | None = None
     failed: bool = False
     wake_up_at: float | None = None
+    taken_set: frozenset[int] = frozenset()
 
     @classmethod
     def from_value(cls, value: Any) -> NodeRecord | None:
         if not isinstance(value, Mapping):
             return None
+        taken = tuple(int(i) for i in value.get("taken", ()))
         return cls(
             count=int(value.get("n", 1)),
             skipped=bool(value.get("skipped", False)),
-            taken=tuple(int(i) for i in value.get("taken", ())),
+            taken=taken,
             action=value.get("action"),
             failed=bool(value.get("failed", False)),
             wake_up_at=value.get("wakeUpAt"),
+            taken_set=frozenset(taken),
         )
+
+    def delivered_to(self, graph: Graph, source: str, target: str) -> int | None:
+        """The index of the first edge ``source -> target`` this record took, if any."""
+        if self.skipped or self.failed:
+            return None
+        for index in graph.edge_indices(source, target):
+            if index in self.taken_set:
+                return index
+        return None
+
+
+# Records are parsed once per stored value: a fan-out source's record (one entry per
+# branch) is read by every branch, and parsing it each time would make fan-outs quadratic.
+# Stored records are never mutated in place (each write stores a new dict), so the value's
+# identity is a safe key while the cache holds a reference to it.
+_RECORD_CACHE: dict[int, tuple[Any, NodeRecord]] = {}
+_RECORD_CACHE_LIMIT = 100_000
 
 
 def read_record(data: Mapping[str, Any], node_id: str) -> NodeRecord | None:
-    return NodeRecord.from_value(data.get(RECORD_PREFIX + node_id))
+    value = data.get(RECORD_PREFIX + node_id)
+    if value is None:
+        return None
+    cached = _RECORD_CACHE.get(id(value))
+    if cached is not None and cached[0] is value:
+        return cached[1]
+    record = NodeRecord.from_value(value)
+    if record is not None and len(record.taken) > 8:
+        if len(_RECORD_CACHE) >= _RECORD_CACHE_LIMIT:
+            _RECORD_CACHE.clear()
+        _RECORD_CACHE[id(value)] = (value, record)
+    return record
 
 
 def resolution_count(data: Mapping[str, Any], node_id: str) -> int:
@@ -259,14 +290,12 @@ def deliveries(graph: Graph, data: Mapping[str, Any], target: str) -> list[Deliv
             continue
         back = graph.is_back_edge(edge.source, target)
         record = _fresh(graph, data, edge.source, target, target_count, back)
-        if record is None or record.skipped:
+        if record is None:
             continue
-        out = graph.outgoing[edge.source]
-        for index in record.taken:
-            if index < len(out) and out[index].target == target:
-                found.append(Delivery(edge.source, out[index], back))
-                seen.add(edge.source)
-                break
+        index = record.delivered_to(graph, edge.source, target)
+        if index is not None:
+            found.append(Delivery(edge.source, graph.outgoing[edge.source][index], back))
+            seen.add(edge.source)
     return found
 
 
@@ -287,9 +316,7 @@ def join_arrivals(graph: Graph, data: Mapping[str, Any], target: str) -> tuple[s
         if record is None:
             continue
         resolved.add(source)
-        out = graph.outgoing[source]
-        if not record.skipped and any(i < len(out) and out[i].target == target
-                                      for i in record.taken):
+        if record.delivered_to(graph, source, target) is not None:
             delivered.add(source)
     return resolved, delivered
 

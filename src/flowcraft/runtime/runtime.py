@@ -538,6 +538,9 @@ class _InMemoryRun:
     def _arrive(self, source: str, target: str, delivered: bool) -> JoinDecision:
         if resolved_for_good(self.graph, self.data, target):
             return JoinDecision.WAIT
+        if self.graph.forward_predecessors.get(target) == (source,):
+            # The only way in (chains, fan-out branches): no join bookkeeping needed.
+            return JoinDecision.RUN if delivered else JoinDecision.SKIP
         key = (target, resolution_count(self.data, target))
         arrivals = self.arrivals.get(key)
         if arrivals is None:
