@@ -191,6 +191,7 @@ async def azure_clients(settings: AzureSettings, calls: Counter[str] | None = No
             "the Azure backend needs the azure extra: pip install 'flowcraft-py[azure]'"
         ) from None
     assert settings.storage_connection_string and settings.cosmos_connection_string
+    assert settings.redis_url
     verify = settings.cosmos_verify()
     if not verify:
         import warnings

@@ -105,7 +105,7 @@ class WorkflowBlueprint(_Model):
     # -- loading -----------------------------------------------------------------------
 
     @classmethod
-    def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> WorkflowBlueprint:  # type: ignore[override]
+    def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> WorkflowBlueprint:
         if isinstance(obj, WorkflowBlueprint):
             return obj
         try:

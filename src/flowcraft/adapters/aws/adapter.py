@@ -164,7 +164,7 @@ class SqsAdapter(BaseDistributedAdapter):
                     arn = json.loads(policy)["deadLetterTargetArn"]
                     response = await self.sqs.get_queue_url(QueueName=arn.rsplit(":", 1)[-1])
                     self._dead_letter_url = response["QueueUrl"]
-        return self._dead_letter_url or None
+        return self._dead_letter_url if isinstance(self._dead_letter_url, str) else None
 
     async def stop(self, timeout_seconds: float | None = None) -> None:
         await super().stop(timeout_seconds)
