@@ -36,8 +36,35 @@ def context_pointer(key: str) -> str:
 
 
 def literal(value: Any) -> str:
-    """A Cosmos SQL literal (JSON syntax: strings double-quoted and escaped)."""
-    return json.dumps(value)
+    """A Cosmos SQL literal (JSON syntax: strings double-quoted and escaped).
+
+    In strings, every character that is not a lower-case ASCII letter, digit or plain
+    punctuation - and every ``s`` - is written as a ``\\uXXXX`` escape, which Cosmos SQL
+    reads as the character itself. That keeps the literal intact through a server that
+    lower-cases the whole filter predicate (the local Cosmos server,
+    ``@vercel/cosmosdb-server``, does: a node ``fetchUser`` would otherwise be looked up as
+    ``fetchuser``), and clear of its sniffing for the word ``select``. Only what needs it is
+    escaped: that server's query parser slows down with the length of the text.
+    """
+    if not isinstance(value, str):
+        return json.dumps(value)
+    escaped = []
+    for char in value:
+        if char in _PLAIN:
+            escaped.append(char)
+            continue
+        code = ord(char)
+        if code > 0xFFFF:  # a surrogate pair, as in JSON
+            code -= 0x10000
+            escaped.append(f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}")
+        else:
+            escaped.append(f"\\u{code:04x}")
+    return '"' + "".join(escaped) + '"'
+
+
+_PLAIN = frozenset("abcdefghijklmnopqrtuvwxyz0123456789_.:/-+ #@!?*()[]{},;=<>|&^%$~`'")
+"""Characters a literal keeps as they are (``s`` is escaped: no literal can spell
+``select``)."""
 
 
 def prop(key: str) -> str:

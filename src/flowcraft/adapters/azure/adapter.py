@@ -210,30 +210,70 @@ class AzureQueueAdapter(BaseDistributedAdapter):
         return None
 
     async def _adopt_status(self, run_id: str) -> None:
+        """Move a status record written without ``runId`` (by a TypeScript client) into the
+        run's partition: create it there, then remove exactly the version read."""
+        from azure.core import MatchConditions
         from azure.cosmos.exceptions import CosmosHttpResponseError
         from azure.cosmos.partition_key import NonePartitionKeyValue
 
-        found = [item async for item in self._statuses.query_items(
-            "SELECT * FROM c WHERE c.id = @id", parameters=[{"name": "@id", "value": run_id}])]
-        orphan = next((item for item in found if "runId" not in item), None)
-        if orphan is None:
+        async def delete_orphan(orphan: Mapping[str, Any]) -> None:
+            # Conditioned on the orphan's etag: where a server keys items by id across
+            # partitions (the local Cosmos server), this id may name the adopted item.
+            await self._statuses.delete_item(
+                run_id, partition_key=NonePartitionKeyValue, etag=orphan["_etag"],
+                match_condition=MatchConditions.IfNotModified)
+
+        for _ in range(10):
+            found = [item async for item in self._statuses.query_items(
+                "SELECT * FROM c WHERE c.id = @id",
+                parameters=[{"name": "@id", "value": run_id}])]
+            orphan = next((item for item in found if "runId" not in item), None)
+            if orphan is None:
+                return
+            adopted = {**strip_system(orphan), "runId": run_id}
+            try:
+                await self._statuses.create_item(adopted)
+            except CosmosHttpResponseError as exc:
+                if status_code(exc) != 409:
+                    raise
+                try:
+                    await self._statuses.read_item(run_id, partition_key=run_id)
+                except CosmosHttpResponseError as read_error:
+                    if status_code(read_error) == 500:
+                        continue  # gone meanwhile (how the local Cosmos server says 404)
+                    if status_code(read_error) != 404:
+                        raise
+                    # The orphan itself holds the id: replace it (delete, then create).
+                    try:
+                        await delete_orphan(orphan)
+                    except CosmosHttpResponseError as delete_error:
+                        if status_code(delete_error) in (404, 412):
+                            continue
+                        raise
+                    try:
+                        await self._statuses.create_item(adopted)
+                    except CosmosHttpResponseError as create_error:
+                        if status_code(create_error) == 409:
+                            continue
+                        raise
+                    return
+            try:
+                await delete_orphan(orphan)
+            except CosmosHttpResponseError:
+                pass  # already gone, or another worker removed it
             return
-        try:
-            await self._statuses.upsert_item({**strip_system(orphan), "runId": run_id})
-        except CosmosHttpResponseError:
-            logger.warning("run %s: could not move its status record into its partition", run_id)
-            return
-        try:
-            await self._statuses.delete_item(run_id, partition_key=NonePartitionKeyValue)
-        except CosmosHttpResponseError:
-            pass
+        logger.warning("run %s: could not move its status record into its partition", run_id)
 
     async def _read_status(self, run_id: str) -> dict[str, Any] | None:
-        from azure.cosmos.exceptions import CosmosResourceNotFoundError
+        from azure.cosmos.exceptions import CosmosHttpResponseError
 
         try:
             item = await self._statuses.read_item(run_id, partition_key=run_id)
-        except CosmosResourceNotFoundError:
+        except CosmosHttpResponseError as exc:
+            # 404 (or a record without runId); or 500, which the local Cosmos server answers
+            # for an absent item: the query settles it.
+            if status_code(exc) not in (404, 500):
+                raise
             return await self._find_status(run_id)
         return strip_system(item)
 

@@ -22,6 +22,8 @@ retried.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -51,6 +53,9 @@ from ._cosmos import (
 )
 
 RESERVED = frozenset({"id", "runId", CONTEXT_PROPERTY})
+LARGE_WRITE_BYTES = 64 * 1024
+"""A write this large, by a context that has not seen its item yet, reads it first to check
+the item limit (``_etag`` path)."""
 
 
 class _ConditionFailed(Exception):
@@ -66,6 +71,9 @@ class CosmosDbContext:
         self.client = client
         self.container = client.get_database_client(database_name).get_container_client(
             container_name)
+        self._size: int | None = None
+        """Bytes of the item as last seen: writes that may cross the item limit are checked
+        before they are sent (not every server enforces the limit; the local one does not)."""
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -81,41 +89,108 @@ class CosmosDbContext:
     def _has_flat_keys(item: Mapping[str, Any]) -> bool:
         return any(k not in RESERVED for k in strip_system(item))
 
+    @staticmethod
+    def _measure(item: Mapping[str, Any]) -> int:
+        return len(json.dumps(item, separators=(",", ":"), ensure_ascii=False,
+                              default=str).encode("utf-8"))
+
+    def _remember(self, item: Any) -> Any:
+        if item is not None:
+            self._size = self._measure(item)
+        return item
+
+    def _may_exceed(self, operations: Sequence[PatchOperation]) -> bool:
+        growth = sum(self._measure({op.key: op.value}) for op in operations if op.op == "set")
+        if self._size is None:  # not read yet: a large write is checked against the item
+            return growth > LARGE_WRITE_BYTES
+        return self._size + growth > ITEM_LIMIT_BYTES
+
+    def _check_size(self, body: Mapping[str, Any]) -> None:
+        size = self._measure(body)
+        if size > ITEM_LIMIT_BYTES:
+            raise ContextTooLargeError(self.run_id, size, ITEM_LIMIT_BYTES, "Cosmos DB")
+
     async def _read(self) -> dict[str, Any] | None:
         """The raw item (with ``_etag``), adopting a client-created item without ``runId``."""
-        from azure.cosmos.exceptions import CosmosResourceNotFoundError
+        from azure.cosmos.exceptions import CosmosHttpResponseError
 
-        try:
-            return await with_throttling_retries(
-                lambda: self.container.read_item(self.run_id, partition_key=self.run_id),
-                what=f"reading run {self.run_id}")
-        except CosmosResourceNotFoundError:
-            return await self._adopt()
+        for attempt in range(2):
+            try:
+                return self._remember(await with_throttling_retries(
+                    lambda: self.container.read_item(self.run_id, partition_key=self.run_id),
+                    what=f"reading run {self.run_id}"))
+            except CosmosHttpResponseError as exc:
+                # 404; or 500, which the local Cosmos server answers for an absent item
+                # (the query below settles it either way).
+                if status_code(exc) not in (404, 500):
+                    raise
+                adopted = self._remember(await self._adopt())
+            if adopted is not None or attempt:
+                return adopted
+            # Where the server keys items by id, another worker's adoption removes the
+            # orphan a moment before it creates the adopted item: look once more.
+            await asyncio.sleep(0.05)
+        return None
 
     async def _adopt(self) -> dict[str, Any] | None:
         """Move an item written without ``runId`` into the run's partition."""
+        from azure.core import MatchConditions
         from azure.cosmos.exceptions import CosmosHttpResponseError
         from azure.cosmos.partition_key import NonePartitionKeyValue
 
         query = "SELECT * FROM c WHERE c.id = @id"
-        found = [item async for item in self.container.query_items(
-            query, parameters=[{"name": "@id", "value": self.run_id}])]
-        orphan = next((item for item in found if "runId" not in item), None)
-        if orphan is None:
-            return next((item for item in found if item.get("runId") == self.run_id), None)
-        adopted = {"id": self.run_id, "runId": self.run_id,
-                   CONTEXT_PROPERTY: self._data(orphan) or {}}
-        try:
-            created = await self.container.create_item(adopted)
-        except CosmosHttpResponseError as exc:
-            if status_code(exc) != 409:
-                raise
-            created = await self.container.read_item(self.run_id, partition_key=self.run_id)
-        try:
-            await self.container.delete_item(self.run_id, partition_key=NonePartitionKeyValue)
-        except CosmosHttpResponseError:
-            pass  # already gone, or another worker removed it
-        return dict(created)
+        for _ in range(10):
+            found = [item async for item in self.container.query_items(
+                query, parameters=[{"name": "@id", "value": self.run_id}])]
+            orphan = next((item for item in found if "runId" not in item), None)
+            if orphan is None:
+                return next((item for item in found if item.get("runId") == self.run_id),
+                            None)
+            adopted = {"id": self.run_id, "runId": self.run_id,
+                       CONTEXT_PROPERTY: self._data(orphan) or {}}
+            try:
+                created = await self.container.create_item(adopted)
+            except CosmosHttpResponseError as exc:
+                if status_code(exc) != 409:
+                    raise
+                try:
+                    # Another worker adopted it first.
+                    created = await self.container.read_item(self.run_id,
+                                                             partition_key=self.run_id)
+                except CosmosHttpResponseError as read_error:
+                    if status_code(read_error) == 500:
+                        continue  # gone meanwhile (how the local Cosmos server says 404)
+                    if status_code(read_error) != 404:
+                        raise
+                    # The orphan itself holds the id: some servers (the local Cosmos server)
+                    # key items by id across partitions. Remove exactly the version read,
+                    # then create; if it changed or went meanwhile, look again.
+                    try:
+                        await self.container.delete_item(
+                            self.run_id, partition_key=NonePartitionKeyValue,
+                            etag=orphan["_etag"], match_condition=MatchConditions.IfNotModified)
+                    except CosmosHttpResponseError as delete_error:
+                        if status_code(delete_error) in (404, 412):
+                            continue
+                        raise
+                    try:
+                        created = await self.container.create_item(adopted)
+                    except CosmosHttpResponseError as create_error:
+                        if status_code(create_error) == 409:
+                            continue
+                        raise
+                    return dict(created)
+            try:
+                # Only the version read: where a server keys items by id across partitions,
+                # this id may by now name the adopted item itself.
+                await self.container.delete_item(
+                    self.run_id, partition_key=NonePartitionKeyValue, etag=orphan["_etag"],
+                    match_condition=MatchConditions.IfNotModified)
+            except CosmosHttpResponseError:
+                pass  # already gone, or another worker removed it
+            return dict(created)
+        raise FlowcraftError(f"run {self.run_id}: could not move its context item into the "
+                             "run's partition (too much contention)", run_id=self.run_id)
 
     async def _patch(self, operations: Sequence[PatchOperation], *,
                      predicate: str | None = None,
@@ -129,7 +204,7 @@ class CosmosDbContext:
         from azure.cosmos.exceptions import CosmosHttpResponseError
 
         operations = squash(operations)
-        if len(operations) <= MAX_PATCH_OPERATIONS:
+        if len(operations) <= MAX_PATCH_OPERATIONS and not self._may_exceed(operations):
             patch = [
                 {"op": "set", "path": context_pointer(op.key), "value": op.value}
                 if op.op == "set" else {"op": "remove", "path": context_pointer(op.key)}
@@ -156,7 +231,8 @@ class CosmosDbContext:
                 # A client-created item: move it into its partition and its keys into
                 # the context object (a lenient server may have patched it in place).
                 return await self._normalize()
-            return dict(item)
+            return self._remember(dict(item))
+        # Over 10 operations, or near the item limit: read, check, replace if unchanged.
         return await self._replace(operations, check)
 
     async def _replace(self, operations: Sequence[PatchOperation],
@@ -173,6 +249,7 @@ class CosmosDbContext:
                 return None
             apply_patch(data, operations)
             replacement = {"id": self.run_id, "runId": self.run_id, CONTEXT_PROPERTY: data}
+            self._check_size(replacement)
             def replace(body: dict[str, Any] = replacement, etag: str = item["_etag"]) -> Any:
                 return self.container.replace_item(
                     self.run_id, body, etag=etag, match_condition=MatchConditions.IfNotModified)
@@ -186,7 +263,7 @@ class CosmosDbContext:
                 if status_code(exc) == 413:
                     raise self._too_large(operations) from None
                 raise
-            return dict(replaced)
+            return self._remember(dict(replaced))
         raise FlowcraftError(f"run {self.run_id}: too much write contention on its context item",
                              run_id=self.run_id)
 
@@ -195,8 +272,6 @@ class CosmosDbContext:
         return await self._replace([], None)
 
     def _too_large(self, operations: Sequence[PatchOperation]) -> ContextTooLargeError:
-        import json
-
         size = sum(len(json.dumps(op.value, default=str)) for op in operations)
         return ContextTooLargeError(self.run_id, max(size, ITEM_LIMIT_BYTES + 1),
                                     ITEM_LIMIT_BYTES, "Cosmos DB")
@@ -214,6 +289,7 @@ class CosmosDbContext:
         from azure.cosmos.exceptions import CosmosHttpResponseError
 
         item = dict(initial)
+        self._check_size({"id": self.run_id, "runId": self.run_id, CONTEXT_PROPERTY: item})
         try:
             await with_throttling_retries(
                 lambda: self.container.create_item({"id": self.run_id, "runId": self.run_id,
@@ -232,11 +308,14 @@ class CosmosDbContext:
                     lease_seconds: float) -> Claim:
         now = time.time()
         record, lease = prop(RECORD_PREFIX + node_id), prop(lock_key(node_id))
-        predicate = (
-            f"FROM c WHERE (NOT IS_DEFINED({record}) OR {record}.n <= {iteration}) AND "
-            f"(NOT IS_DEFINED({lease}) OR {lease}.owner = {literal(owner)} OR "
-            f"{lease}.expires < {now})"
-        )
+        # (not done) AND (no lease of someone else), written out as an OR of ANDs (NOT
+        # binds tighter than AND, AND than OR): the same condition without parentheses,
+        # which the local Cosmos server's query parser takes exponential time over.
+        not_done = (f"NOT IS_DEFINED({record})", f"{record}.n <= {iteration}")
+        free = (f"NOT IS_DEFINED({lease})", f"{lease}.owner = {literal(owner)}",
+                f"{lease}.expires < {now}")
+        predicate = "FROM c WHERE " + " OR ".join(f"{a} AND {b}" for a in not_done
+                                                   for b in free)
 
         def claimable(data: Mapping[str, Any]) -> bool:
             return claim_status(data, node_id, iteration, owner, now) is ClaimStatus.CLAIMED
