@@ -18,9 +18,10 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 LOCAL_AWS_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -74,12 +75,38 @@ def moto_server(port: int | None = None) -> Iterator[MotoEndpoint]:
     # werkzeug logs every request at INFO on its own; keep the caller's output readable.
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    restore = _serialize_moto_dynamodb()
     server.start()
     try:
         wait_for_port(port)
         yield MotoEndpoint(f"http://127.0.0.1:{port}", port)
     finally:
         server.stop()
+        restore()
+
+
+def _serialize_moto_dynamodb() -> Callable[[], None]:
+    """Make moto's DynamoDB apply one request at a time, as DynamoDB applies each write of
+    an item atomically. moto handles requests on threads without a lock, so concurrent
+    conditional updates of one item can interleave (lost updates, conditions checked
+    against a half-changed item, HTTP 500 after a write was applied). Returns the undo."""
+    import threading
+
+    from moto.dynamodb.responses import DynamoHandler
+
+    lock = threading.Lock()
+    original = DynamoHandler.call_action
+
+    def call_action(self: Any) -> Any:
+        with lock:
+            return original(self)
+
+    DynamoHandler.call_action = call_action  # type: ignore[method-assign]
+
+    def restore() -> None:
+        DynamoHandler.call_action = original  # type: ignore[method-assign]
+
+    return restore
 
 
 # -- Azure emulators and Redis (child processes) ---------------------------------------------
