@@ -19,9 +19,9 @@ this module only speaks SQS and DynamoDB:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
+import math
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -67,6 +67,7 @@ class SqsAdapter(BaseDistributedAdapter):
         self._pending_deletes: list[QueueMessage] = []
         self._delete_flush: asyncio.Task[None] | None = None
         self._dead_letter_url: str | bool | None = False  # False: not looked up yet
+        self._dead_letter_lock: asyncio.Lock | None = None
 
     def create_context(self, run_id: str) -> DynamoDbContext:
         return DynamoDbContext(run_id, client=self.dynamodb, table_name=self.context_table_name)
@@ -96,7 +97,8 @@ class SqsAdapter(BaseDistributedAdapter):
             QueueUrl=self.queue_url,
             MaxNumberOfMessages=max(1, min(10, max_messages)),
             WaitTimeSeconds=max(0, min(20, int(wait_seconds))),
-            VisibilityTimeout=int(self.lease_seconds),
+            # Whole seconds, never 0 (a fractional lease must not make messages visible at once).
+            VisibilityTimeout=max(1, min(43_200, math.ceil(self.lease_seconds))),
             MessageSystemAttributeNames=["ApproximateReceiveCount"],
         )
         return [
@@ -139,7 +141,7 @@ class SqsAdapter(BaseDistributedAdapter):
     async def _set_visibility(self, message: QueueMessage, seconds: float) -> None:
         await self.sqs.change_message_visibility(
             QueueUrl=self.queue_url, ReceiptHandle=message.handle,
-            VisibilityTimeout=max(0, min(43_200, int(seconds))),
+            VisibilityTimeout=max(0, min(43_200, math.ceil(seconds))),
         )
 
     async def _dead_letter(self, message: QueueMessage, reason: str) -> None:
@@ -154,16 +156,31 @@ class SqsAdapter(BaseDistributedAdapter):
         await self.sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=message.handle)
 
     async def _dead_letter_queue(self) -> str | None:
-        if self._dead_letter_url is False:
-            self._dead_letter_url = None
-            with contextlib.suppress(Exception):
-                attributes = await self.sqs.get_queue_attributes(
-                    QueueUrl=self.queue_url, AttributeNames=["RedrivePolicy"])
-                policy = attributes.get("Attributes", {}).get("RedrivePolicy")
-                if policy:
-                    arn = json.loads(policy)["deadLetterTargetArn"]
-                    response = await self.sqs.get_queue_url(QueueName=arn.rsplit(":", 1)[-1])
-                    self._dead_letter_url = response["QueueUrl"]
+        """The URL of the queue's dead-letter queue (from its ``RedrivePolicy``), looked up
+        once. Poison messages of one batch arrive together: they wait for one lookup instead
+        of seeing "not looked up yet" as "no dead-letter queue". A failed lookup is retried
+        next time."""
+        if self._dead_letter_lock is None:
+            self._dead_letter_lock = asyncio.Lock()
+        async with self._dead_letter_lock:
+            if self._dead_letter_url is False:
+                try:
+                    attributes = await self.sqs.get_queue_attributes(
+                        QueueUrl=self.queue_url, AttributeNames=["RedrivePolicy"])
+                    policy = attributes.get("Attributes", {}).get("RedrivePolicy")
+                    url = None
+                    if policy:
+                        arn = json.loads(policy)["deadLetterTargetArn"]
+                        parts = arn.split(":")
+                        lookup = {"QueueName": parts[-1]}
+                        if len(parts) >= 6 and parts[4]:
+                            lookup["QueueOwnerAWSAccountId"] = parts[4]
+                        url = (await self.sqs.get_queue_url(**lookup))["QueueUrl"]
+                    self._dead_letter_url = url
+                except Exception as exc:
+                    logger.warning("could not look up the dead-letter queue of %s (poison "
+                                   "messages are deleted meanwhile): %s", self.queue_url, exc)
+                    return None
         return self._dead_letter_url if isinstance(self._dead_letter_url, str) else None
 
     async def stop(self, timeout_seconds: float | None = None) -> None:

@@ -8,7 +8,11 @@ claim/commit protocol of :mod:`flowcraft.distributed.context`.
 
 Runs started by the TypeScript client of the seed documentation store the
 initial context nested under a ``context`` attribute (``{runId, context:
-{...}}``); its keys are presented to nodes as top-level keys.
+{...}}``); its keys are presented to nodes as top-level keys, and the first
+worker that claims a node of such a run moves them to top-level attributes
+(so a node can also delete them). Items this module creates carry the marker
+attribute ``_flowcraft.flat``, so a user key named ``context`` in a run
+started from Python is never mistaken for the seed client's layout.
 
 DynamoDB items are limited to 400 KB. A write that would exceed it raises
 :class:`~flowcraft.errors.ContextTooLargeError` naming the run and the size;
@@ -38,6 +42,8 @@ from ._dynamo import ITEM_LIMIT_BYTES, Expression, approximate_size, from_item, 
 
 KEY = "runId"
 NESTED_CONTEXT = "context"
+FLAT_MARKER = "_flowcraft.flat"
+"""Set on items created by :meth:`DynamoDbContext.create`: attributes are context keys."""
 
 
 class DynamoDbContext:
@@ -53,22 +59,59 @@ class DynamoDbContext:
     def _key(self) -> dict[str, Any]:
         return {KEY: {"S": self.run_id}}
 
+    @staticmethod
+    def _is_seed_item(item: Mapping[str, Any] | None) -> bool:
+        """An item written by the seed's client: ``{runId, context: {...}}``, no marker."""
+        return (item is not None and FLAT_MARKER not in item
+                and "M" in (item.get(NESTED_CONTEXT) or {}))
+
     def _data(self, item: Mapping[str, Any] | None) -> dict[str, Any] | None:
         if item is None:
             return None
+        seed_layout = self._is_seed_item(item)
         data = from_item(item)
         data.pop(KEY, None)
-        nested = data.get(NESTED_CONTEXT)
-        if isinstance(nested, dict):
+        data.pop(FLAT_MARKER, None)
+        if seed_layout:
             # The seed's client writes {runId, context: initialContext}.
-            data.pop(NESTED_CONTEXT)
+            nested = data.pop(NESTED_CONTEXT)
             data = {**nested, **data}
         return data
+
+    async def _flatten_seed_item(self, item: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Move a seed-client item's nested ``context`` to top-level attributes (keys already
+        written at the top level win), once: of racing workers one does it."""
+        nested = from_item(item)[NESTED_CONTEXT]
+        expression = Expression()
+        sets = [f"{expression.name(k)} = if_not_exists({expression.name(k)}, "
+                f"{expression.value(v)})" for k, v in nested.items() if k != KEY]
+        sets.append(f"{expression.name(FLAT_MARKER)} = {expression.value(True)}")
+        marker, context = expression.name(FLAT_MARKER), expression.name(NESTED_CONTEXT)
+        try:
+            response = await self.client.update_item(
+                TableName=self.table_name, Key=self._key(),
+                UpdateExpression=f"SET {', '.join(sets)} REMOVE {context}",
+                ConditionExpression=f"attribute_exists({context}) AND "
+                                    f"attribute_not_exists({marker})",
+                ReturnValues="ALL_NEW", **expression.arguments(),
+            )
+        except self.client.exceptions.ConditionalCheckFailedException:
+            return await self.load()  # flattened meanwhile by another worker
+        return self._data(response.get("Attributes"))
 
     async def _update(self, operations: Sequence[PatchOperation], *, condition: str = "",
                       expression: Expression | None = None,
                       size_hint: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
         """One UpdateItem; ``None`` when the condition failed."""
+        item = await self._update_item(operations, condition=condition, expression=expression,
+                                       size_hint=size_hint)
+        return None if item is None else self._data(item)
+
+    async def _update_item(self, operations: Sequence[PatchOperation], *, condition: str = "",
+                           expression: Expression | None = None,
+                           size_hint: Mapping[str, Any] | None = None
+                           ) -> dict[str, Any] | None:
+        """One UpdateItem returning the raw new item; ``None`` when the condition failed."""
         expression = expression or Expression()
         update = expression.update([op for op in operations if op.key != KEY])
         arguments: dict[str, Any] = {
@@ -89,7 +132,7 @@ class DynamoDbContext:
                 raise ContextTooLargeError(self.run_id, max(size, ITEM_LIMIT_BYTES + 1),
                                            ITEM_LIMIT_BYTES, "DynamoDB") from None
             raise
-        return self._data(response.get("Attributes"))
+        return dict(response.get("Attributes") or {})
 
     def check_size(self, data: Mapping[str, Any]) -> None:
         size = approximate_size(data)
@@ -107,6 +150,7 @@ class DynamoDbContext:
         self.check_size(initial)
         item = to_item({k: v for k, v in initial.items() if k != KEY})
         item[KEY] = {"S": self.run_id}
+        item[FLAT_MARKER] = {"BOOL": True}
         try:
             await self.client.put_item(TableName=self.table_name, Item=item)
         except ClientError as exc:
@@ -128,12 +172,14 @@ class DynamoDbContext:
             f"{expression.value(owner)} OR {lease}.{expression.name('expires')} < "
             f"{expression.value(now)})"
         )
-        data = await self._update(
+        item = await self._update_item(
             [PatchOperation("set", lock_key(node_id),
                             lease_value(owner, iteration, lease_seconds, now))],
             condition=condition, expression=expression,
         )
-        if data is not None:
+        if item is not None:
+            data = (await self._flatten_seed_item(item) if self._is_seed_item(item)
+                    else self._data(item))
             return Claim(ClaimStatus.CLAIMED, data, owner)
         current = await self.load()  # why the condition failed
         status = claim_status(current, node_id, iteration, owner, time.time())
@@ -178,6 +224,12 @@ class DynamoDbContext:
                            expression=expression)
 
     async def apply(self, operations: Sequence[PatchOperation]) -> dict[str, Any] | None:
+        if any(op.op == "delete" for op in operations):
+            # A key of a seed-client item may live in its nested context: flatten it first.
+            response = await self.client.get_item(TableName=self.table_name, Key=self._key(),
+                                                  ConsistentRead=True)
+            if self._is_seed_item(response.get("Item")):
+                await self._flatten_seed_item(response["Item"])
         expression = Expression()
         return await self._update(operations, condition=f"attribute_exists({expression.name(KEY)})",
                                   expression=expression,

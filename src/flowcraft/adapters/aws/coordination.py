@@ -3,8 +3,10 @@
 Works on the table the seed documentation creates: partition key ``key``
 (string) and TTL on the ``ttl`` attribute (epoch seconds). DynamoDB deletes
 expired items lazily (up to days later), so every read treats an item whose
-``ttl`` has passed as absent. Values live in ``value``; join sets in the
-string-set attribute ``members`` (``ADD`` makes adding a member idempotent).
+``ttl`` has passed as absent, and every write starts such an item afresh (an
+expired counter counts from 1 again, an expired join set loses its members).
+Values live in ``value``; join sets in the string-set attribute ``members``
+(``ADD`` makes adding a member idempotent).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from ...errors import FlowcraftError
 from ._dynamo import Expression
 
 
@@ -46,26 +49,49 @@ class DynamoDbCoordinationStore:
             return None
         return item
 
-    async def increment(self, key: str, ttl_seconds: int) -> int:
-        expression = Expression()
-        value, ttl = expression.name("value"), expression.name(self.ttl_attribute)
-        live = self._live_condition(expression)
+    def _expired_condition(self, expression: Expression) -> str:
+        ttl = expression.name(self.ttl_attribute)
+        return (f"({ttl} <> {expression.value(0)} AND "
+                f"{ttl} <= {expression.value(int(time.time()))})")
+
+    async def _restart_expired(self, key: str, update: str, expression: Expression) -> bool:
+        """Overwrite an expired (not yet swept) item, only while it is still expired: of
+        workers racing to restart it, one wins and the others retry their normal update."""
         try:
-            response = await self.client.update_item(
-                TableName=self.table_name, Key=self._key(key),
-                UpdateExpression=f"SET {value} = if_not_exists({value}, {expression.value(0)}) "
-                                 f"+ {expression.value(1)}, {ttl} = "
-                                 f"{expression.value(self._expiry(ttl_seconds))}",
-                ConditionExpression=live, ReturnValues="UPDATED_NEW", **expression.arguments(),
+            await self.client.update_item(
+                TableName=self.table_name, Key=self._key(key), UpdateExpression=update,
+                ConditionExpression=self._expired_condition(expression),
+                **expression.arguments(),
             )
-            return int(response["Attributes"]["value"]["N"])
         except self.client.exceptions.ConditionalCheckFailedException:
-            # The counter expired but is not yet swept: start it again.
-            await self.client.put_item(TableName=self.table_name, Item={
-                **self._key(key), "value": {"N": "1"},
-                self.ttl_attribute: {"N": str(self._expiry(ttl_seconds))},
-            })
-            return 1
+            return False
+        return True
+
+    async def increment(self, key: str, ttl_seconds: int) -> int:
+        for _ in range(5):
+            expression = Expression()
+            value, ttl = expression.name("value"), expression.name(self.ttl_attribute)
+            live = self._live_condition(expression)
+            try:
+                response = await self.client.update_item(
+                    TableName=self.table_name, Key=self._key(key),
+                    UpdateExpression=f"SET {value} = if_not_exists({value}, "
+                                     f"{expression.value(0)}) + {expression.value(1)}, "
+                                     f"{ttl} = {expression.value(self._expiry(ttl_seconds))}",
+                    ConditionExpression=live, ReturnValues="UPDATED_NEW",
+                    **expression.arguments(),
+                )
+                return int(response["Attributes"]["value"]["N"])
+            except self.client.exceptions.ConditionalCheckFailedException:
+                pass
+            # The counter expired but is not yet swept: start it again (once).
+            expression = Expression()
+            update = (f"SET {expression.name('value')} = {expression.value(1)}, "
+                      f"{expression.name(self.ttl_attribute)} = "
+                      f"{expression.value(self._expiry(ttl_seconds))}")
+            if await self._restart_expired(key, update, expression):
+                return 1
+        raise FlowcraftError(f"coordination key {key}: could not increment (contention)")
 
     async def set_if_not_exist(self, key: str, value: str, ttl_seconds: int) -> bool:
         expression = Expression()
@@ -110,16 +136,31 @@ class DynamoDbCoordinationStore:
         return attribute.get("S") if "S" in attribute else attribute.get("N")
 
     async def join_add(self, key: str, member: str, ttl_seconds: int) -> int:
-        expression = Expression()
-        members = expression.attribute({"SS": [member]})
-        response = await self.client.update_item(
-            TableName=self.table_name, Key=self._key(key),
-            UpdateExpression=f"ADD {expression.name('members')} {members} "
-                             f"SET {expression.name(self.ttl_attribute)} = "
-                             f"{expression.value(self._expiry(ttl_seconds))}",
-            ReturnValues="ALL_NEW", **expression.arguments(),
-        )
-        return len(response["Attributes"]["members"]["SS"])
+        for _ in range(5):
+            expression = Expression()
+            members = expression.attribute({"SS": [member]})
+            try:
+                response = await self.client.update_item(
+                    TableName=self.table_name, Key=self._key(key),
+                    UpdateExpression=f"ADD {expression.name('members')} {members} "
+                                     f"SET {expression.name(self.ttl_attribute)} = "
+                                     f"{expression.value(self._expiry(ttl_seconds))}",
+                    ConditionExpression=self._live_condition(expression),
+                    ReturnValues="ALL_NEW", **expression.arguments(),
+                )
+                return len(response["Attributes"]["members"]["SS"])
+            except self.client.exceptions.ConditionalCheckFailedException:
+                pass
+            # The set expired but is not yet swept: its old members no longer count.
+            expression = Expression()
+            update = (f"SET {expression.name('members')} = "
+                      f"{expression.attribute({'SS': [member]})}, "
+                      f"{expression.name(self.ttl_attribute)} = "
+                      f"{expression.value(self._expiry(ttl_seconds))}")
+            if await self._restart_expired(key, update, expression):
+                return 1
+        raise FlowcraftError(f"coordination key {key}: could not add a join member "
+                             "(contention)")
 
     async def join_members(self, key: str) -> set[str]:
         item = await self._get_item(key)

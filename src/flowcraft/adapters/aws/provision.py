@@ -13,6 +13,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from ...errors import FlowcraftError
+
 logger = logging.getLogger("flowcraft.aws")
 
 
@@ -51,8 +53,11 @@ async def _table(dynamodb: Any, name: str, key: str, created: list[str]) -> None
         description = await dynamodb.describe_table(TableName=name)
         schema = description["Table"]["KeySchema"]
         if schema != [{"AttributeName": key, "KeyType": "HASH"}]:
-            raise RuntimeError(f"table {name} exists with key schema {schema}; flowcraft needs "
-                               f"a single partition key '{key}' of type string")
+            keys = ", ".join(f"{k['AttributeName']} ({k['KeyType']})" for k in schema)
+            raise FlowcraftError(
+                f"table {name} exists with the key {keys}, but flowcraft needs a single "
+                f"partition key '{key}' of type string; delete the table or choose another "
+                "name")
         return
     except dynamodb.exceptions.ResourceNotFoundException:
         pass
