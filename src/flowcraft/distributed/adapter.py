@@ -19,13 +19,14 @@ point. Each step says why repeating it is safe.
    message received more often than ``max_receive_count`` is treated the
    same way: it cannot loop forever. Only crashed attempts count: a job
    that must wait (its node is leased elsewhere, or its run needs another
-   blueprint version) goes back to the queue as a fresh message.
+   blueprint version) is made visible again later, and goes back to the
+   queue as a fresh message before its receive count runs out.
 
 2. **Claim** (one conditional write that returns the context). The worker
    takes a lease on the node in the run's context item, unless the node has
    already completed this iteration (``DONE``: a redelivery — go to step 6
    to re-announce its successors, then acknowledge) or another worker holds a
-   live lease (``LOCKED``: send the job again with a delay). The lease is
+   live lease (``LOCKED``: make the message visible again after a delay). The lease is
    renewed while the node runs, together with the message's visibility, so
    a long node is never picked up twice; a crashed worker's lease expires.
    A stored ``blueprintVersion`` that differs from this worker's blueprint
@@ -63,16 +64,21 @@ point. Each step says why repeating it is safe.
    and enqueue loses messages; :meth:`reconcile` recomputes the frontier from
    the records and re-enqueues it.
 
-8. **Finish.** When every terminal node is done or skipped, the status
-   record is set ``completed`` with a write that only succeeds while it
-   is ``running`` (declared once). A failed node writes a failure record (so
+8. **Finish.** When every terminal node is done or skipped and nothing
+   else can run (no late predecessor of an ``any`` join is still pending),
+   the status record is set ``completed`` with a write that only succeeds
+   while it is ``running`` (declared once); with parked ``wait`` nodes it is
+   set ``awaiting`` at that point instead. A parked node's entry in
+   ``_awaitingNodeIds`` is written under a short lease on that list, so
+   parallel parks and resumes never lose each other's update. A failed node
+   writes a failure record (so
    nothing that needed it ever runs), poison / cancel markers for its
    ``all`` / ``any`` successors, and the status ``failed`` with the reason.
    Then the message is acknowledged.
 
-Service calls for a node: claim + commit (+ a batched send and a batched
-delete, amortised over the batch) — and with local continuation, a chain
-node costs one commit that also claims its successor.
+Service calls for a node: claim + commit + one delete of its message (+ a
+batched send, amortised over the successors) — and with local continuation,
+a chain node costs one commit that also claims its successor.
 """
 
 from __future__ import annotations
@@ -93,7 +99,13 @@ from typing import Any, Literal
 from ..analysis import analyze_blueprint
 from ..blueprint import WorkflowBlueprint
 from ..context import PatchOperation, TrackedContext, public_view
-from ..errors import FlowcraftError, InvalidJobError, UnknownBlueprintError
+from ..errors import (
+    BlueprintValidationError,
+    ContextTooLargeError,
+    FlowcraftError,
+    InvalidJobError,
+    UnknownBlueprintError,
+)
 from ..events import EventBus, FlowcraftEvent, safe_emit
 from ..nodes.base import NodeContext, NodeResult
 from ..runtime.graph import Graph
@@ -104,6 +116,7 @@ from ..runtime.routing import (
     INPUTS_PREFIX,
     JoinDecision,
     completed_record,
+    deliveries,
     evaluate_join,
     failed_record,
     output_key,
@@ -131,6 +144,7 @@ from .context import (
     ClaimStatus,
     DistributedContext,
     live_lease,
+    lock_key,
 )
 from .coordination import CoordinationStore, cancel_key, poison_key
 from .job import JobPayload, parse_job
@@ -411,10 +425,10 @@ class BaseDistributedAdapter(abc.ABC):
             await self._fail_run(job.run_id, reason, node_id=job.node_id)
             return "dropped", 0.0
         outcome, delay = await self._handle(job, message_id=message.message_id, message=message)
-        if outcome == "deferred":
-            # Waiting is not failing: the job goes back as a fresh message, so its receive
-            # count (what makes a message poison, here and in a queue's redrive policy)
-            # only counts attempts that crashed.
+        if outcome == "deferred" and message.receive_count >= self.max_receive_count:
+            # Waiting is not failing: before its receive count (what makes a message poison,
+            # here and in a queue's redrive policy) runs out, a job that only waited goes
+            # back as a fresh message.
             await self._send_jobs([job], min(delay, self.max_delay_seconds))
             return "requeued", 0.0
         return outcome, delay
@@ -455,6 +469,8 @@ class BaseDistributedAdapter(abc.ABC):
             return "dropped", 0.0
         assert claim.data is not None
         if claim.status is ClaimStatus.LOCKED:
+            if job.node_id in (claim.data.get(AWAITING_IDS_KEY) or ()):
+                return "duplicate", 0.0  # parked; resume_with_action holds it briefly
             wait = max(1.0, (claim.expires or time.time()) - time.time())
             logger.info("run %s node %s: running on %s; retrying in %.0fs", job.run_id,
                         job.node_id, claim.holder, wait)
@@ -483,6 +499,18 @@ class BaseDistributedAdapter(abc.ABC):
                 job.run_id, job.node_id, stored_version, blueprint.id, blueprint.version,
             )
             return "deferred", min(60.0, self.max_delay_seconds)
+        if job.node_id in (data.get(AWAITING_IDS_KEY) or ()):
+            # Parked already (a duplicate): it waits for resume_with_action, not for a rerun.
+            await context.release(job.node_id, owner)
+            logger.info("run %s node %s: awaiting; duplicate job dropped", job.run_id,
+                        job.node_id)
+            return "duplicate", 0.0
+        wake_up_at = _wake_up_at(graph_for(base_graph, data), data, job.node_id)
+        if wake_up_at is not None and wake_up_at > time.time() + 0.5:
+            # A durable sleep longer than the queue's longest delay: wait another round.
+            await context.release(job.node_id, owner)
+            await self._send_jobs([job], min(self.max_delay_seconds, wake_up_at - time.time()))
+            return "requeued", 0.0
         step: _Step | None = _Step(job, data, owner)
         while step is not None:
             step = await self._execute_claimed(context, base_graph, blueprint, step)
@@ -523,10 +551,10 @@ class BaseDistributedAdapter(abc.ABC):
             raise
         renewer.cancel()
         await self._checkpoint("after_run", job)
-        await self._touch_status(job.run_id)
+        await self._touch_status(job.run_id, job.blueprint_id)
         operations = list(tracked.deltas)
         if outcome.awaiting is not None:
-            return await self._park(context, job, owner, operations, outcome.awaiting)
+            return await self._park(context, graph, job, owner, operations, outcome.awaiting)
         if outcome.error is not None:
             await self._fail_node(context, graph, job, owner, operations, outcome.error.message,
                                   outcome.error.to_dict())
@@ -567,8 +595,16 @@ class BaseDistributedAdapter(abc.ABC):
             continuation = self._continuation(graph, node_id, working)
         claims = [continuation] if continuation else []
         await self._checkpoint("before_commit", job)
-        committed = await context.commit(node_id, job.iteration, owner, operations,
-                                         claims, self.lease_seconds)
+        try:
+            committed = await context.commit(node_id, job.iteration, owner, operations,
+                                             claims, self.lease_seconds)
+        except ContextTooLargeError as exc:
+            # Running the node again would produce the same output: fail it now, clearly.
+            await self._fail_node(context, graph, job, owner, [], exc.message, {
+                "nodeId": node_id, "message": exc.message, "attempt": 1,
+                "errorType": type(exc).__name__, "runId": job.run_id,
+            })
+            return None
         if committed is None:
             logger.warning("run %s node %s: lease lost before commit (the node ran elsewhere);"
                            " this result is discarded", job.run_id, node_id)
@@ -660,8 +696,10 @@ class BaseDistributedAdapter(abc.ABC):
                             ready[(target, generation)] = record.wake_up_at
                         continue
                     target_record = read_record(data, target)
-                    if target_record is not None and not graph.same_cycle(target, target):
-                        continue  # already resolved
+                    if target_record is not None and not graph.same_cycle(target, target) and not (
+                        target_record.skipped and target in delivered
+                    ):
+                        continue  # already resolved (a skip is revived by a delivery, below)
                     decision = evaluate_join(graph, data, target)
                     if decision is JoinDecision.RUN:
                         if await self._wins_any_join(graph, run_id, source, target, generation,
@@ -681,6 +719,7 @@ class BaseDistributedAdapter(abc.ABC):
                 logger.debug("run %s node %s: skipped", run_id, skipped)
                 await self._emit("node:skipped", runId=run_id, nodeId=skipped)
             frontier = skips
+        awaiting = set(data.get(AWAITING_IDS_KEY) or ())
         startable = [
             (node_id, generation, wake)
             for (node_id, generation), wake in ready.items()
@@ -688,6 +727,7 @@ class BaseDistributedAdapter(abc.ABC):
             or (
                 resolution_count(data, node_id) <= generation
                 and not live_lease(data, node_id, now)
+                and node_id not in awaiting
             )
         ]
         await self._maybe_complete(run_id, graph, data)
@@ -733,39 +773,68 @@ class BaseDistributedAdapter(abc.ABC):
             await self._emit("job:enqueued", runId=run_id, nodeId=job.node_id)
 
     async def _maybe_complete(self, run_id: str, graph: Graph, data: Mapping[str, Any]) -> None:
-        if data.get(AWAITING_IDS_KEY):
-            return
+        """Declare the run ``completed`` (or ``awaiting``) once nothing else can run in it."""
         run_state = data.get(RUN_STATE_KEY)
         if isinstance(run_state, Mapping) and run_state.get("status") == "failed":
             return
-        for terminal in terminal_ids(graph):
-            record = read_record(data, terminal)
-            if record is None or record.failed:
-                return
+        awaiting = list(data.get(AWAITING_IDS_KEY) or [])
+        if not awaiting:
+            for terminal in terminal_ids(graph):
+                record = read_record(data, terminal)
+                if record is None or record.failed:
+                    return
+        ready, skip = ready_frontier(graph, data)
+        if ready or skip or revivable(graph, data):
+            # Something can still run (or is running), e.g. a late predecessor of an ``any``
+            # join whose terminal already finished, or a branch beside a waiting node: the
+            # run rests when it has finished, as in memory.
+            return
+        if awaiting:
+            await self._write_status(run_id, {"status": "awaiting", "lastUpdated": now_iso(),
+                                              "awaitingNodeIds": awaiting},
+                                     only_if_running=True)
+            return
         if await self._write_status(run_id, {"status": "completed", "finalStatus": "completed",
                                              "lastUpdated": now_iso()}, only_if_running=True):
             logger.info("run %s completed", run_id)
             await self._emit("workflow:finish", runId=run_id, status="completed")
 
-    async def _park(self, context: DistributedContext, job: JobPayload, owner: str,
-                    operations: list[PatchOperation], details: dict[str, Any]) -> None:
+    async def _park(self, context: DistributedContext, graph: Graph, job: JobPayload,
+                    owner: str, operations: list[PatchOperation],
+                    details: dict[str, Any]) -> None:
         # The awaiting node keeps no record: resume_with_action completes it.
-        snapshot = await context.load() or {}
+        snapshot = await self._lock_awaiting(context, owner)
+        if snapshot is None:
+            return None
         ids = list(snapshot.get(AWAITING_IDS_KEY) or [])
         if job.node_id not in ids:
             ids.append(job.node_id)
         all_details = dict(snapshot.get(AWAITING_DETAILS_KEY) or {})
         all_details[job.node_id] = {**details, "iteration": job.iteration}
         operations += [PatchOperation("set", AWAITING_IDS_KEY, ids),
-                       PatchOperation("set", AWAITING_DETAILS_KEY, all_details)]
+                       PatchOperation("set", AWAITING_DETAILS_KEY, all_details),
+                       PatchOperation("delete", lock_key(_AWAITING_LOCK))]
         committed = await context.commit(job.node_id, job.iteration, owner, operations)
         if committed is None:
+            await context.release(_AWAITING_LOCK, owner)
             return None
-        await self._write_status(job.run_id, {"status": "awaiting", "lastUpdated": now_iso(),
-                                              "awaitingNodeIds": ids}, only_if_running=True)
         logger.info("run %s node %s: awaiting (%s)", job.run_id, job.node_id,
                     details.get("reason"))
+        await self._maybe_complete(job.run_id, graph, committed)
         return None
+
+    async def _lock_awaiting(self, context: DistributedContext,
+                             owner: str) -> dict[str, Any] | None:
+        """Take the lease that serialises changes of ``_awaitingNodeIds`` (parks and resumes
+        of different nodes write that one list); return the context as it is now, or
+        ``None`` if the run has no context. The caller's commit deletes the lease."""
+        while True:
+            claim = await context.claim(_AWAITING_LOCK, 0, owner, self.lease_seconds)
+            if claim.status is ClaimStatus.CLAIMED:
+                return claim.data
+            if claim.status is ClaimStatus.MISSING:
+                return None
+            await asyncio.sleep(0.01 + (uuid.uuid4().int % 40) / 1000)
 
     async def _fail_node(self, context: DistributedContext, graph: Graph, job: JobPayload,
                          owner: str, operations: list[PatchOperation], message: str,
@@ -816,7 +885,9 @@ class BaseDistributedAdapter(abc.ABC):
                 logger.warning("run %s node %s: lease renewal failed: %s", context.run_id,
                                node_id, exc)
 
-    async def _touch_status(self, run_id: str) -> None:
+    async def _touch_status(self, run_id: str, blueprint_id: str | None = None) -> None:
+        """Record progress (``lastUpdated``) at most every ``status_touch_seconds``; also the
+        blueprint id, which status records written by other clients may lack."""
         now = time.monotonic()
         last = self._status_touched.get(run_id)
         if last is not None and now - last < self.status_touch_seconds:
@@ -825,7 +896,9 @@ class BaseDistributedAdapter(abc.ABC):
             self._status_touched.clear()
         self._status_touched[run_id] = now
         with contextlib.suppress(Exception):
-            await self._write_status(run_id, {"lastUpdated": now_iso()}, only_if_running=True)
+            fields = {"lastUpdated": now_iso(),
+                      **({"blueprintId": blueprint_id} if blueprint_id else {})}
+            await self._write_status(run_id, fields, only_if_running=True)
 
     def _renew_interval(self) -> float:
         """How often leases and message visibility are extended: three times per lease, so
@@ -915,8 +988,9 @@ class BaseDistributedAdapter(abc.ABC):
         if not blueprint_id:
             blueprint_id = self._infer_blueprint_id(data)
         blueprint = self.engine.blueprint(blueprint_id)
-        graph = graph_for(self.engine.graph(blueprint), data)
+        graph = graph_for(self._routing_graph(blueprint), data)
         ready, skip = ready_frontier(graph, data)
+        ready += revivable(graph, data)
         if skip:
             data = await context.apply([
                 PatchOperation("set", record_key(t), skipped_record(resolution_count(data, t)))
@@ -939,6 +1013,14 @@ class BaseDistributedAdapter(abc.ABC):
         if jobs:
             logger.info("run %s reconciled: re-enqueued %s", run_id, [j[0] for j in jobs])
         return [j[0] for j in jobs]
+
+    def _routing_graph(self, blueprint: WorkflowBlueprint) -> Graph:
+        """The graph for routing alone (reconcile runs no node, so a reconciler need not
+        have the nodes' implementations)."""
+        try:
+            return self.engine.graph(blueprint)
+        except BlueprintValidationError:
+            return Graph(blueprint)
 
     def _infer_blueprint_id(self, data: Mapping[str, Any]) -> str:
         known = list(self.runtime_options.blueprints)
@@ -969,34 +1051,70 @@ class BaseDistributedAdapter(abc.ABC):
         iteration = int((data.get(AWAITING_DETAILS_KEY) or {}).get(target, {}).get(
             "iteration", resolution_count(data, target)))
         owner = self._lease_owner()
-        claim = await context.claim(target, iteration, owner, self.lease_seconds)
-        if claim.status is not ClaimStatus.CLAIMED or claim.data is None:
-            raise FlowcraftError(f"cannot resume node '{target}' of run '{run_id}': "
-                                 f"{claim.status.value}", run_id=run_id, node_id=target)
-        data = claim.data
-        ids = [i for i in (data.get(AWAITING_IDS_KEY) or []) if i != target]
-        details = {k: v for k, v in (data.get(AWAITING_DETAILS_KEY) or {}).items()
-                   if k != target}
-        tracked = TrackedContext(data)
-        if ids:
-            tracked.set_now(AWAITING_IDS_KEY, ids)
-            tracked.set_now(AWAITING_DETAILS_KEY, details)
-        else:
-            tracked.delete_now(AWAITING_IDS_KEY)
-            tracked.delete_now(AWAITING_DETAILS_KEY)
-        await self._write_status(run_id, {"status": "running", "lastUpdated": now_iso()},
-                                 only_if_running=False)
-        job = JobPayload(run_id, blueprint.id, target, iteration)
-        step = await self._commit_success(
-            context, graph, blueprint, job, owner, tracked, list(tracked.deltas),
-            NodeResult(output=output, action=action), None, continue_locally=False,
-        )
-        assert step is None
+        if await self._lock_awaiting(context, owner) is None:
+            raise FlowcraftError(f"cannot resume run '{run_id}': no stored context",
+                                 run_id=run_id)
+        try:
+            claim = await context.claim(target, iteration, owner, self.lease_seconds)
+            if claim.status is not ClaimStatus.CLAIMED or claim.data is None:
+                raise FlowcraftError(f"cannot resume node '{target}' of run '{run_id}': "
+                                     f"{claim.status.value}", run_id=run_id, node_id=target)
+            data = claim.data
+            ids = [i for i in (data.get(AWAITING_IDS_KEY) or []) if i != target]
+            details = {k: v for k, v in (data.get(AWAITING_DETAILS_KEY) or {}).items()
+                       if k != target}
+            tracked = TrackedContext(data)
+            if ids:
+                tracked.set_now(AWAITING_IDS_KEY, ids)
+                tracked.set_now(AWAITING_DETAILS_KEY, details)
+            else:
+                tracked.delete_now(AWAITING_IDS_KEY)
+                tracked.delete_now(AWAITING_DETAILS_KEY)
+            tracked.delete_now(lock_key(_AWAITING_LOCK))  # released by the same commit
+            await self._write_status(run_id, {"status": "running", "lastUpdated": now_iso()},
+                                     only_if_running=False)
+            job = JobPayload(run_id, blueprint.id, target, iteration)
+            step = await self._commit_success(
+                context, graph, blueprint, job, owner, tracked, list(tracked.deltas),
+                NodeResult(output=output, action=action), None, continue_locally=False,
+            )
+            assert step is None
+        finally:
+            await context.release(_AWAITING_LOCK, owner)  # a no-op once committed
         logger.info("run %s node %s resumed with action %r", run_id, target, action)
         return [target]
 
 
 _COORDINATION_TTL = 7 * 24 * 3600
+_AWAITING_LOCK = "_flowcraft:awaiting"
+"""A pseudo node whose lease serialises changes of the run's awaiting list."""
+
+
+def _wake_up_at(graph: Graph, data: Mapping[str, Any], node_id: str) -> float | None:
+    """When the durable sleeps that delivered to ``node_id`` end (``None``: no sleep)."""
+    wakes = [record.wake_up_at for delivery in deliveries(graph, data, node_id)
+             if (record := read_record(data, delivery.source)) is not None
+             and record.wake_up_at is not None]
+    return max(wakes) if wakes else None
+
+
+def revivable(graph: Graph, data: Mapping[str, Any]) -> list[str]:
+    """Skipped nodes outside loops that a predecessor now delivers to, and that can run.
+
+    A loop skips a target outside it on the iterations that do not take the edge to it
+    (a ``break`` target, while the loop continues); when a later iteration does take it,
+    the target runs after all, as a new generation — as the in-memory runtime runs it —
+    and so do the skipped nodes behind it. :func:`ready_frontier` counts every recorded
+    node outside a loop as done, so completion and reconcile add these.
+    """
+    found = []
+    for node_id in graph.nodes:
+        record = read_record(data, node_id)
+        if (record is not None and record.skipped and not graph.same_cycle(node_id, node_id)
+                and deliveries(graph, data, node_id)
+                and evaluate_join(graph, data, node_id) is JoinDecision.RUN):
+            found.append(node_id)
+    return found
 
 
 def _any_key(run_id: str, node_id: str, iteration: int) -> str:

@@ -47,7 +47,10 @@ class InProcessQueue:
     def __init__(self, *, duplicate_every_send: bool = False, shuffle: bool = False,
                  seed: int | None = None) -> None:
         self._entries: dict[str, _Entry] = {}
-        self._changed = asyncio.Condition()
+        # Every change happens on the event loop between awaits, so no lock is needed; a
+        # fresh event per change wakes waiting receivers. (``wait_for`` around
+        # ``Condition.wait`` can turn a cancellation into "Lock is not acquired".)
+        self._changed = asyncio.Event()
         self.duplicate_every_send = duplicate_every_send
         self.shuffle = shuffle
         self._random = random.Random(seed)
@@ -61,42 +64,44 @@ class InProcessQueue:
     async def send(self, bodies: Sequence[str], delay_seconds: float = 0) -> None:
         self._count("send")
         visible_at = time.monotonic() + delay_seconds
-        async with self._changed:
-            for body in bodies:
-                for _ in range(2 if self.duplicate_every_send else 1):
-                    message_id = f"m{next(self._ids)}"
-                    self._entries[message_id] = _Entry(message_id, body, visible_at)
-            self._changed.notify_all()
+        for body in bodies:
+            for _ in range(2 if self.duplicate_every_send else 1):
+                message_id = f"m{next(self._ids)}"
+                self._entries[message_id] = _Entry(message_id, body, visible_at)
+        self._notify()
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
     async def receive(self, max_messages: int, wait_seconds: float,
                       visibility_seconds: float) -> list[QueueMessage]:
         self._count("receive")
         deadline = time.monotonic() + wait_seconds
-        async with self._changed:
-            while True:
-                now = time.monotonic()
-                visible = [e for e in self._entries.values() if e.visible_at <= now]
-                if visible:
-                    if self.shuffle:
-                        self._random.shuffle(visible)
-                    taken = visible[:max_messages]
-                    result = []
-                    for entry in taken:
-                        entry.receive_count += 1
-                        entry.receipt = uuid.uuid4().hex
-                        entry.visible_at = now + visibility_seconds
-                        result.append(QueueMessage(entry.body, entry.message_id,
-                                                   entry.receive_count, entry.receipt))
-                    return result
-                remaining = deadline - now
-                if remaining <= 0:
-                    return []
-                upcoming = [e.visible_at - now for e in self._entries.values()]
-                timeout = min([remaining, *[u for u in upcoming if u > 0]])
-                try:
-                    await asyncio.wait_for(self._changed.wait(), timeout=max(timeout, 0.001))
-                except TimeoutError:
-                    pass
+        while True:
+            now = time.monotonic()
+            visible = [e for e in self._entries.values() if e.visible_at <= now]
+            if visible:
+                if self.shuffle:
+                    self._random.shuffle(visible)
+                taken = visible[:max_messages]
+                result = []
+                for entry in taken:
+                    entry.receive_count += 1
+                    entry.receipt = uuid.uuid4().hex
+                    entry.visible_at = now + visibility_seconds
+                    result.append(QueueMessage(entry.body, entry.message_id,
+                                               entry.receive_count, entry.receipt))
+                return result
+            remaining = deadline - now
+            if remaining <= 0:
+                return []
+            upcoming = [e.visible_at - now for e in self._entries.values()]
+            timeout = min([remaining, *[u for u in upcoming if u > 0]])
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout=max(timeout, 0.001))
+            except TimeoutError:
+                pass
 
     def _current(self, message: QueueMessage) -> _Entry | None:
         entry = self._entries.get(message.message_id)
@@ -112,9 +117,8 @@ class InProcessQueue:
         self._count("visibility")
         entry = self._current(message)
         if entry is not None:
-            async with self._changed:
-                entry.visible_at = time.monotonic() + seconds
-                self._changed.notify_all()
+            entry.visible_at = time.monotonic() + seconds
+            self._notify()
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -1,0 +1,406 @@
+"""Faults in the distributed job algorithm: a worker crashing at each step, a worker killed
+mid-job, lost messages and ``reconcile``, idempotency keys, malformed and poison messages."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from typing import Any
+
+import pytest
+
+from distributed_helpers import (
+    BEFORE_COMMIT,
+    STEPS,
+    Cluster,
+    CrashPlan,
+    Executions,
+    comparable,
+    drive,
+    oracle,
+)
+from flowcraft import ContextTooLargeError, FlowcraftError, NodeContext, WorkflowBlueprint
+from flowcraft.distributed.context import InMemoryDistributedContext, InMemoryRunStore
+from flowcraft.distributed.job import JobPayload
+
+
+def blueprint(bp_id: str, nodes: list[tuple[str, str]], edges: list[tuple[str, str]],
+              **node_config: dict[str, Any]) -> WorkflowBlueprint:
+    return WorkflowBlueprint.model_validate({
+        "id": bp_id,
+        "nodes": [{"id": i, "uses": u, **({"config": node_config[i]} if i in node_config else {})}
+                  for i, u in nodes],
+        "edges": [{"source": s, "target": t} for s, t in edges],
+    })
+
+
+# s -> {p, q}; p, q -> j (all join); j -> k -> m (a chain).
+# With local continuation, p runs in s's job, q and j come from queue messages, and k and m
+# run in j's job (k claimed by j's commit, m by k's).
+SHAPE = blueprint(
+    "shape",
+    [("s", "step"), ("p", "step"), ("q", "step"), ("j", "join"), ("k", "step"), ("m", "step")],
+    [("s", "p"), ("s", "q"), ("p", "j"), ("q", "j"), ("j", "k"), ("k", "m")],
+)
+
+
+def shape_registry(runs: Executions) -> dict[str, Any]:
+    return {
+        "step": runs.node(lambda ctx: [ctx.node_id, ctx.input]),
+        "join": runs.node(lambda ctx: sorted(ctx.input)),
+    }
+
+
+# A crash in a continuation after its commit (or after its enqueue) leaves the next node of
+# the chain leased with no message: only reconcile finds it. Every other crash is recovered
+# by the redelivery of the message that was being processed.
+NEEDS_RECONCILE = {("k", "after_commit"), ("k", "after_enqueue")}
+
+
+@pytest.mark.parametrize("node", ["q", "j", "k"])
+@pytest.mark.parametrize("step", STEPS)
+async def test_crash_at_each_step_recovers_to_the_in_memory_result(step: str, node: str) -> None:
+    runs = Executions()
+    registry = shape_registry(runs)
+    expected = await oracle(SHAPE, registry, {"in": 1}, run_id="crash-run")
+    runs.reset()
+    plan = CrashPlan().add(step, node)
+    async with Cluster([SHAPE], registry, workers=2, lease_seconds=0.5,
+                       crash_plan=plan) as cluster:
+        run_id = await cluster.client.start_workflow(SHAPE, {"in": 1}, run_id="crash-run")
+        await cluster.settle(timeout=10, quiet=0.15)  # a crashed job stays queued: redelivered
+        assert plan.fired == [(step, node)]
+        if (node, step) in NEEDS_RECONCILE:
+            assert cluster.status(run_id) == "running"
+            # The lost node is the one after the crashed continuation: m.
+            enqueued = await cluster.client.reconcile(run_id)
+            assert enqueued == ["m"]
+        else:
+            assert cluster.status(run_id) == "completed"
+        result = await cluster.client.wait_for_result(run_id, timeout=10, poll_interval=0.02)
+    assert result.status == "completed"
+    assert comparable(result.context) == comparable(expected.context)
+    reran = 2 if step in {"after_run", "before_commit"} else 1
+    assert runs.counts == {n: (reran if n == node else 1) for n in runs.counts}
+    assert set(runs.counts) == {n.id for n in SHAPE.nodes}
+    # Only a crash before the commit can make a node run twice.
+    assert (runs.counts[node] == 2) == (step in BEFORE_COMMIT - {"before_run"})
+
+
+async def test_killed_worker_mid_node_is_taken_over_after_the_lease() -> None:
+    runs = Executions()
+    started = asyncio.Event()
+    release = asyncio.Event()
+    hang = [False]
+
+    async def long_node(ctx: NodeContext) -> Any:
+        runs.record(ctx)
+        started.set()
+        if hang[0] and runs.counts[ctx.node_id] == 1:
+            await release.wait()  # the first execution hangs until its worker is killed
+        return "done"
+
+    bp = blueprint("kill", [("s", "step"), ("long", "long"), ("t", "step")],
+                   [("s", "long"), ("long", "t")])
+    registry = {"step": runs.node(lambda ctx: ctx.node_id), "long": long_node}
+    expected = await oracle(bp, registry, run_id="kill-run")
+    runs.reset()
+    started.clear()
+    hang[0] = True
+    async with Cluster([bp], registry, workers=1, lease_seconds=1.0) as cluster:
+        victim = cluster.workers[0]
+        run_id = await cluster.client.start_workflow(bp, {}, run_id="kill-run")
+        await asyncio.wait_for(started.wait(), 5)
+        killed_at = time.monotonic()
+        await victim.kill()
+        survivor = cluster.add_worker()
+        cluster.workers.append(survivor)
+        await survivor.start()
+        result = await survivor.wait_for_result(run_id, timeout=10, poll_interval=0.02)
+        took_over_after = time.monotonic() - killed_at
+    release.set()
+    assert result.status == "completed"
+    assert comparable(result.context) == comparable(expected.context)
+    # The killed execution never committed: the survivor ran the node again, once.
+    assert runs.counts == {"s": 1, "long": 2, "t": 1}
+    assert took_over_after >= 0.5  # it had to wait for the message and the lease to expire
+
+
+async def test_graceful_stop_releases_the_running_node_at_once() -> None:
+    runs = Executions()
+    started = asyncio.Event()
+
+    async def long_node(ctx: NodeContext) -> Any:
+        runs.record(ctx)
+        started.set()
+        if runs.counts[ctx.node_id] == 1:
+            await asyncio.sleep(30)
+        return "done"
+
+    bp = blueprint("stop", [("long", "long"), ("t", "step")], [("long", "t")])
+    registry = {"step": runs.node(lambda ctx: ctx.node_id), "long": long_node}
+    # A long lease: the survivor can only pick the node up this fast if it was released.
+    async with Cluster([bp], registry, workers=1, lease_seconds=20) as cluster:
+        stopping = cluster.workers[0]
+        run_id = await cluster.client.start_workflow(bp, {}, run_id="stop-run")
+        await asyncio.wait_for(started.wait(), 5)
+        await stopping.stop(timeout_seconds=0.1)
+        stopped_at = time.monotonic()
+        survivor = cluster.add_worker()
+        cluster.workers = [survivor]
+        await survivor.start()
+        result = await survivor.wait_for_result(run_id, timeout=10, poll_interval=0.02)
+    assert result.status == "completed"
+    assert time.monotonic() - stopped_at < 5
+    assert runs.counts == {"long": 2, "t": 1}
+
+
+async def test_long_node_is_not_run_twice_and_its_duplicate_is_not_poison() -> None:
+    """A duplicate of a node that runs longer than max_receive_count deferrals waits for it;
+    it neither runs the node again nor fails the run as a poison message."""
+    runs = Executions()
+    # slow is s's second successor: it comes from a (duplicated) queue message.
+    bp = blueprint("long", [("s", "step"), ("x", "step"), ("slow", "slow"), ("t", "step")],
+                   [("s", "x"), ("s", "slow"), ("slow", "t")])
+    registry = {"step": runs.node(lambda ctx: ctx.node_id),
+                "slow": runs.node(lambda ctx: "slow", delay=4.0)}
+    async with Cluster([bp], registry, workers=2, lease_seconds=1.5, duplicate=True,
+                       max_receive_count=2) as cluster:
+        result = await cluster.run(bp, run_id="long-run", timeout=20)
+        await cluster.settle()
+    assert result.status == "completed"
+    assert runs.counts == {"s": 1, "x": 1, "slow": 1, "t": 1}
+    assert cluster.queue.dead_letters == []
+
+
+# -- 7. reconcile ---------------------------------------------------------------------------------
+
+
+FAN = blueprint(
+    "fan",
+    [("s", "step"), ("a", "step"), ("b", "step"), ("c", "step"), ("j", "join")],
+    [("s", "a"), ("s", "b"), ("s", "c"), ("a", "j"), ("b", "j"), ("c", "j")],
+)
+
+
+async def test_reconcile_re_enqueues_exactly_the_lost_frontier() -> None:
+    runs = Executions()
+    registry = shape_registry(runs)
+    expected = await oracle(FAN, registry, {"in": 2}, run_id="lost")
+    runs.reset()
+    cluster = Cluster([FAN], registry, workers=2, start=False)
+    async with cluster:
+        client = cluster.client
+        run_id = await client.start_workflow(FAN, {"in": 2}, run_id="lost")
+        assert await client.reconcile(run_id) == ["s"]  # not leased: ready
+        cluster.queue._entries.clear()
+        # s runs (and a, its local continuation); b and c are enqueued ...
+        assert await client.handle_job(JobPayload(run_id, "fan", "s")) == "processed"
+        assert sorted(json.loads(b)["nodeId"] for b in cluster.queue.bodies()) == ["b", "c"]
+        # ... and lost.
+        cluster.queue._entries.clear()
+        # A node leased by a live worker is not re-enqueued.
+        context = client.create_context(run_id)
+        claim = await context.claim("b", 0, "someone-else", 30)
+        assert claim.status.value == "claimed"
+        assert await client.reconcile(run_id) == ["c"]
+        cluster.queue._entries.clear()
+        await context.release("b", "someone-else")
+        assert await client.reconcile(run_id) == ["b", "c"]
+        # Reconciling again sends them again (harmless duplicates), never a done node.
+        assert await client.reconcile(run_id) == ["b", "c"]
+        await cluster.start()
+        result = await client.wait_for_result(run_id, timeout=10, poll_interval=0.02)
+        await cluster.settle()
+        assert await client.reconcile(run_id) == []
+    assert result.status == "completed"
+    assert comparable(result.context) == comparable(expected.context)
+    assert runs.counts == {n: 1 for n in ("s", "a", "b", "c", "j")}
+
+
+async def test_reconcile_after_crash_between_commit_and_enqueue_of_a_continuation() -> None:
+    runs = Executions()
+    registry = shape_registry(runs)
+    expected = await oracle(SHAPE, registry, {"in": 3}, run_id="gap")
+    runs.reset()
+    plan = CrashPlan().add("after_commit", "k")
+    async with Cluster([SHAPE], registry, workers=3, lease_seconds=0.5,
+                       crash_plan=plan) as cluster:
+        run_id = await cluster.client.start_workflow(SHAPE, {"in": 3}, run_id="gap")
+        result, reconciled = await drive(cluster, run_id, reconcile_every=0.7)
+    assert result.status == "completed"
+    assert comparable(result.context) == comparable(expected.context)
+    assert [r for r in reconciled if r] == [["m"]]
+    assert runs.counts == {n.id: 1 for n in SHAPE.nodes}
+
+
+async def test_reconcile_declares_a_missed_completion() -> None:
+    runs = Executions()
+    async with Cluster([FAN], shape_registry(runs), workers=1) as cluster:
+        result = await cluster.run(FAN, run_id="missed")
+        assert result.status == "completed"
+        cluster.statuses["missed"]["status"] = "running"  # the status write was lost
+        assert await cluster.client.reconcile("missed") == []
+        assert cluster.status("missed") == "completed"
+
+
+async def test_reconcile_of_an_unknown_run_is_a_clear_error() -> None:
+    async with Cluster([FAN], shape_registry(Executions()), workers=1) as cluster:
+        with pytest.raises(FlowcraftError, match="no stored context"):
+            await cluster.client.reconcile("nope")
+
+
+# -- 10. idempotency key ---------------------------------------------------------------------------
+
+
+async def test_idempotency_key_is_stable_across_redelivery() -> None:
+    keys: list[tuple[str, str, str]] = []
+
+    async def pay(ctx: NodeContext) -> Any:
+        keys.append((ctx.run_id, ctx.node_id, ctx.idempotency_key))
+        return "paid"
+
+    bp = blueprint("pay", [("charge", "pay"), ("refund", "pay")], [("charge", "refund")])
+    plan = CrashPlan().add("after_run", "charge")
+    async with Cluster([bp], {"pay": pay}, workers=2, lease_seconds=0.5,
+                       crash_plan=plan) as cluster:
+        first = await cluster.run(bp, run_id="run-1")
+        second = await cluster.run(bp, run_id="run-2")
+    assert first.status == second.status == "completed"
+    run1_charge = [k for r, n, k in keys if r == "run-1" and n == "charge"]
+    assert len(run1_charge) == 2  # crashed after running, then redelivered
+    assert run1_charge[0] == run1_charge[1]
+    distinct = {k for _, _, k in keys}
+    assert len(distinct) == 4  # charge/refund x run-1/run-2
+    assert all(run_id in key and node in key for run_id, node, key in keys)
+
+
+# -- 12. malformed and poison messages ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ("{not json", "not valid JSON"),
+        ("!!definitely not base64!!", "neither JSON nor base64"),
+        (base64.b64encode(b"\xff\xfe garbage").decode(), "neither JSON nor base64"),
+        ('{"blueprintId": "fan", "nodeId": "s"}', "missing runId"),
+        ('["runId", "blueprintId", "nodeId"]', "must be a JSON object"),
+    ],
+)
+async def test_malformed_message_is_dead_lettered(body: str, reason: str) -> None:
+    async with Cluster([FAN], shape_registry(Executions()), workers=1) as cluster:
+        await cluster.queue.send([body])
+        await cluster.settle()
+    assert len(cluster.queue) == 0
+    assert len(cluster.queue.dead_letters) == 1
+    assert reason in cluster.queue.dead_letters[0][1]
+
+
+async def test_invalid_job_naming_a_run_fails_that_run() -> None:
+    runs = Executions()
+    async with Cluster([FAN], shape_registry(runs), workers=1, start=False) as cluster:
+        await cluster.store.context("known").create({})
+        cluster.statuses["known"] = {"runId": "known", "status": "running"}
+        await cluster.queue.send([json.dumps({"runId": "known", "nodeId": "s"})])
+        await cluster.start()
+        await cluster.settle()
+    assert len(cluster.queue.dead_letters) == 1
+    assert cluster.status("known") == "failed"
+    assert "blueprintId" in cluster.statuses["known"]["error"]
+
+
+async def test_unknown_blueprint_is_dead_lettered_and_its_run_failed() -> None:
+    runs = Executions()
+    async with Cluster([FAN], shape_registry(runs), workers=1) as cluster:
+        await cluster.store.context("r-unknown").create({})
+        cluster.statuses["r-unknown"] = {"runId": "r-unknown", "status": "running"}
+        await cluster.queue.send([base64.b64encode(json.dumps(
+            {"runId": "r-unknown", "blueprintId": "nope", "nodeId": "x"}).encode()).decode()])
+        result = await cluster.client.wait_for_result("r-unknown", timeout=5, poll_interval=0.02)
+        await cluster.settle()
+    assert result.status == "failed"
+    assert "unknown blueprint id 'nope'" in cluster.statuses["r-unknown"]["error"]
+    assert len(cluster.queue) == 0
+    assert [reason for _, reason in cluster.queue.dead_letters] == [
+        cluster.statuses["r-unknown"]["error"]]
+
+
+async def test_job_for_a_run_without_context_is_removed_and_failed() -> None:
+    async with Cluster([FAN], shape_registry(Executions()), workers=1) as cluster:
+        await cluster.queue.send([JobPayload("ghost", "fan", "s").to_json()])
+        await cluster.settle()
+    assert len(cluster.queue) == 0
+    assert cluster.status("ghost") == "failed"
+
+
+async def test_message_failing_past_the_receive_limit_is_poison() -> None:
+    runs = Executions()
+    plan = CrashPlan().add("after_run", "b", times=100)  # b's worker always dies
+    async with Cluster([FAN], shape_registry(runs), workers=2, lease_seconds=0.3,
+                       max_receive_count=2, crash_plan=plan) as cluster:
+        result = await cluster.run(FAN, run_id="poison", timeout=10)
+        await cluster.settle()
+    assert result.status == "failed"
+    status = cluster.statuses["poison"]
+    assert status["failedNodeId"] == "b"
+    assert "received 3 times (limit 2)" in status["error"]
+    assert runs.counts["b"] == 2  # two attempts, the third receive is refused
+    assert runs.counts["j"] == 0
+    assert [reason for _, reason in cluster.queue.dead_letters] == [status["error"]]
+    assert len(cluster.queue) == 0
+
+
+async def test_node_longer_than_its_lease_keeps_lease_and_message() -> None:
+    """Lease and message visibility are renewed while a node runs, even with short leases."""
+    runs = Executions()
+    bp = blueprint("renew", [("s", "step"), ("x", "step"), ("slow", "slow")],
+                   [("s", "x"), ("s", "slow")])
+    registry = {"step": runs.node(lambda ctx: ctx.node_id),
+                "slow": runs.node(lambda ctx: "slow", delay=2.0)}
+    async with Cluster([bp], registry, workers=3, lease_seconds=0.6) as cluster:
+        result = await cluster.run(bp, run_id="renew-run", timeout=10)
+        await cluster.settle()
+    assert result.status == "completed"
+    assert runs.counts == {"s": 1, "x": 1, "slow": 1}
+
+
+class _LimitedContext(InMemoryDistributedContext):
+    """A stored context with an item size limit, like DynamoDB's 400 KB."""
+
+    limit = 10_000
+
+    async def commit(self, node_id: str, iteration: int, owner: str, operations: Any,
+                     claims: Any = (), lease_seconds: float = 60.0) -> Any:
+        size = len(json.dumps({**(self._item() or {}),
+                               **{op.key: op.value for op in operations}}, default=str))
+        if size > self.limit:
+            raise ContextTooLargeError(self.run_id, size, self.limit, "test store")
+        return await super().commit(node_id, iteration, owner, operations, claims,
+                                    lease_seconds)
+
+
+class _LimitedRunStore(InMemoryRunStore):
+    def context(self, run_id: str) -> InMemoryDistributedContext:
+        return _LimitedContext(self, run_id)
+
+
+async def test_output_over_the_store_limit_fails_the_node_once_and_clearly() -> None:
+    runs = Executions()
+    bp = blueprint("big", [("small", "small"), ("huge", "huge"), ("after", "small")],
+                   [("small", "huge"), ("huge", "after")])
+    registry = {"small": runs.node(lambda ctx: "fine"),
+                "huge": runs.node(lambda ctx: "h" * 50_000)}
+    async with Cluster([bp], registry, workers=2, lease_seconds=0.5, max_receive_count=3,
+                       store=_LimitedRunStore()) as cluster:
+        result = await cluster.run(bp, run_id="big-run")
+        await cluster.settle()
+    assert result.status == "failed"
+    assert result.errors[0].node_id == "huge"
+    assert "big-run" in result.errors[0].message and "bytes" in result.errors[0].message
+    assert result.errors[0].error_type == "ContextTooLargeError"
+    assert runs.counts == {"small": 1, "huge": 1}  # not retried until poisoned
+    assert "_outputs.huge" not in result.context
+    assert cluster.queue.dead_letters == []
