@@ -65,6 +65,7 @@ class SqsAdapter(BaseDistributedAdapter):
         self.context_table_name = context_table_name
         self.status_table_name = status_table_name
         self._pending_deletes: list[QueueMessage] = []
+        self.delete_batch_seconds = min(0.5, self.lease_seconds / 10)
         self._delete_flush: asyncio.Task[None] | None = None
         self._dead_letter_url: str | bool | None = False  # False: not looked up yet
         self._dead_letter_lock: asyncio.Lock | None = None
@@ -121,7 +122,10 @@ class SqsAdapter(BaseDistributedAdapter):
             self._delete_flush = asyncio.get_running_loop().create_task(self._flush_soon())
 
     async def _flush_soon(self) -> None:
-        await asyncio.sleep(0.05)
+        # Jobs finish one by one, rarely within a few ms of each other: gather deletes for
+        # half a second (far inside the visibility timeout; a message redelivered before its
+        # delete lands finds its node done).
+        await asyncio.sleep(self.delete_batch_seconds)
         await self._flush_deletes()
 
     async def _flush_deletes(self) -> None:
