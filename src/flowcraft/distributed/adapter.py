@@ -143,6 +143,7 @@ from .context import (
     VERSION_KEY,
     ClaimStatus,
     DistributedContext,
+    claim_status,
     live_lease,
     lock_key,
 )
@@ -416,7 +417,7 @@ class BaseDistributedAdapter(abc.ABC):
             if exc.run_id:
                 await self._fail_run(exc.run_id, f"invalid job message: {exc.message}")
             return "dropped", 0.0
-        if message.receive_count > self.max_receive_count:
+        if message.receive_count > self.max_receive_count and not await self._finished(job):
             reason = (f"job for node '{job.node_id}' was received {message.receive_count} times "
                       f"(limit {self.max_receive_count}); removed as a poison message")
             logger.error("run %s node %s: message %s %s", job.run_id, job.node_id,
@@ -432,6 +433,14 @@ class BaseDistributedAdapter(abc.ABC):
             await self._send_jobs([job], min(delay, self.max_delay_seconds))
             return "requeued", 0.0
         return outcome, delay
+
+    async def _finished(self, job: JobPayload) -> bool:
+        """Whether the job's node already completed this iteration: a copy of a finished job
+        (whose holders died before acknowledging it) is a duplicate, not a poison message,
+        however often it was received; it must not fail the run."""
+        data = await self.create_context(job.run_id).load()
+        return data is not None and claim_status(
+            data, job.node_id, job.iteration, "", time.time()) is ClaimStatus.DONE
 
     # ==========================================================================================
     # The job algorithm
@@ -549,19 +558,25 @@ class BaseDistributedAdapter(abc.ABC):
             with contextlib.suppress(Exception):
                 await asyncio.shield(context.release(node.id, owner))
             raise
-        renewer.cancel()
-        await self._checkpoint("after_run", job)
-        await self._touch_status(job.run_id, job.blueprint_id)
-        operations = list(tracked.deltas)
-        if outcome.awaiting is not None:
-            return await self._park(context, graph, job, owner, operations, outcome.awaiting)
-        if outcome.error is not None:
-            await self._fail_node(context, graph, job, owner, operations, outcome.error.message,
-                                  outcome.error.to_dict())
-            return None
-        assert outcome.result is not None
-        return await self._commit_success(context, graph, blueprint, job, owner, tracked,
-                                          operations, outcome.result, services.wake_up_at)
+        # Keep renewing the lease until the commit is done: the writes between the node's
+        # end and its commit (status touch, commit) can be slow, and a lapsed lease lets a
+        # duplicate job run the node again while this worker is alive and about to commit.
+        try:
+            await self._checkpoint("after_run", job)
+            await self._touch_status(job.run_id, job.blueprint_id)
+            operations = list(tracked.deltas)
+            if outcome.awaiting is not None:
+                return await self._park(context, graph, job, owner, operations,
+                                        outcome.awaiting)
+            if outcome.error is not None:
+                await self._fail_node(context, graph, job, owner, operations,
+                                      outcome.error.message, outcome.error.to_dict())
+                return None
+            assert outcome.result is not None
+            return await self._commit_success(context, graph, blueprint, job, owner, tracked,
+                                              operations, outcome.result, services.wake_up_at)
+        finally:
+            renewer.cancel()
 
     async def _commit_success(
         self, context: DistributedContext, graph: Graph, blueprint: WorkflowBlueprint,
@@ -878,8 +893,10 @@ class BaseDistributedAdapter(abc.ABC):
             await asyncio.sleep(interval)
             try:
                 if not await context.renew(node_id, owner, self.lease_seconds):
-                    logger.warning("run %s node %s: lease was taken over", context.run_id,
-                                   node_id)
+                    # Committed meanwhile (the commit removes the lease), or taken over: the
+                    # commit, conditioned on the lease, tells which and logs a takeover.
+                    logger.debug("run %s node %s: lease no longer held", context.run_id,
+                                 node_id)
                     return
             except Exception as exc:
                 logger.warning("run %s node %s: lease renewal failed: %s", context.run_id,
