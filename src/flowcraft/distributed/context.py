@@ -144,6 +144,38 @@ def commit_operations(
     return full
 
 
+class StoredContextMethods:
+    """The :class:`~flowcraft.context.AsyncContext` methods of a stored context, written once
+    over its ``load()`` and ``apply()`` (one read or one write each)."""
+
+    async def load(self) -> dict[str, Any] | None:
+        raise NotImplementedError
+
+    async def apply(self, operations: Sequence[PatchOperation]) -> dict[str, Any] | None:
+        raise NotImplementedError
+
+    async def get(self, key: str, default: Any = None) -> Any:
+        return (await self.load() or {}).get(key, default)
+
+    async def set(self, key: str, value: Any) -> None:
+        await self.apply([PatchOperation("set", key, value)])
+
+    async def has(self, key: str) -> bool:
+        return key in (await self.load() or {})
+
+    async def delete(self, key: str) -> bool:
+        existed = await self.has(key)
+        if existed:
+            await self.apply([PatchOperation("delete", key)])
+        return existed
+
+    async def to_dict(self) -> dict[str, Any]:
+        return await self.load() or {}
+
+    async def patch(self, operations: Sequence[PatchOperation]) -> None:
+        await self.apply(operations)
+
+
 class InMemoryRunStore:
     """Contexts of many runs in one process (the in-process backend's database).
 

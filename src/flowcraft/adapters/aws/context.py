@@ -31,6 +31,7 @@ from ...context import PatchOperation
 from ...distributed.context import (
     Claim,
     ClaimStatus,
+    StoredContextMethods,
     claim_status,
     commit_operations,
     lease_value,
@@ -46,7 +47,7 @@ FLAT_MARKER = "_flowcraft.flat"
 """Set on items created by :meth:`DynamoDbContext.create`: attributes are context keys."""
 
 
-class DynamoDbContext:
+class DynamoDbContext(StoredContextMethods):
     """The stored context of one run (``AsyncContext`` plus the distributed operations)."""
 
     def __init__(self, run_id: str, *, client: Any, table_name: str) -> None:
@@ -234,28 +235,6 @@ class DynamoDbContext:
         return await self._update(operations, condition=f"attribute_exists({expression.name(KEY)})",
                                   expression=expression,
                                   size_hint={op.key: op.value for op in operations})
-
-    # -- AsyncContext ----------------------------------------------------------------------
-
-    async def get(self, key: str, default: Any = None) -> Any:
-        return (await self.load() or {}).get(key, default)
-
-    async def set(self, key: str, value: Any) -> None:
-        await self.apply([PatchOperation("set", key, value)])
-
-    async def has(self, key: str) -> bool:
-        return key in (await self.load() or {})
-
-    async def delete(self, key: str) -> bool:
-        existed = await self.has(key)
-        await self.apply([PatchOperation("delete", key)])
-        return existed
-
-    async def to_dict(self) -> dict[str, Any]:
-        return await self.load() or {}
-
-    async def patch(self, operations: Sequence[PatchOperation]) -> None:
-        await self.apply(operations)
 
 
 def _is_size_error(exc: ClientError) -> bool:

@@ -32,6 +32,7 @@ from ...context import PatchOperation, apply_patch, squash
 from ...distributed.context import (
     Claim,
     ClaimStatus,
+    StoredContextMethods,
     claim_status,
     commit_operations,
     lease_value,
@@ -62,7 +63,7 @@ class _ConditionFailed(Exception):
     pass
 
 
-class CosmosDbContext:
+class CosmosDbContext(StoredContextMethods):
     """The stored context of one run (``AsyncContext`` plus the distributed operations)."""
 
     def __init__(self, run_id: str, *, client: Any, database_name: str,
@@ -367,26 +368,3 @@ class CosmosDbContext:
 
     async def apply(self, operations: Sequence[PatchOperation]) -> dict[str, Any] | None:
         return self._data(await self._patch(operations))
-
-    # -- AsyncContext ----------------------------------------------------------------------
-
-    async def get(self, key: str, default: Any = None) -> Any:
-        return (await self.load() or {}).get(key, default)
-
-    async def set(self, key: str, value: Any) -> None:
-        await self.apply([PatchOperation("set", key, value)])
-
-    async def has(self, key: str) -> bool:
-        return key in (await self.load() or {})
-
-    async def delete(self, key: str) -> bool:
-        existed = await self.has(key)
-        if existed:
-            await self.apply([PatchOperation("delete", key)])
-        return existed
-
-    async def to_dict(self) -> dict[str, Any]:
-        return await self.load() or {}
-
-    async def patch(self, operations: Sequence[PatchOperation]) -> None:
-        await self.apply(operations)
