@@ -207,3 +207,58 @@ def public_view(data: Mapping[str, Any]) -> dict[str, Any]:
 def deep_copy_json(value: Any) -> Any:
     """A deep copy, so a stored snapshot cannot be changed through a node's reference to it."""
     return copy.deepcopy(value)
+
+
+MAX_STORABLE_DEPTH = 200
+"""How deep a stored value may nest (JSON parsers and the cloud stores have limits too)."""
+
+
+def check_storable(value: Any, what: str = "value") -> None:
+    """Raise :class:`~flowcraft.errors.UnstorableValueError` unless ``value`` is plain JSON.
+
+    Plain JSON: ``None``, ``bool``, ``int``, finite ``float``, ``str``, lists and tuples of
+    plain JSON, and dicts with ``str`` keys and plain JSON values — what every backend
+    stores and reads back unchanged. ``what`` names the value in the message
+    (``"output of node 'charge'"``). One shared check, so a value is refused the same way
+    in memory and on every backend, before anything is written.
+    """
+    from .errors import UnstorableValueError
+
+    ancestors: set[int] = set()  # containers on the current path: a shared value is fine
+
+    def visit(item: Any, path: str, depth: int) -> None:
+        if item is None or isinstance(item, bool | str | int):
+            return
+        if isinstance(item, float):
+            if item != item or item in (float("inf"), float("-inf")):
+                raise UnstorableValueError(
+                    f"{what} cannot be stored: {item!r} at {path} is not a JSON number; "
+                    "use None or a string instead", path=path)
+            return
+        if not isinstance(item, dict | list | tuple):
+            raise UnstorableValueError(
+                f"{what} cannot be stored: {type(item).__name__} at {path} is not JSON; "
+                "convert it first (str() for dates and decimals, list() for sets, base64 for "
+                "bytes, model_dump() for models)", path=path)
+        if depth >= MAX_STORABLE_DEPTH:
+            raise UnstorableValueError(
+                f"{what} cannot be stored: it nests deeper than {MAX_STORABLE_DEPTH} levels "
+                f"at {path}", path=path)
+        if id(item) in ancestors:
+            raise UnstorableValueError(
+                f"{what} cannot be stored: it contains itself at {path} (a circular "
+                "reference)", path=path)
+        ancestors.add(id(item))
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if not isinstance(key, str):
+                    raise UnstorableValueError(
+                        f"{what} cannot be stored: key {key!r} at {path} is of type "
+                        f"{type(key).__name__}; JSON object keys are strings", path=path)
+                visit(child, f"{path}.{key}", depth + 1)
+        else:
+            for index, child in enumerate(item):
+                visit(child, f"{path}[{index}]", depth + 1)
+        ancestors.discard(id(item))
+
+    visit(value, "$", 0)

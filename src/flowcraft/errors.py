@@ -92,3 +92,20 @@ class InvalidJobError(FlowcraftError):
 
 class BlueprintVersionMismatchError(FlowcraftError):
     """A run was started with another version of the blueprint than this worker has."""
+
+
+class UnstorableValueError(FlowcraftError, TypeError):
+    """A value cannot be stored in a run's context: it is not JSON (NaN, Infinity, bytes,
+    Decimal, datetime, set, an arbitrary object, a circular reference, ...).
+
+    ``path`` says where inside the value the problem is (``$.items[3].price``)."""
+
+    def __init__(self, message: str, *, path: str = "$", run_id: str | None = None,
+                 node_id: str | None = None) -> None:
+        super().__init__(message, run_id=run_id, node_id=node_id)
+        self.path = path
+
+
+class RunAlreadyExistsError(FlowcraftError):
+    """A run was started with the id of a run that already exists; the existing run is
+    left untouched."""
