@@ -262,3 +262,45 @@ def check_storable(value: Any, what: str = "value") -> None:
         ancestors.discard(id(item))
 
     visit(value, "$", 0)
+
+
+ENGINE_KEY_PREFIXES = ("_outputs.", "_inputs.", INTERNAL_PREFIX)
+ENGINE_KEYS = frozenset({"_awaitingNodeIds", "_awaitingDetails"})
+
+
+def is_engine_key(key: str) -> bool:
+    """Whether the engine owns ``key`` (outputs, inputs, bookkeeping, the awaiting list)."""
+    return key in ENGINE_KEYS or key.startswith(ENGINE_KEY_PREFIXES)
+
+
+def validate_initial_context(initial: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Check a run's initial context and return it as a new dict.
+
+    Refuses, naming every offending key at once, keys the engine owns (a caller could
+    otherwise plant outputs or skip nodes) and values that cannot be stored. The same check
+    runs in memory and on every backend, before anything is written.
+    """
+    from .errors import InvalidContextError, UnstorableValueError
+
+    if initial is None:
+        return {}
+    if not isinstance(initial, Mapping):
+        raise InvalidContextError(
+            f"the initial context must be a JSON object (a mapping), not "
+            f"{type(initial).__name__}")
+    problems = []
+    for key in initial:
+        if not isinstance(key, str):
+            problems.append(f"key {key!r} is not a string")
+        elif is_engine_key(key):
+            problems.append(f"key '{key}' belongs to the engine (keys starting with "
+                            f"{', '.join(ENGINE_KEY_PREFIXES)} and {', '.join(sorted(ENGINE_KEYS))}"
+                            " are written by flowcraft only); rename it")
+    if not problems:
+        try:
+            check_storable(dict(initial), "the initial context")
+        except UnstorableValueError as exc:
+            problems.append(exc.message)
+    if problems:
+        raise InvalidContextError("cannot start the run: " + "; ".join(problems))
+    return dict(initial)

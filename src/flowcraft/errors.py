@@ -109,3 +109,8 @@ class UnstorableValueError(FlowcraftError, TypeError):
 class RunAlreadyExistsError(FlowcraftError):
     """A run was started with the id of a run that already exists; the existing run is
     left untouched."""
+
+
+class InvalidContextError(FlowcraftError, ValueError):
+    """An initial context cannot start a run: it holds keys the engine owns, or values that
+    cannot be stored. Nothing was started."""
