@@ -238,7 +238,7 @@ def test_load_blueprint_names_the_file_when_it_cannot_be_read(tmp_path: Path) ->
     with pytest.raises(BlueprintValidationError, match="cannot read"):
         load_blueprint(tmp_path / "missing.json")
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"nodes": [{"id": "a", "uses": "x"}]}))
+    bad.write_text(json.dumps({"nodes": [{"id": "a", "uses": ""}]}))
     with pytest.raises(BlueprintValidationError) as info:
         load_blueprint(bad)
     assert info.value.blueprint_id == "bad.json"

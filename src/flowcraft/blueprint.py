@@ -138,27 +138,47 @@ class WorkflowBlueprint(_Model):
 
 
 def load_blueprint(path: str | PathLike[str]) -> WorkflowBlueprint:
-    """Read a blueprint JSON file (as written for the TypeScript library)."""
+    """Read a blueprint JSON file (as written for the TypeScript library).
+
+    A file without an ``id`` is named by its file name's stem (``201.json`` is blueprint
+    ``201``), as the TypeScript library's example files expect; an explicit ``id`` wins.
+    """
     file = Path(path)
     try:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
         raise BlueprintValidationError(None, [f"cannot read {file}: {exc.strerror}"]) from None
     try:
-        return WorkflowBlueprint.from_json(text)
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BlueprintValidationError(file.name, [f"not valid JSON: {exc}"]) from None
+    named_by_file = isinstance(data, dict) and data.get("id") is None
+    if named_by_file:
+        data = {**data, "id": file.stem}
+    try:
+        return WorkflowBlueprint.model_validate(data)
     except BlueprintValidationError as exc:
-        raise BlueprintValidationError(exc.blueprint_id or file.name, exc.problems) from None
+        name = file.name if named_by_file else exc.blueprint_id or file.name
+        raise BlueprintValidationError(name, exc.problems) from None
 
 
 def load_blueprints(directory: str | PathLike[str]) -> dict[str, WorkflowBlueprint]:
-    """Every ``*.json`` blueprint in a directory, keyed by blueprint id."""
+    """Every ``*.json`` blueprint in a directory, keyed by blueprint id (the file name's stem
+    for a file without an ``id``). Two files with the same id are an error naming both."""
+    folder = Path(directory)
+    if not folder.is_dir():
+        raise BlueprintValidationError(None, [
+            f"{folder} is not a directory; pass the directory that holds the blueprint files"])
     result: dict[str, WorkflowBlueprint] = {}
-    for file in sorted(Path(directory).glob("*.json")):
+    files: dict[str, Path] = {}
+    for file in sorted(folder.glob("*.json")):
         blueprint = load_blueprint(file)
-        if blueprint.id in result:
-            raise BlueprintValidationError(
-                blueprint.id, [f"blueprint id '{blueprint.id}' is defined twice (in {file.name})"]
-            )
+        if blueprint.id in files:
+            raise BlueprintValidationError(blueprint.id, [
+                f"blueprint id '{blueprint.id}' is defined twice: in {files[blueprint.id]} "
+                f"and in {file}; give one of them another \"id\" (or file name)"
+            ])
+        files[blueprint.id] = file
         result[blueprint.id] = blueprint
     return result
 

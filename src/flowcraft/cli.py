@@ -104,7 +104,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     blueprint = load_blueprint(args.blueprint)
     blueprints = load_blueprints(args.blueprints) if args.blueprints else {}
-    blueprints.setdefault(blueprint.id, blueprint)
+    if blueprints.get(blueprint.id, blueprint) != blueprint:
+        other = next(file for file in sorted(Path(args.blueprints).glob("*.json"))
+                     if load_blueprint(file).id == blueprint.id)
+        raise UsageError(f"blueprint id '{blueprint.id}' is defined twice: in {args.blueprint} "
+                         f"and in {other}; give one of them another \"id\" (or file name)")
+    blueprints[blueprint.id] = blueprint
     runtime = FlowRuntime(blueprints=blueprints, registry=load_registry(args.registry))
     result = asyncio.run(runtime.run(blueprint, parse_context(args.context)))
     if args.json:
