@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import importlib.util
 import json
 import logging
 import os
+import select
 import sys
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -442,12 +444,35 @@ DEFAULT_DEMO_BACKEND = "aws-local"
 _SERVICE_ERROR_MODULES = {"botocore", "aiobotocore", "azure", "redis", "aiohttp"}
 
 
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reading end is closed (rather than, say, a socket of a
+    service call breaking)."""
+    if not hasattr(select, "poll"):
+        return True
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.verbose)
     try:
-        return int(args.handler(args) or 0)
+        code = int(args.handler(args) or 0)
+        sys.stdout.flush()  # a reader that went away shows here, not at interpreter exit
+        return code
+    except BrokenPipeError as exc:
+        if not _stdout_reader_gone():
+            print(f"flowcraft: {exc}", file=sys.stderr)
+            return 2
+        # `flowcraft status ... | head`: stop quietly with SIGPIPE's status, as Unix tools do.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13
     except UsageError as exc:
         print(f"flowcraft: {exc}", file=sys.stderr)
         return 2
