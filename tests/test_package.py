@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -68,3 +70,35 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path: Path, size: 
         os.close(write_end)
     assert result.stderr == ""
     assert result.returncode == 128 + 13  # what a tool killed by SIGPIPE reports
+
+
+# -- packaging ---------------------------------------------------------------------------------
+
+ROOT = Path(__file__).parent.parent
+
+
+def requirement_name(line: str) -> str:
+    return re.split(r"[\s\[<>=!~;]", line, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_license_is_an_spdx_expression_with_its_file() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["project"]["license"] == "MIT"
+    assert project["project"]["license-files"] == ["LICENSE"]
+    assert (ROOT / "LICENSE").read_text().startswith("MIT License")
+    # An SPDX string needs setuptools 77; an older one would refuse to build.
+    assert "setuptools>=77" in project["build-system"]["requires"]
+
+
+def test_dev_tools_are_no_public_extra_and_every_one_is_pinned() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "dev" not in project["project"]["optional-dependencies"]
+    pinned = {requirement_name(line) for line in (ROOT / "constraints.txt").read_text().split()
+              if "==" in line}
+    tools = [line for line in (ROOT / "requirements-dev.txt").read_text().splitlines()
+             if line.strip() and not line.startswith(("#", "-"))]
+    assert tools
+    assert [tool for tool in tools if requirement_name(tool) not in pinned] == []
+    setup = (ROOT / "scripts" / "setup").read_text()
+    assert "-r requirements-dev.txt" in setup
+    assert "requirements-dev.txt -nt" in setup  # editing it re-runs the install
