@@ -3,6 +3,8 @@ name, and the ``flowcraft`` command behaves like a Unix tool in a pipeline."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -102,3 +104,81 @@ def test_dev_tools_are_no_public_extra_and_every_one_is_pinned() -> None:
     setup = (ROOT / "scripts" / "setup").read_text()
     assert "-r requirements-dev.txt" in setup
     assert "requirements-dev.txt -nt" in setup  # editing it re-runs the install
+
+
+# -- the documented commands, as a new user types them ------------------------------------------
+
+DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+FENCED_BASH = re.compile(r"^```bash\n(.*?)^```", re.M | re.S)
+
+
+def bash_blocks(path: Path) -> list[str]:
+    return FENCED_BASH.findall(path.read_text(encoding="utf-8"))
+
+
+def documented_commands() -> list[tuple[str, list[str]]]:
+    """Every ``flowcraft ...`` line of a bash block, split as the shell would, up to a pipe,
+    ``&`` or comment, leading ``VAR=value`` assignments dropped."""
+    import shlex
+
+    found = []
+    for path in DOC_FILES:
+        for block in bash_blocks(path):
+            for line in block.replace("\\\n", " ").splitlines():
+                words = shlex.split(line, comments=True)
+                while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):
+                    words.pop(0)
+                if not words or words[0] != "flowcraft":
+                    continue
+                for stop in ("|", "&", "&&", ";"):
+                    if stop in words:
+                        words = words[:words.index(stop)]
+                found.append((f"{path.name}: {line.strip()}", words[1:]))
+    return found
+
+
+COMMANDS = documented_commands()
+
+
+@pytest.mark.parametrize(("where", "argv"), COMMANDS, ids=[w for w, _ in COMMANDS])
+def test_documented_commands_parse_as_written(where: str, argv: list[str]) -> None:
+    from flowcraft.cli import build_parser
+
+    with contextlib.redirect_stderr(io.StringIO()) as stderr:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"{where}\n  {stderr.getvalue().strip()}")
+    context = getattr(args, "context", None)
+    if isinstance(context, str) and not context.startswith("@"):
+        assert isinstance(json.loads(context), dict), where
+    if args.command in ("worker", "reconcile"):
+        # Without the registry a reconciler counts every run as failed.
+        assert args.registry, f"{where}: needs --registry"
+
+
+def test_the_docs_show_commands_of_every_kind() -> None:
+    commands = {argv[0] for _, argv in COMMANDS}
+    assert {"run", "graph", "validate", "provision", "worker", "start", "status",
+            "reconcile"} <= commands
+
+
+@pytest.mark.parametrize("page", ["aws.md", "azure.md"])
+def test_every_variable_a_cloud_example_reads_is_exported_on_its_page(page: str) -> None:
+    path = ROOT / "docs" / page
+    text = path.read_text(encoding="utf-8")
+    python = "".join(re.findall(r"^```python\n(.*?)^```", text, re.M | re.S))
+    read = set(re.findall(r"os\.environ\[\"([A-Z_]+)\"\]", python))
+    exported = {name for block in bash_blocks(path)
+                for line in block.splitlines() if line.startswith("export ")
+                for name in re.findall(r"\b([A-Z_]+)=", line)}
+    assert read, page
+    assert read - exported == set(), f"{page}: examples read variables no step exports"
+
+
+def test_azure_page_shows_the_local_emulators_keys() -> None:
+    from flowcraft.local_services import AZURITE_ACCOUNT, AZURITE_KEY, COSMOS_EMULATOR_KEY
+
+    text = (ROOT / "docs" / "azure.md").read_text(encoding="utf-8")
+    assert f"AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};" in text
+    assert f"AccountKey={COSMOS_EMULATOR_KEY};" in text
