@@ -25,7 +25,7 @@ from typing import Any, Literal
 from ..analysis import start_node_ids
 from ..blueprint import NodeDefinition, WorkflowBlueprint, check_registry
 from ..context import TrackedContext, public_view
-from ..errors import FlowcraftError, UnknownBlueprintError
+from ..errors import FlowcraftError, InvalidOptionError, UnknownBlueprintError
 from ..events import EventBus, FlowcraftEvent, safe_emit
 from ..nodes.base import AwaitingSignal, CancellationSignal, NodeContext, NodeResult
 from ..nodes.builtins import BUILTIN_NODES
@@ -257,6 +257,11 @@ class FlowRuntime:
         concurrency: int | None = None,
     ) -> WorkflowResult:
         """Run a blueprint (object, JSON dict, or registered id) to its end or until it awaits."""
+        if concurrency is not None and (not isinstance(concurrency, int)
+                                        or isinstance(concurrency, bool) or concurrency < 0):
+            raise InvalidOptionError(
+                f"concurrency must be a whole number >= 0 (0 or None: no limit), not "
+                f"{concurrency!r}", run_id=run_id)
         bp = self._blueprint(blueprint)
         engine = self._engine_for(registry)
         data = (
@@ -346,7 +351,12 @@ class _InMemoryRun:
         if details.get("reason") == "subflow":
             self._schedule(node_id, resume=resume_data)
         else:
-            result = NodeResult(output=resume_data.get("output"), action=resume_data.get("action"))
+            output = resume_data.get("output")
+            if "output" not in resume_data and details.get("reason") == "timer":
+                # A parked sleep passes its input on, as one that slept inline does.
+                node = self.graph.nodes[node_id]
+                output = resolve_input(self.graph, node, self.data).value
+            result = NodeResult(output=output, action=resume_data.get("action"))
             try:
                 events = self._complete(node_id, resolution_count(self.data, node_id), result, [])
             except Exception as exc:  # a bad condition on the resumed node's edges: as in run()
