@@ -20,6 +20,7 @@ from .errors import (
     ExpressionError,
     FlowcraftError,
     InvalidJobError,
+    InvalidOptionError,
     NodeExecutionError,
     NodeTimeoutError,
     UnknownBlueprintError,
@@ -27,6 +28,7 @@ from .errors import (
 from .events import EventBus, FlowcraftEvent, InMemoryEventBus
 from .expressions import evaluate
 from .flow import Flow
+from .lint import LintIssue, lint_blueprint
 from .nodes import BaseNode, CancellationSignal, NodeContext, NodeResult
 from .runtime import FlowRuntime, NodeError, RuntimeOptions, WorkflowResult
 
@@ -50,6 +52,8 @@ __all__ = [
     "InMemoryContext",
     "InMemoryEventBus",
     "InvalidJobError",
+    "InvalidOptionError",
+    "LintIssue",
     "NodeConfig",
     "NodeContext",
     "NodeDefinition",
@@ -67,6 +71,7 @@ __all__ = [
     "analyze_blueprint",
     "evaluate",
     "generate_mermaid",
+    "lint_blueprint",
     "load_blueprint",
     "load_blueprints",
 ]
