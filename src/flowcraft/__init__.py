@@ -30,7 +30,7 @@ from .expressions import evaluate
 from .flow import Flow
 from .lint import LintIssue, lint_blueprint
 from .nodes import BaseNode, CancellationSignal, NodeContext, NodeResult
-from .runtime import FlowRuntime, NodeError, RuntimeOptions, WorkflowResult
+from .runtime import FlowRuntime, NodeError, RuntimeOptions, Step, Stepper, WorkflowResult
 
 __version__ = "0.1.0"
 
@@ -63,6 +63,8 @@ __all__ = [
     "NodeTimeoutError",
     "PatchOperation",
     "RuntimeOptions",
+    "Step",
+    "Stepper",
     "TrackedContext",
     "UnknownBlueprintError",
     "WorkflowBlueprint",

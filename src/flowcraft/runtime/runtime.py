@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..analysis import start_node_ids
 from ..blueprint import NodeDefinition, WorkflowBlueprint, check_registry
@@ -50,6 +50,9 @@ from .routing import (
     route,
     skipped_record,
 )
+
+if TYPE_CHECKING:
+    from .stepper import Stepper
 
 logger = logging.getLogger("flowcraft.runtime")
 
@@ -301,6 +304,27 @@ class FlowRuntime:
             )
         run = _InMemoryRun(engine, bp, data, run_id or str(uuid.uuid4()), signal, None)
         return await run.resume(target, dict(resume_data or {}))
+
+    def stepper(
+        self,
+        blueprint: WorkflowBlueprint | Mapping[str, Any] | str,
+        initial_context: Mapping[str, Any] | str | None = None,
+        *,
+        registry: Mapping[str, Any] | None = None,
+        run_id: str | None = None,
+        signal: CancellationSignal | None = None,
+    ) -> Stepper:
+        """A run of ``blueprint`` that executes one node per ``await stepper.next()``, for
+        tests and debugging (see :mod:`flowcraft.runtime.stepper`)."""
+        from .stepper import Stepper  # builds on this module
+
+        bp = self._blueprint(blueprint)
+        engine = self._engine_for(registry)
+        data = (
+            json.loads(initial_context) if isinstance(initial_context, str)
+            else dict(initial_context or {})
+        )
+        return Stepper(engine, bp, data, run_id or str(uuid.uuid4()), signal)
 
 
 class _InMemoryRun:
