@@ -179,6 +179,31 @@ async def test_conditional_loop_exits_are_checked_on_every_iteration(run: Any) -
     assert "end" not in outputs(result)  # the exit that held is the only one taken
 
 
+@BOTH
+async def test_a_conditional_exit_leaves_a_body_first_loop_too(run: Any) -> None:
+    async def body(ctx: NodeContext) -> Any:
+        counter = (await ctx.context.get("counter") or 0) + 1
+        await ctx.context.set("counter", counter)
+        return counter
+
+    flow = (
+        Flow("body-first")
+        .node("body", body)
+        .loop("check", start_node_id="body", end_node_id="body", condition="true",
+              max_iterations=50)
+        .node("early", echo)
+        .node("late", echo)
+        .edge("check", "early", condition="counter >= 3")
+        .edge("check", "late")
+    )
+
+    result = await run(flow.to_blueprint(), flow.registry())
+
+    assert result.status == "completed"
+    assert result.context["counter"] == 3
+    assert outputs(result)["early"] == 3 and "late" not in outputs(result)
+
+
 TYPESCRIPT_LOOP = {  # written by the TypeScript library's builder (its function keys renamed)
     "id": "conditional-loop-exit",
     "nodes": [{"id": "start", "uses": "start"}, {"id": "body", "uses": "body"},
