@@ -6,7 +6,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from flowcraft import Flow, FlowRuntime, NodeContext, NodeResult, Step
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flowcraft import Flow, FlowRuntime, NodeContext, NodeResult, Step, WorkflowBlueprint
+from test_properties import dag_edges
 
 
 def diamond() -> Flow:
@@ -134,3 +138,44 @@ async def test_closing_an_unfinished_stepper_cancels_the_run() -> None:
     assert ran == ["a"]
     assert stepper.result is not None and stepper.result.status == "cancelled"
     assert await stepper.next() is None
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(graph=dag_edges(max_nodes=12), conditions=st.lists(st.sampled_from(
+    [None, "result.output % 2 == 0", "result.output % 3 != 0"]), min_size=36, max_size=36))
+def test_stepping_ends_exactly_like_running(
+    graph: tuple[int, list[tuple[int, int]]], conditions: list[str | None]
+) -> None:
+    count, edges = graph
+    ran: list[str] = []
+
+    async def work(ctx: NodeContext) -> int:
+        ran.append(ctx.node_id)
+        incoming = ctx.input if isinstance(ctx.input, dict) else {"": ctx.input or 0}
+        return (sum(incoming.values()) * 7 + int(ctx.node_id[1:])) % 11
+
+    bp = WorkflowBlueprint.model_validate({
+        "id": "random",
+        "nodes": [{"id": f"n{i}", "uses": "work"} for i in range(count)],
+        "edges": [{"source": f"n{a}", "target": f"n{b}",
+                   **({"condition": c} if (c := conditions[i % len(conditions)]) else {})}
+                  for i, (a, b) in enumerate(dict.fromkeys(edges))],
+    })
+    runtime = FlowRuntime(registry={"work": work})
+
+    async def both() -> tuple[Any, Any, list[str], list[str]]:
+        direct = await runtime.run(bp, run_id="same")
+        ran_directly = sorted(ran)
+        ran.clear()
+        async with runtime.stepper(bp, run_id="same") as stepper:
+            steps = []
+            while (step := await stepper.next()) is not None:
+                assert ran[-1] == step.node_id and len(ran) == len(steps) + 1
+                steps.append(step.node_id)
+        return direct, stepper.result, ran_directly, steps
+
+    direct, stepped, ran_directly, steps = asyncio.run(both())
+
+    assert stepped is not None
+    assert (stepped.status, stepped.context) == (direct.status, direct.context)
+    assert sorted(steps) == ran_directly
