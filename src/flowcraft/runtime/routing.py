@@ -29,6 +29,12 @@ turns (expected, resolved, delivered) into run / skip / wait:
 
 A skipped node resolves for its own successors, so skipping propagates and a
 diamond whose one branch was not taken still converges.
+
+**Expressions** see the context through :class:`ExpressionNames`: fixed names
+(``result`` for conditions, ``input`` for transforms), ``context``, and any
+other name as a context key or, where no key has that name, as a node id
+standing for that node's output (blueprints written for the TypeScript
+library read outputs that way; outputs are still stored once).
 """
 
 from __future__ import annotations
