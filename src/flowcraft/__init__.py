@@ -30,6 +30,7 @@ if TYPE_CHECKING:
         ExpressionError,
         FlowcraftError,
         InvalidJobError,
+        InvalidOptionError,
         NodeExecutionError,
         NodeTimeoutError,
         UnknownBlueprintError,
@@ -37,8 +38,9 @@ if TYPE_CHECKING:
     from .events import EventBus, FlowcraftEvent, InMemoryEventBus
     from .expressions import evaluate
     from .flow import Flow
+    from .lint import LintIssue, lint_blueprint
     from .nodes import BaseNode, CancellationSignal, NodeContext, NodeResult
-    from .runtime import FlowRuntime, NodeError, RuntimeOptions, WorkflowResult
+    from .runtime import FlowRuntime, NodeError, RuntimeOptions, Step, Stepper, WorkflowResult
 
 __version__ = "0.1.0"
 
@@ -63,6 +65,7 @@ _LAZY: dict[str, str] = {
     "ExpressionError": "errors",
     "FlowcraftError": "errors",
     "InvalidJobError": "errors",
+    "InvalidOptionError": "errors",
     "NodeExecutionError": "errors",
     "NodeTimeoutError": "errors",
     "UnknownBlueprintError": "errors",
@@ -71,6 +74,8 @@ _LAZY: dict[str, str] = {
     "InMemoryEventBus": "events",
     "evaluate": "expressions",
     "Flow": "flow",
+    "LintIssue": "lint",
+    "lint_blueprint": "lint",
     "BaseNode": "nodes",
     "CancellationSignal": "nodes",
     "NodeContext": "nodes",
@@ -79,6 +84,8 @@ _LAZY: dict[str, str] = {
     "NodeError": "runtime",
     "RuntimeOptions": "runtime",
     "WorkflowResult": "runtime",
+    "Step": "runtime",
+    "Stepper": "runtime",
 }
 
 
@@ -113,6 +120,8 @@ __all__ = [
     "InMemoryContext",
     "InMemoryEventBus",
     "InvalidJobError",
+    "InvalidOptionError",
+    "LintIssue",
     "NodeConfig",
     "NodeContext",
     "NodeDefinition",
@@ -122,6 +131,8 @@ __all__ = [
     "NodeTimeoutError",
     "PatchOperation",
     "RuntimeOptions",
+    "Step",
+    "Stepper",
     "TrackedContext",
     "UnknownBlueprintError",
     "WorkflowBlueprint",
@@ -130,6 +141,7 @@ __all__ = [
     "analyze_blueprint",
     "evaluate",
     "generate_mermaid",
+    "lint_blueprint",
     "load_blueprint",
     "load_blueprints",
 ]

@@ -107,6 +107,24 @@ def terminal_node_ids(blueprint: WorkflowBlueprint) -> list[str]:
     return [n.id for n in blueprint.nodes if n.id not in sources and n.id not in excluded]
 
 
+def loops_without_continue(blueprint: WorkflowBlueprint) -> list[str]:
+    """``loop-controller`` nodes that cannot loop: without a ``continue`` edge, their body
+    would never run again (the TypeScript library refuses such a blueprint too)."""
+    continuing = {edge.source for edge in blueprint.edges if edge.action == "continue"}
+    return [
+        node.id for node in blueprint.nodes
+        if node.uses == "loop-controller" and node.id not in continuing
+    ]
+
+
+def loop_problems(blueprint: WorkflowBlueprint) -> list[str]:
+    return [
+        f"node '{node_id}': loop-controller has no edge with action 'continue' back into its "
+        "loop body; add one (Flow.loop(...) wires it), or use another node type"
+        for node_id in loops_without_continue(blueprint)
+    ]
+
+
 def analyze_blueprint(blueprint: WorkflowBlueprint) -> BlueprintAnalysis:
     cycles = find_cycles(blueprint)
     return BlueprintAnalysis(

@@ -114,3 +114,7 @@ class RunAlreadyExistsError(FlowcraftError):
 class InvalidContextError(FlowcraftError, ValueError):
     """An initial context cannot start a run: it holds keys the engine owns, or values that
     cannot be stored. Nothing was started."""
+
+
+class InvalidOptionError(FlowcraftError, ValueError):
+    """An argument of a runtime call is out of range (a negative ``concurrency``, ...)."""

@@ -3,6 +3,7 @@
 from .executor import NodeError, NodeOutcome
 from .graph import Graph
 from .runtime import FlowRuntime, NodeEngine, RuntimeOptions, WorkflowResult
+from .stepper import Step, Stepper
 
 __all__ = ["FlowRuntime", "Graph", "NodeEngine", "NodeError", "NodeOutcome", "RuntimeOptions",
-           "WorkflowResult"]
+           "Step", "Stepper", "WorkflowResult"]

@@ -171,6 +171,7 @@ async def execute_node(
     if instance is not None and type(instance).has_fallback():
         try:
             value = await instance.fallback(last_error, ctx)
+            value = await instance.post(value, ctx)  # post() shapes a rescued result too
             await _emit_fallback(event_bus, run_id, node.id, "fallback()", last_error)
             return NodeOutcome(result=as_result(value), attempts=attempt, used_fallback=True)
         except Exception as exc:

@@ -15,8 +15,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from ..analysis import fallback_only_node_ids, find_cycles, start_node_ids, terminal_node_ids
+from ..analysis import (
+    fallback_only_node_ids,
+    find_cycles,
+    loop_problems,
+    start_node_ids,
+    terminal_node_ids,
+)
 from ..blueprint import EdgeDefinition, NodeDefinition, WorkflowBlueprint
+from ..errors import BlueprintValidationError
 
 
 class Graph:
@@ -37,6 +44,9 @@ class Graph:
     )
 
     def __init__(self, blueprint: WorkflowBlueprint) -> None:
+        problems = loop_problems(blueprint)
+        if problems:
+            raise BlueprintValidationError(blueprint.id, problems)
         self.blueprint = blueprint
         self.nodes: dict[str, NodeDefinition] = {node.id: node for node in blueprint.nodes}
         self.outgoing: dict[str, list[EdgeDefinition]] = {node_id: [] for node_id in self.nodes}

@@ -29,6 +29,12 @@ turns (expected, resolved, delivered) into run / skip / wait:
 
 A skipped node resolves for its own successors, so skipping propagates and a
 diamond whose one branch was not taken still converges.
+
+**Expressions** see the context through :class:`ExpressionNames`: fixed names
+(``result`` for conditions, ``input`` for transforms), ``context``, and any
+other name as a context key or, where no key has that name, as a node id
+standing for that node's output (blueprints written for the TypeScript
+library read outputs that way; outputs are still stored once).
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ OUTPUTS_PREFIX = "_outputs."
 INPUTS_PREFIX = "_inputs."
 AWAITING_IDS_KEY = "_awaitingNodeIds"
 AWAITING_DETAILS_KEY = "_awaitingDetails"
+LOOP_CONTROLLER = "loop-controller"
 
 
 def record_key(node_id: str) -> str:
@@ -144,24 +151,64 @@ def failed_record(previous_count: int, message: str) -> dict[str, Any]:
 # -- routing ---------------------------------------------------------------------------------
 
 
-class ConditionNames(Mapping[str, Any]):
-    """What a condition sees: identifier context keys, ``context`` and ``result``.
+class ContextNames(Mapping[str, Any]):
+    """The context as expressions see it: a key, else the output of the node of that id.
 
-    Lazy, so evaluating a condition costs nothing per context key.
+    The TypeScript library also stores each node's output under its bare id, so its
+    blueprints read ``route.total`` or ``context["route"]`` for node ``route``'s output.
+    Outputs are stored once (``_outputs.<id>``); this view resolves the bare id instead.
+    Iteration and length cover the stored keys only.
     """
 
-    __slots__ = ("_data", "_result")
+    __slots__ = ("_data",)
 
-    def __init__(self, data: Mapping[str, Any], result: Mapping[str, Any]) -> None:
+    def __init__(self, data: Mapping[str, Any]) -> None:
         self._data = data
-        self._result = result
 
     def __getitem__(self, name: str) -> Any:
-        if name == "result":
-            return self._result
-        if name == "context":
-            return self._data
-        return self._data[name]
+        try:
+            return self._data[name]
+        except KeyError:
+            if isinstance(name, str) and not name.startswith("_"):
+                return self._data[OUTPUTS_PREFIX + name]
+            raise
+
+    def get(self, name: str, default: Any = None) -> Any:
+        try:
+            return self[name]
+        except (KeyError, TypeError):
+            return default
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._data or (
+            isinstance(name, str) and not name.startswith("_")
+            and OUTPUTS_PREFIX + name in self._data
+        )
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+class ExpressionNames(Mapping[str, Any]):
+    """The names an expression sees: a few fixed ones (``result``, or ``input``), ``context``,
+    and every identifier context key, or node id (its output) where no key has that name.
+
+    Lazy, so evaluating an expression costs nothing per context key.
+    """
+
+    __slots__ = ("_context", "_fixed")
+
+    def __init__(self, data: Mapping[str, Any], fixed: Mapping[str, Any]) -> None:
+        self._context = ContextNames(data)
+        self._fixed = {**fixed, "context": self._context}
+
+    def __getitem__(self, name: str) -> Any:
+        if name in self._fixed:
+            return self._fixed[name]
+        return self._context[name]
 
     def get(self, name: str, default: Any = None) -> Any:
         try:
@@ -170,15 +217,23 @@ class ConditionNames(Mapping[str, Any]):
             return default
 
     def __contains__(self, name: object) -> bool:
-        return name in ("result", "context") or name in self._data
+        return name in self._fixed or name in self._context
 
     def __iter__(self) -> Iterator[str]:
-        yield "result"
-        yield "context"
-        yield from (k for k in self._data if k.isidentifier())
+        yield from self._fixed
+        yield from (k for k in self._context if k.isidentifier() and k not in self._fixed)
 
     def __len__(self) -> int:
-        return 2 + sum(1 for k in self._data if k.isidentifier())
+        return sum(1 for _ in self)
+
+
+class ConditionNames(ExpressionNames):
+    """What an edge condition (or a loop condition) sees: ``result``, ``context``, names."""
+
+    __slots__ = ()
+
+    def __init__(self, data: Mapping[str, Any], result: Mapping[str, Any]) -> None:
+        super().__init__(data, {"result": result})
 
 
 EdgeObserver = Callable[[EdgeDefinition, bool], None]
@@ -196,17 +251,26 @@ def route(
 
     With an ``action``, edges carrying that action are candidates; if none of
     them is taken, edges without an action are. An edge with a condition is
-    taken only if the condition is truthy.
+    taken only if the condition is truthy. A ``loop-controller``'s edges with a
+    condition are tried first, whatever the action: if any holds, only those are taken.
     """
     edges = graph.outgoing.get(source_id, ())
     if not edges:
         return []
     names: ConditionNames | None = None
+    verdicts: dict[int, bool] = {}
 
     def taken(edge: EdgeDefinition) -> bool:
-        nonlocal names
         if not edge.condition:
             return True
+        key = id(edge)
+        if key not in verdicts:  # each condition is evaluated (and reported) once
+            verdicts[key] = check(edge)
+        return verdicts[key]
+
+    def check(edge: EdgeDefinition) -> bool:
+        nonlocal names
+        assert edge.condition is not None
         if names is None:
             names = ConditionNames(data, {"output": output, "action": action})
         try:
@@ -221,6 +285,12 @@ def route(
         return verdict
 
     chosen: list[int] = []
+    if graph.nodes[source_id].uses == LOOP_CONTROLLER:
+        # A loop's conditional exits are checked on every iteration, whatever the action:
+        # the first iteration where one holds leaves the loop through it.
+        chosen = [i for i, e in enumerate(edges) if e.condition and taken(e)]
+        if chosen:
+            return chosen
     if action is not None:
         chosen = [i for i, e in enumerate(edges) if e.action == action and taken(e)]
     if not chosen:
@@ -232,7 +302,7 @@ def transform_delivery(edge: EdgeDefinition, output: Any, data: Mapping[str, Any
     if not edge.transform:
         return output
     try:
-        return evaluate(edge.transform, {"input": output, "context": data})
+        return evaluate(edge.transform, ExpressionNames(data, {"input": output}))
     except ExpressionError as exc:
         raise ExpressionError(
             f"transform of edge {edge.source} -> {edge.target} failed: {exc.message}",
@@ -412,8 +482,12 @@ class ResolvedInput:
 def resolve_input(
     graph: Graph, node: NodeDefinition, data: Mapping[str, Any], first_arrival: str | None = None
 ) -> ResolvedInput:
-    """What a node receives as ``ctx.input`` for its pending run (SPEC: inputs, deliveries)."""
+    """What a node receives as ``ctx.input`` for its pending run: its explicit ``inputs``
+    (unless an edge that delivered to it has a ``transform``), else what its edges delivered."""
     if node.inputs is not None:
+        transformed = _transformed_explicit_input(graph, node, data, first_arrival)
+        if transformed is not None:
+            return transformed
         if isinstance(node.inputs, str):
             return ResolvedInput(read_reference(data, node.inputs), False)
         return ResolvedInput(
@@ -433,6 +507,28 @@ def resolve_input(
         chosen = next((d for d in found if d.source == first_arrival), found[0])
         return ResolvedInput(_delivered_value(chosen, data), True)
     return ResolvedInput({d.source: _delivered_value(d, data) for d in found}, True)
+
+
+def _transformed_explicit_input(graph: Graph, node: NodeDefinition, data: Mapping[str, Any],
+                                first_arrival: str | None) -> ResolvedInput | None:
+    """A transform on a delivering edge decides the input of a node with explicit ``inputs``,
+    as in the TypeScript library. Its ``input`` is the value a string ``inputs`` names when
+    that is an ``_`` key or another node's output, else the edge's source output."""
+    if not any(edge.transform for edge in graph.incoming.get(node.id, ())):
+        return None
+    found = [d for d in deliveries(graph, data, node.id) if d.edge.transform]
+    if not found:
+        return None
+    # The loop's back edge first (this iteration), then the first arrival, then edge order.
+    chosen = next((d for d in found if d.back), None) or next(
+        (d for d in found if d.source == first_arrival), found[0])
+    base = data.get(OUTPUTS_PREFIX + chosen.source)
+    reference = node.inputs
+    if isinstance(reference, str) and reference != chosen.source:
+        key = reference if reference.startswith("_") else OUTPUTS_PREFIX + reference
+        if key in data:
+            base = data[key]
+    return ResolvedInput(transform_delivery(chosen.edge, base, data), True)
 
 
 def _delivered_value(delivery: Delivery, data: Mapping[str, Any]) -> Any:

@@ -20,12 +20,12 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..analysis import start_node_ids
 from ..blueprint import NodeDefinition, WorkflowBlueprint, check_registry
 from ..context import TrackedContext, public_view
-from ..errors import FlowcraftError, UnknownBlueprintError
+from ..errors import FlowcraftError, InvalidOptionError, UnknownBlueprintError
 from ..events import EventBus, FlowcraftEvent, safe_emit
 from ..nodes.base import AwaitingSignal, CancellationSignal, NodeContext, NodeResult
 from ..nodes.builtins import BUILTIN_NODES
@@ -50,6 +50,9 @@ from .routing import (
     route,
     skipped_record,
 )
+
+if TYPE_CHECKING:
+    from .stepper import Stepper
 
 logger = logging.getLogger("flowcraft.runtime")
 
@@ -257,6 +260,11 @@ class FlowRuntime:
         concurrency: int | None = None,
     ) -> WorkflowResult:
         """Run a blueprint (object, JSON dict, or registered id) to its end or until it awaits."""
+        if concurrency is not None and (not isinstance(concurrency, int)
+                                        or isinstance(concurrency, bool) or concurrency < 0):
+            raise InvalidOptionError(
+                f"concurrency must be a whole number >= 0 (0 or None: no limit), not "
+                f"{concurrency!r}", run_id=run_id)
         bp = self._blueprint(blueprint)
         engine = self._engine_for(registry)
         data = (
@@ -296,6 +304,27 @@ class FlowRuntime:
             )
         run = _InMemoryRun(engine, bp, data, run_id or str(uuid.uuid4()), signal, None)
         return await run.resume(target, dict(resume_data or {}))
+
+    def stepper(
+        self,
+        blueprint: WorkflowBlueprint | Mapping[str, Any] | str,
+        initial_context: Mapping[str, Any] | str | None = None,
+        *,
+        registry: Mapping[str, Any] | None = None,
+        run_id: str | None = None,
+        signal: CancellationSignal | None = None,
+    ) -> Stepper:
+        """A run of ``blueprint`` that executes one node per ``await stepper.next()``, for
+        tests and debugging (see :mod:`flowcraft.runtime.stepper`)."""
+        from .stepper import Stepper  # builds on this module
+
+        bp = self._blueprint(blueprint)
+        engine = self._engine_for(registry)
+        data = (
+            json.loads(initial_context) if isinstance(initial_context, str)
+            else dict(initial_context or {})
+        )
+        return Stepper(engine, bp, data, run_id or str(uuid.uuid4()), signal)
 
 
 class _InMemoryRun:
@@ -346,7 +375,12 @@ class _InMemoryRun:
         if details.get("reason") == "subflow":
             self._schedule(node_id, resume=resume_data)
         else:
-            result = NodeResult(output=resume_data.get("output"), action=resume_data.get("action"))
+            output = resume_data.get("output")
+            if "output" not in resume_data and details.get("reason") == "timer":
+                # A parked sleep passes its input on, as one that slept inline does.
+                node = self.graph.nodes[node_id]
+                output = resolve_input(self.graph, node, self.data).value
+            result = NodeResult(output=output, action=resume_data.get("action"))
             try:
                 events = self._complete(node_id, resolution_count(self.data, node_id), result, [])
             except Exception as exc:  # a bad condition on the resumed node's edges: as in run()
