@@ -6,7 +6,9 @@ this module only speaks the two services:
 * messages are base64 of the job JSON (what Azure Functions' queue trigger
   expects); plain JSON text, as the seed's client sends it, is accepted too;
 * receive: up to 32 messages per call; Queue Storage has no long polling,
-  so an empty queue is polled with a backoff of up to ``max_poll_interval``;
+  so an empty queue is polled with a backoff of up to ``max_poll_interval``; a
+  stopping worker lets a GET that is on the wire finish and puts back (visibility
+  0) whatever it dequeued;
 * a running job's message stays invisible through ``update_message``;
 * durable sleep: the successor is sent with a visibility timeout (up to 7 days);
 * poison messages (dequeued more than ``max_receive_count`` times, or
@@ -27,6 +29,7 @@ from ...distributed.adapter import BaseDistributedAdapter, QueueMessage
 from ...distributed.coordination import CoordinationStore
 from ...distributed.job import JobPayload
 from ...runtime.runtime import RuntimeOptions
+from .._worker import InFlightReceives, check_worker_options
 from ._cosmos import literal, pointer, status_code, strip_system, with_throttling_retries
 from .context import CosmosDbContext
 
@@ -42,6 +45,7 @@ class AzureQueueAdapter(BaseDistributedAdapter):
     """
 
     max_delay_seconds = 7 * 24 * 3600.0
+    max_visibility_seconds = 7 * 24 * 3600.0
 
     def __init__(
         self,
@@ -58,6 +62,9 @@ class AzureQueueAdapter(BaseDistributedAdapter):
         **options: Any,
     ) -> None:
         options.setdefault("batch_size", 32)
+        check_worker_options({**options, "max_poll_interval": max_poll_interval},
+                             max_lease_seconds=self.max_visibility_seconds,
+                             extra={"max_poll_interval": (0.01, None, False)})
         super().__init__(runtime_options, coordination_store, **options)
         self.queue = queue_client
         self.cosmos_client = cosmos_client
@@ -67,6 +74,7 @@ class AzureQueueAdapter(BaseDistributedAdapter):
         self.max_poll_interval = max_poll_interval
         self._poison_queue = poison_queue_client
         self._work_sent = asyncio.Event()
+        self._receives = InFlightReceives(self._release)
         self._statuses = cosmos_client.get_database_client(
             cosmos_database_name).get_container_client(status_container_name)
 
@@ -94,7 +102,7 @@ class AzureQueueAdapter(BaseDistributedAdapter):
         pause = 0.05
         while True:
             self._work_sent.clear()
-            messages = await self._receive_once(max_messages)
+            messages = await self._receives.run(self._receive_once(max_messages))
             if messages or time.monotonic() >= deadline:
                 return messages
             # Queue Storage has no long polling: back off, but wake up for our own sends.
@@ -121,6 +129,16 @@ class AzureQueueAdapter(BaseDistributedAdapter):
                 ))
             break  # one page: one request
         return received
+
+    async def _release(self, messages: list[QueueMessage]) -> None:
+        """Make messages visible again now (a stopping worker will not run them)."""
+        await asyncio.gather(*(self._set_visibility(message, 0) for message in messages))
+
+    async def stop(self, timeout_seconds: float | None = None) -> None:
+        """Stop as the base class does; then let a receive that was on the wire finish and
+        put back what it dequeued, before the clients may close."""
+        await super().stop(timeout_seconds)
+        await self._receives.drain(30.0)
 
     async def _delete(self, messages: Sequence[QueueMessage]) -> None:
         from azure.core.exceptions import ResourceNotFoundError
