@@ -140,7 +140,7 @@ async def test_cli_worker_start_wait_status_and_sigterm(aws: Any, project: Path)
     worker = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "flowcraft", "worker", "aws", "--registry",
         "cli_nodes.py:registry", "--blueprints", blueprints, "--lease-seconds", "5",
-        env=env, cwd=project, stdout=log, stderr=asyncio.subprocess.PIPE)
+        "--poll-seconds", "2", env=env, cwd=project, stdout=log, stderr=asyncio.subprocess.PIPE)
     try:
         code, out, err = await cli("start", "aws", "cli-demo", "--blueprints", blueprints,
                                    "--context", '{"n": 2}', "--wait", "--timeout", "60",
@@ -213,6 +213,8 @@ async def test_cli_errors_are_one_line_with_exit_code_2(aws: Any, project: Path)
         (("status", "aws", "some-run"), unreachable, ["127.0.0.1"]),
         (("start", "aws", "cli-demo", "--blueprints", blueprints, "--context", "{bad json"),
          env, ["--context is not valid JSON"]),
+        (("start", "aws", "cli-demo", "--blueprints", blueprints, "--context",
+          '{"n": NaN}'), env, ["--context holds NaN"]),
     ]
     results = await asyncio.gather(*(cli(*args, env=case_env, cwd=project)
                                      for args, case_env, _ in processes))
@@ -241,3 +243,54 @@ async def test_cli_errors_are_one_line_with_exit_code_2(aws: Any, project: Path)
             raise AssertionError(f"flowcraft {' '.join(argv)}: {exc}") from None
     # Nothing was started by the failed commands.
     assert await receive_all(aws.sqs, aws.queue_url) == []
+
+
+async def test_cli_start_aws_refuses_a_run_id_that_exists(aws: Any, project: Path) -> None:
+    env = aws.environment()
+    blueprints = str(project / "blueprints")
+    run_id = f"order-{time.monotonic_ns()}"
+    code, out, err = await cli("start", "aws", "cli-demo", "--blueprints", blueprints,
+                               "--context", '{"n": 1}', "--run-id", run_id, env=env,
+                               cwd=project)
+    assert code == 0, err
+    assert out.strip() == run_id
+
+    code, _out, err = await cli("start", "aws", "cli-demo", "--blueprints", blueprints,
+                                "--context", '{"n": 2}', "--run-id", run_id, env=env,
+                                cwd=project)
+    one_line_error(code, err, f"run '{run_id}' already exists", "--run-id")
+    # The first run is untouched: its context, and one start job on the queue.
+    code, out, err = await cli("status", "aws", run_id, "--context", env=env, cwd=project)
+    assert code == 0, err
+    assert json.loads(out)["context"]["n"] == 1
+    assert [json.loads(m["Body"])["runId"] for m in await receive_all(aws.sqs, aws.queue_url)
+            ] == [run_id]
+
+
+async def test_cli_reconcile_every_keeps_going_after_a_failed_pass(
+        aws: Any, project: Path) -> None:
+    """A service that is briefly unreachable fails one pass, not the reconciler: each
+    failure is one line on stderr, and SIGTERM ends it with status 0."""
+    env = aws.environment() | {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
+                               "AWS_MAX_ATTEMPTS": "1"}  # SQS_QUEUE_URL set: no lookup
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "flowcraft", "reconcile", "aws", "--blueprints",
+        str(project / "blueprints"), "--every", "0.2", env=env, cwd=project,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    failures: list[str] = []
+    try:
+        assert process.stderr is not None
+        while len(failures) < 3:
+            line = (await asyncio.wait_for(process.stderr.readline(), 30)).decode()
+            assert line, f"the reconciler exited ({await process.wait()}) after {failures}"
+            failures.append(line)
+        assert process.returncode is None
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+        _out, rest = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, rest.decode()
+    for line in failures:
+        assert line.startswith("flowcraft reconcile: pass failed (") and "127.0.0.1" in line
+        assert "next pass in 0.2 s" in line
+    assert "Traceback" not in rest.decode()

@@ -46,12 +46,12 @@ def _atomic_dynamodb(monkeypatch: pytest.MonkeyPatch) -> None:
     make_moto_dynamodb_atomic(monkeypatch)
 
 
-async def _start_worker(env: dict[str, str], project: Path, name: str) -> Any:
+async def _start_worker(env: dict[str, str], project: Path, name: str, *extra: str) -> Any:
     log = (project / f"{name}.out").open("w")
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "flowcraft", "worker", "aws", "--registry",
         "nodes.py:registry", "--blueprints", str(project / "blueprints"),
-        "--lease-seconds", str(LEASE), env=env, cwd=project, stdout=log,
+        "--lease-seconds", str(LEASE), *extra, env=env, cwd=project, stdout=log,
         stderr=asyncio.subprocess.PIPE)
     log.close()
     deadline = time.monotonic() + 60
@@ -85,10 +85,11 @@ async def test_a_run_started_after_a_worker_restart_completes_promptly(
     started = time.monotonic()
     client = make_aws_adapter(aws, [WorkflowBlueprint.model_validate(BLUEPRINT)], {})
     run_id = await client.start_workflow("shutdown", {"n": 21})
-    new = await _start_worker(env, tmp_path, "new")
+    new = await _start_worker(env, tmp_path, "new", "--poll-seconds", "2")  # stops sooner
     try:
         result = await client.wait_for_result(run_id, timeout=LEASE + 15)
         elapsed = time.monotonic() - started
+        print(f"run completed {elapsed:.1f}s after the old worker's SIGTERM")
     finally:
         new_code, new_err = await _finish(new, 30)
         old_code, old_err = await _finish(old, 30)
@@ -149,3 +150,24 @@ async def test_azure_worker_stopped_during_a_receive_puts_back_what_it_received(
     # Visible again at once, not after the lease.
     pages = azure.queue.receive_messages(messages_per_page=32, visibility_timeout=LEASE)
     assert [message.content async for message in pages] == [job.to_base64()]
+
+
+async def test_a_second_signal_stops_the_worker_without_waiting_for_its_receive(
+        aws: Any, tmp_path: Path) -> None:
+    (tmp_path / "blueprints").mkdir()
+    (tmp_path / "blueprints" / "shutdown.json").write_text(json.dumps(BLUEPRINT))
+    (tmp_path / "nodes.py").write_text(REGISTRY)
+    worker = await _start_worker(aws.environment(), tmp_path, "worker")
+    await asyncio.sleep(1.0)  # its long poll (20 s) is now waiting on the server
+    worker.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while "stopping" not in (tmp_path / "worker.out").read_text():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    assert worker.returncode is None  # waiting for the receive
+    started = time.monotonic()
+    code, err = await _finish(worker, 10)
+    assert code == 0, err
+    assert time.monotonic() - started < 5
+    assert "stopped without waiting" in (tmp_path / "worker.out").read_text()
+    assert "Traceback" not in err
