@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from aws_helpers import make_moto_dynamodb_atomic, raw_item, receive_all
+from cli_helpers import reconcile_every_until_three_failures
 from flowcraft.local_services import free_port
 
 pytestmark = pytest.mark.integration
@@ -269,28 +270,14 @@ async def test_cli_start_aws_refuses_a_run_id_that_exists(aws: Any, project: Pat
 
 async def test_cli_reconcile_every_keeps_going_after_a_failed_pass(
         aws: Any, project: Path) -> None:
-    """A service that is briefly unreachable fails one pass, not the reconciler: each
-    failure is one line on stderr, and SIGTERM ends it with status 0."""
-    env = aws.environment() | {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
-                               "AWS_MAX_ATTEMPTS": "1"}  # SQS_QUEUE_URL set: no lookup
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "flowcraft", "reconcile", "aws", "--blueprints",
-        str(project / "blueprints"), "--every", "0.2", env=env, cwd=project,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    failures: list[str] = []
-    try:
-        assert process.stderr is not None
-        while len(failures) < 3:
-            line = (await asyncio.wait_for(process.stderr.readline(), 30)).decode()
-            assert line, f"the reconciler exited ({await process.wait()}) after {failures}"
-            failures.append(line)
-        assert process.returncode is None
-    finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-        _out, rest = await asyncio.wait_for(process.communicate(), 30)
-    assert process.returncode == 0, rest.decode()
-    for line in failures:
-        assert line.startswith("flowcraft reconcile: pass failed (") and "127.0.0.1" in line
-        assert "next pass in 0.2 s" in line
-    assert "Traceback" not in rest.decode()
+    """A service that is briefly unreachable fails a pass, not the reconciler — also when
+    it is unreachable from the start (the queue URL must be looked up): each failure is
+    one line on stderr, and SIGTERM ends it with status 0."""
+    unreachable = aws.environment() | {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
+                                       "AWS_MAX_ATTEMPTS": "1"}  # no retries: fail fast
+    no_url = {k: v for k, v in unreachable.items() if k != "SQS_QUEUE_URL"}
+    args = ["aws", "--blueprints", str(project / "blueprints")]
+    for failures in await asyncio.gather(
+            reconcile_every_until_three_failures(args, unreachable, project),
+            reconcile_every_until_three_failures(args, no_url, project)):
+        assert all("127.0.0.1" in line for line in failures), failures

@@ -16,8 +16,10 @@ from typing import Any
 import pytest
 
 from azure_helpers import REPO, decode, make_adapter, peek, poison_client, receive_all
+from cli_helpers import reconcile_every_until_three_failures
 from flowcraft import WorkflowBlueprint
 from flowcraft.cli import WORKER_CALLS_PREFIX
+from flowcraft.local_services import free_port
 
 REGISTRY = '''
 async def double(ctx):
@@ -239,3 +241,18 @@ async def test_start_azure_refuses_a_run_id_that_exists(azure: Any,
     assert code == 0, err
     assert json.loads(out)["context"]["n"] == 1
     assert [decode(m.content)["runId"] for m in await receive_all(azure.queue)] == [run_id]
+
+
+async def test_reconcile_every_keeps_going_while_the_services_are_unreachable(
+        project: dict[str, str], tmp_path: Path) -> None:
+    port = free_port()
+    env = azure_free_environment() | {
+        "AZURE_STORAGE_CONNECTION_STRING": (
+            "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=a2V5;"
+            f"QueueEndpoint=http://127.0.0.1:{port}/devstoreaccount1"),
+        "COSMOS_DB_CONNECTION_STRING": f"AccountEndpoint=http://127.0.0.1:{port}/;"
+                                       "AccountKey=a2V5;",
+        "REDIS_CONNECTION_STRING": f"redis://127.0.0.1:{port}"}
+    failures = await reconcile_every_until_three_failures(
+        ["azure", "--blueprints", project["blueprints"]], env, tmp_path)
+    assert all(f"127.0.0.1:{port}" in line for line in failures), failures

@@ -395,17 +395,16 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     _check_number("--stalled-threshold", args.stalled_threshold, least=0)
     options = _runtime_options(args, need_registry=False)
 
-    async def reconcile() -> int:
+    async def reconcile_once() -> int:
         async with _adapter(args, options) as adapter:
-            reconciler = _reconciler(args, adapter)
-            if not args.every:
-                stats = await reconciler.run()
-                _print_reconcile_stats(stats)
-                return 0 if stats.failed_runs == 0 else 1
-            return await _reconcile_every(reconciler, args.every)
+            stats = await _reconciler(args, adapter).run()
+            _print_reconcile_stats(stats)
+            return 0 if stats.failed_runs == 0 else 1
 
     try:
-        return asyncio.run(reconcile())
+        if not args.every:
+            return asyncio.run(reconcile_once())
+        return asyncio.run(_reconcile_every(args, options))
     except KeyboardInterrupt:
         return 0
 
@@ -415,23 +414,44 @@ def _print_reconcile_stats(stats: Any) -> None:
           f"{stats.reconciled_runs} reconciled, {stats.failed_runs} failed", flush=True)
 
 
-async def _reconcile_every(reconciler: Any, seconds: float) -> int:
-    """Pass after pass until SIGINT / SIGTERM; a failed pass (a service briefly unreachable)
-    is reported on one line and the next pass comes on schedule."""
+def _report_failed_pass(exc: Exception, seconds: float) -> None:
+    reason = " ".join(str(exc).split())  # SDK messages may span lines
+    print(f"flowcraft reconcile: pass failed ({type(exc).__name__}: {reason}); "
+          f"next pass in {seconds:g} s", file=sys.stderr, flush=True)
+
+
+async def _reconcile_every(args: argparse.Namespace, options: Any) -> int:
+    """Pass after pass until SIGINT / SIGTERM. A service that is unreachable — at start or
+    later — fails a pass, reported on one line, and the next pass comes on schedule; a
+    mistake in the settings (a missing queue, a missing connection string) still ends the
+    command at once."""
     import signal
 
+    seconds = float(args.every)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    while not stop.is_set():
-        try:
-            _print_reconcile_stats(await reconciler.run())
-        except Exception as exc:
-            print(f"flowcraft reconcile: pass failed ({type(exc).__name__}: {exc}); "
-                  f"next pass in {seconds:g} s", file=sys.stderr, flush=True)
+
+    async def pause() -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=seconds)
+
+    while not stop.is_set():
+        try:
+            async with _adapter(args, options) as adapter:
+                reconciler = _reconciler(args, adapter)
+                while not stop.is_set():
+                    try:
+                        _print_reconcile_stats(await reconciler.run())
+                    except Exception as exc:
+                        _report_failed_pass(exc, seconds)
+                    await pause()
+        except (UsageError, FlowcraftError):
+            raise
+        except Exception as exc:  # connecting failed
+            _report_failed_pass(exc, seconds)
+            await pause()
     return 0
 
 
