@@ -198,12 +198,14 @@ async def test_errors_are_one_line_with_exit_status_2(azure: Any,
         flowcraft("status", "azure", "no-such-run", env=env),
         flowcraft("start", "azure", "cli-flow", "--blueprints", project["blueprints"],
                   "--context", '{"n": Infinity}', env=env),
+        flowcraft("status", "azure", "some-run", env=unreachable_environment()[0]),
     )
     one_line_error(*runs[0][::2], *AZURE_VARIABLES)
     one_line_error(*runs[1][::2], "--context is not valid JSON")
     one_line_error(*runs[2][::2], "unknown blueprint id 'nope'")
     one_line_error(*runs[3][::2], "no run 'no-such-run'")
     one_line_error(*runs[4][::2], "--context holds Infinity")
+    one_line_error(*runs[5][::2], "127.0.0.1")  # and no report of an unclosed session
     assert all(code == 2 for code, _, _ in runs)
 
 
@@ -245,14 +247,20 @@ async def test_start_azure_refuses_a_run_id_that_exists(azure: Any,
 
 async def test_reconcile_every_keeps_going_while_the_services_are_unreachable(
         project: dict[str, str], tmp_path: Path) -> None:
+    env, port = unreachable_environment()
+    failures = await reconcile_every_until_three_failures(
+        ["azure", "--blueprints", project["blueprints"]], env, tmp_path)
+    assert all(f"127.0.0.1:{port}" in line for line in failures), failures
+
+
+def unreachable_environment() -> tuple[dict[str, str], int]:
+    """Connection settings for services that are not there (a free port): connecting fails
+    at once."""
     port = free_port()
-    env = azure_free_environment() | {
+    return azure_free_environment() | {
         "AZURE_STORAGE_CONNECTION_STRING": (
             "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=a2V5;"
             f"QueueEndpoint=http://127.0.0.1:{port}/devstoreaccount1"),
         "COSMOS_DB_CONNECTION_STRING": f"AccountEndpoint=http://127.0.0.1:{port}/;"
                                        "AccountKey=a2V5;",
-        "REDIS_CONNECTION_STRING": f"redis://127.0.0.1:{port}"}
-    failures = await reconcile_every_until_three_failures(
-        ["azure", "--blueprints", project["blueprints"]], env, tmp_path)
-    assert all(f"127.0.0.1:{port}" in line for line in failures), failures
+        "REDIS_CONNECTION_STRING": f"redis://127.0.0.1:{port}"}, port
