@@ -72,8 +72,7 @@ BAD_FLAGS = [
     (["worker", "{backend}", *WORKER, "--concurrency", "0"], ["--concurrency", "at least 1"]),
     (["worker", "{backend}", *WORKER, "--concurrency", "-3"], ["--concurrency", "-3"]),
     (["worker", "{backend}", *WORKER, "--lease-seconds", "-5"], ["--lease-seconds", "-5"]),
-    (["worker", "{backend}", *WORKER, "--lease-seconds", "0"], ["--lease-seconds"]),
-    (["worker", "{backend}", *WORKER, "--lease-seconds", "0.5"], ["--lease-seconds"]),
+    (["worker", "{backend}", *WORKER, "--lease-seconds", "0"], ["--lease-seconds", "more than 0"]),
     (["worker", "{backend}", *WORKER, "--lease-seconds", "nan"], ["--lease-seconds", "nan"]),
     (["worker", "{backend}", *WORKER, "--lease-seconds", "1e9"], ["--lease-seconds", "at most"]),
     (["worker", "{backend}", *WORKER, "--poll-seconds", "0"], ["--poll-seconds", "at least 1"]),
@@ -153,7 +152,7 @@ def test_run_ids_with_other_characters_are_refused(run_id: str) -> None:
 
 BAD_OPTIONS = [
     {"concurrency": 0}, {"concurrency": -1}, {"concurrency": 2.5}, {"concurrency": True},
-    {"lease_seconds": -5}, {"lease_seconds": 0}, {"lease_seconds": 0.5},
+    {"lease_seconds": -5}, {"lease_seconds": 0},
     {"lease_seconds": math.nan}, {"lease_seconds": math.inf}, {"lease_seconds": "60"},
     {"max_receive_count": 0}, {"batch_size": 0}, {"poll_wait_seconds": -1},
     {"status_touch_seconds": -1}, {"shutdown_timeout_seconds": -1},
@@ -182,10 +181,12 @@ def test_the_lease_may_not_exceed_what_the_queue_can_hide_a_message_for() -> Non
     from flowcraft.runtime import RuntimeOptions
 
     runtime = RuntimeOptions({}, {}, {})
-    with pytest.raises(WorkerOptionError, match="lease_seconds must be between 1 and 43200"):
+    with pytest.raises(WorkerOptionError,
+                       match="lease_seconds must be more than 0 and at most 43200"):
         SqsAdapter(runtime, None, None, None, "https://queue",  # type: ignore[arg-type]
                    lease_seconds=43_201)
     with pytest.raises(WorkerOptionError, match="max_poll_interval"):
         AzureQueueAdapter(runtime, None, None, None, max_poll_interval=0)  # type: ignore[arg-type]
-    check_worker_options({"lease_seconds": 43_200, "concurrency": 1, "poll_wait_seconds": 0},
-                         max_lease_seconds=43_200)
+    for lease in (0.5, 43_200):  # a fractional lease is kept as whole seconds of visibility
+        check_worker_options({"lease_seconds": lease, "concurrency": 1, "poll_wait_seconds": 0},
+                             max_lease_seconds=43_200)

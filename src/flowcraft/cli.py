@@ -303,7 +303,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     import signal
 
     _check_number("--concurrency", args.concurrency, least=1)
-    _check_number("--lease-seconds", args.lease_seconds, least=1,
+    _check_number("--lease-seconds", args.lease_seconds, least=0, exclusive=True,
                   greatest=_MAX_LEASE_SECONDS[args.backend])
     _check_number("--poll-seconds", args.poll_seconds, least=1, greatest=20)
     options = _runtime_options(args)

@@ -97,33 +97,35 @@ def _number(name: str, value: Any, *, integer: bool = False) -> float:
     return float(value)
 
 
-# name -> (least value, greatest value or None, whole number?)
-WORKER_OPTION_RANGES: Mapping[str, tuple[float, float | None, bool]] = {
-    "concurrency": (1, None, True),
-    "lease_seconds": (1, None, False),
-    "max_receive_count": (1, None, True),
-    "status_touch_seconds": (0, None, False),
-    "poll_wait_seconds": (0, None, False),
-    "batch_size": (1, None, True),
-    "shutdown_timeout_seconds": (0, None, False),
+# name -> (least value, greatest value or None, whole number?, least value itself allowed?)
+Range = tuple[float, float | None, bool, bool]
+WORKER_OPTION_RANGES: Mapping[str, Range] = {
+    "concurrency": (1, None, True, True),
+    "lease_seconds": (0, None, False, False),
+    "max_receive_count": (1, None, True, True),
+    "status_touch_seconds": (0, None, False, True),
+    "poll_wait_seconds": (0, None, False, True),
+    "batch_size": (1, None, True, True),
+    "shutdown_timeout_seconds": (0, None, False, True),
 }
 
 
 def check_worker_options(options: Mapping[str, Any], *, max_lease_seconds: float,
-                         extra: Mapping[str, tuple[float, float | None, bool]] | None = None,
-                         ) -> None:
+                         extra: Mapping[str, Range] | None = None) -> None:
     """Refuse numeric worker options that cannot work, naming the option and its range.
 
     ``max_lease_seconds`` is the longest visibility timeout the queue accepts: a longer
     lease would let a message reappear while its node still runs.
     """
     ranges = {**WORKER_OPTION_RANGES, **(extra or {})}
-    ranges["lease_seconds"] = (1, max_lease_seconds, False)
-    for name, (least, greatest, integer) in ranges.items():
+    ranges["lease_seconds"] = (0, max_lease_seconds, False, False)
+    for name, (least, greatest, integer, least_allowed) in ranges.items():
         if name not in options:
             continue
         value = _number(name, options[name], integer=integer)
-        if value < least or (greatest is not None and value > greatest):
-            span = f"at least {least:g}" if greatest is None else (
-                f"between {least:g} and {greatest:g}")
+        too_small = value < least if least_allowed else value <= least
+        if too_small or (greatest is not None and value > greatest):
+            span = f"at least {least:g}" if least_allowed else f"more than {least:g}"
+            if greatest is not None:
+                span += f" and at most {greatest:g}"
             raise WorkerOptionError(f"{name} must be {span}, not {options[name]!r}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
@@ -64,7 +65,7 @@ class AzureQueueAdapter(BaseDistributedAdapter):
         options.setdefault("batch_size", 32)
         check_worker_options({**options, "max_poll_interval": max_poll_interval},
                              max_lease_seconds=self.max_visibility_seconds,
-                             extra={"max_poll_interval": (0.01, None, False)})
+                             extra={"max_poll_interval": (0, None, False, False)})
         super().__init__(runtime_options, coordination_store, **options)
         self.queue = queue_client
         self.cosmos_client = cosmos_client
@@ -116,7 +117,8 @@ class AzureQueueAdapter(BaseDistributedAdapter):
     async def _receive_once(self, max_messages: int) -> list[QueueMessage]:
         pages = self.queue.receive_messages(
             messages_per_page=max(1, min(32, max_messages)),
-            visibility_timeout=int(self.lease_seconds),
+            # Whole seconds, never 0 (a fractional lease must not leave messages visible).
+            visibility_timeout=max(1, math.ceil(self.lease_seconds)),
         ).by_page()
         received: list[QueueMessage] = []
         async for page in pages:
@@ -153,7 +155,8 @@ class AzureQueueAdapter(BaseDistributedAdapter):
 
     async def _set_visibility(self, message: QueueMessage, seconds: float) -> None:
         updated = await self.queue.update_message(
-            message.message_id, message.handle, visibility_timeout=max(0, int(seconds)))
+            message.message_id, message.handle,
+            visibility_timeout=max(0, min(int(self.max_visibility_seconds), math.ceil(seconds))))
         message.handle = updated.pop_receipt  # every update issues a new pop receipt
 
     async def _dead_letter(self, message: QueueMessage, reason: str) -> None:
