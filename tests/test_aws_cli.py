@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from aws_helpers import make_moto_dynamodb_atomic, raw_item, receive_all
+from cli_helpers import reconcile_every_until_three_failures
 from flowcraft.local_services import free_port
 
 pytestmark = pytest.mark.integration
@@ -140,7 +141,7 @@ async def test_cli_worker_start_wait_status_and_sigterm(aws: Any, project: Path)
     worker = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "flowcraft", "worker", "aws", "--registry",
         "cli_nodes.py:registry", "--blueprints", blueprints, "--lease-seconds", "5",
-        env=env, cwd=project, stdout=log, stderr=asyncio.subprocess.PIPE)
+        "--poll-seconds", "2", env=env, cwd=project, stdout=log, stderr=asyncio.subprocess.PIPE)
     try:
         code, out, err = await cli("start", "aws", "cli-demo", "--blueprints", blueprints,
                                    "--context", '{"n": 2}', "--wait", "--timeout", "60",
@@ -213,6 +214,8 @@ async def test_cli_errors_are_one_line_with_exit_code_2(aws: Any, project: Path)
         (("status", "aws", "some-run"), unreachable, ["127.0.0.1"]),
         (("start", "aws", "cli-demo", "--blueprints", blueprints, "--context", "{bad json"),
          env, ["--context is not valid JSON"]),
+        (("start", "aws", "cli-demo", "--blueprints", blueprints, "--context",
+          '{"n": NaN}'), env, ["--context holds NaN"]),
     ]
     results = await asyncio.gather(*(cli(*args, env=case_env, cwd=project)
                                      for args, case_env, _ in processes))
@@ -241,3 +244,40 @@ async def test_cli_errors_are_one_line_with_exit_code_2(aws: Any, project: Path)
             raise AssertionError(f"flowcraft {' '.join(argv)}: {exc}") from None
     # Nothing was started by the failed commands.
     assert await receive_all(aws.sqs, aws.queue_url) == []
+
+
+async def test_cli_start_aws_refuses_a_run_id_that_exists(aws: Any, project: Path) -> None:
+    env = aws.environment()
+    blueprints = str(project / "blueprints")
+    run_id = f"order-{time.monotonic_ns()}"
+    code, out, err = await cli("start", "aws", "cli-demo", "--blueprints", blueprints,
+                               "--context", '{"n": 1}', "--run-id", run_id, env=env,
+                               cwd=project)
+    assert code == 0, err
+    assert out.strip() == run_id
+
+    code, _out, err = await cli("start", "aws", "cli-demo", "--blueprints", blueprints,
+                                "--context", '{"n": 2}', "--run-id", run_id, env=env,
+                                cwd=project)
+    one_line_error(code, err, f"run '{run_id}' already exists", "--run-id")
+    # The first run is untouched: its context, and one start job on the queue.
+    code, out, err = await cli("status", "aws", run_id, "--context", env=env, cwd=project)
+    assert code == 0, err
+    assert json.loads(out)["context"]["n"] == 1
+    assert [json.loads(m["Body"])["runId"] for m in await receive_all(aws.sqs, aws.queue_url)
+            ] == [run_id]
+
+
+async def test_cli_reconcile_every_keeps_going_after_a_failed_pass(
+        aws: Any, project: Path) -> None:
+    """A service that is briefly unreachable fails a pass, not the reconciler — also when
+    it is unreachable from the start (the queue URL must be looked up): each failure is
+    one line on stderr, and SIGTERM ends it with status 0."""
+    unreachable = aws.environment() | {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
+                                       "AWS_MAX_ATTEMPTS": "1"}  # no retries: fail fast
+    no_url = {k: v for k, v in unreachable.items() if k != "SQS_QUEUE_URL"}
+    args = ["aws", "--blueprints", str(project / "blueprints")]
+    for failures in await asyncio.gather(
+            reconcile_every_until_three_failures(args, unreachable, project),
+            reconcile_every_until_three_failures(args, no_url, project)):
+        assert all("127.0.0.1" in line for line in failures), failures

@@ -16,8 +16,10 @@ from typing import Any
 import pytest
 
 from azure_helpers import REPO, decode, make_adapter, peek, poison_client, receive_all
+from cli_helpers import reconcile_every_until_three_failures
 from flowcraft import WorkflowBlueprint
 from flowcraft.cli import WORKER_CALLS_PREFIX
+from flowcraft.local_services import free_port
 
 REGISTRY = '''
 async def double(ctx):
@@ -194,11 +196,16 @@ async def test_errors_are_one_line_with_exit_status_2(azure: Any,
                   "--context", "{not json", env=env),
         flowcraft("start", "azure", "nope", "--blueprints", project["blueprints"], env=env),
         flowcraft("status", "azure", "no-such-run", env=env),
+        flowcraft("start", "azure", "cli-flow", "--blueprints", project["blueprints"],
+                  "--context", '{"n": Infinity}', env=env),
+        flowcraft("status", "azure", "some-run", env=unreachable_environment()[0]),
     )
     one_line_error(*runs[0][::2], *AZURE_VARIABLES)
     one_line_error(*runs[1][::2], "--context is not valid JSON")
     one_line_error(*runs[2][::2], "unknown blueprint id 'nope'")
     one_line_error(*runs[3][::2], "no run 'no-such-run'")
+    one_line_error(*runs[4][::2], "--context holds Infinity")
+    one_line_error(*runs[5][::2], "127.0.0.1")  # and no report of an unclosed session
     assert all(code == 2 for code, _, _ in runs)
 
 
@@ -215,3 +222,45 @@ def azure_free_environment() -> dict[str, str]:
     return {k: v for k, v in os.environ.items()
             if k not in AZURE_VARIABLES and not k.startswith("FLOWCRAFT_")
             and k != "COSMOS_DB_VERIFY_TLS"}
+
+
+async def test_start_azure_refuses_a_run_id_that_exists(azure: Any,
+                                                         project: dict[str, str]) -> None:
+    env = azure.environment()
+    run_id = f"order-{uuid.uuid4().hex[:8]}"
+    code, out, err = await flowcraft("start", "azure", "cli-flow", "--blueprints",
+                                     project["blueprints"], "--context", '{"n": 1}',
+                                     "--run-id", run_id, env=env)
+    assert code == 0, err
+    assert out.strip() == run_id
+
+    code, _out, err = await flowcraft("start", "azure", "cli-flow", "--blueprints",
+                                      project["blueprints"], "--context", '{"n": 2}',
+                                      "--run-id", run_id, env=env)
+    one_line_error(code, err, f"run '{run_id}' already exists", "--run-id")
+    # The first run is untouched: its context, and one start job on the queue.
+    code, out, err = await flowcraft("status", "azure", run_id, "--context", env=env)
+    assert code == 0, err
+    assert json.loads(out)["context"]["n"] == 1
+    assert [decode(m.content)["runId"] for m in await receive_all(azure.queue)] == [run_id]
+
+
+async def test_reconcile_every_keeps_going_while_the_services_are_unreachable(
+        project: dict[str, str], tmp_path: Path) -> None:
+    env, port = unreachable_environment()
+    failures = await reconcile_every_until_three_failures(
+        ["azure", "--blueprints", project["blueprints"]], env, tmp_path)
+    assert all(f"127.0.0.1:{port}" in line for line in failures), failures
+
+
+def unreachable_environment() -> tuple[dict[str, str], int]:
+    """Connection settings for services that are not there (a free port): connecting fails
+    at once."""
+    port = free_port()
+    return azure_free_environment() | {
+        "AZURE_STORAGE_CONNECTION_STRING": (
+            "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=a2V5;"
+            f"QueueEndpoint=http://127.0.0.1:{port}/devstoreaccount1"),
+        "COSMOS_DB_CONNECTION_STRING": f"AccountEndpoint=http://127.0.0.1:{port}/;"
+                                       "AccountKey=a2V5;",
+        "REDIS_CONNECTION_STRING": f"redis://127.0.0.1:{port}"}, port

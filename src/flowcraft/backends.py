@@ -207,8 +207,16 @@ async def azure_clients(settings: AzureSettings, calls: Counter[str] | None = No
                                                  **_azure_counter(calls, "cosmos"))
     redis = redis_asyncio.from_url(settings.redis_url)
     try:
-        async with service, queue, cosmos:
-            yield queue, service, cosmos, redis
+        async with service, queue:
+            try:
+                await cosmos.__aenter__()  # connects: may fail
+            except BaseException:
+                await cosmos.close()  # else its HTTP session is reported unclosed
+                raise
+            try:
+                yield queue, service, cosmos, redis
+            finally:
+                await cosmos.close()
     finally:
         await redis.aclose()
 

@@ -16,7 +16,9 @@ import importlib
 import importlib.util
 import json
 import logging
+import math
 import os
+import re
 import select
 import sys
 from collections import Counter
@@ -205,6 +207,77 @@ def _adapter(args: argparse.Namespace, options: Any, **adapter_options: Any) -> 
     return backends.azure_adapter(_settings(args), options, **adapter_options)
 
 
+# Longest visibility timeout each queue accepts: a longer lease would let a message
+# reappear while its node still runs.
+_MAX_LEASE_SECONDS = {"aws": 43_200.0, "azure": 7 * 24 * 3600.0}
+
+
+def _check_number(flag: str, value: float | None, *, least: float, greatest: float | None = None,
+                  exclusive: bool = False) -> None:
+    """A numeric flag in range, or one line naming the flag, the range and the value."""
+    if value is None:
+        return
+    too_small = value <= least if exclusive else value < least
+    if not math.isfinite(value) or too_small or (greatest is not None and value > greatest):
+        bound = f"more than {least:g}" if exclusive else f"at least {least:g}"
+        if greatest is not None:
+            bound += f" and at most {greatest:g}"
+        raise UsageError(f"{flag} must be {bound}, not {value:g}")
+
+
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+
+def check_run_id(run_id: str) -> str:
+    """A run id every backend can key on: 1-128 letters, digits, ``.``, ``_``, ``:``, ``-``
+    (Cosmos DB ids may not hold ``/``, ``\\``, ``?``, ``#``; keys in logs stay readable)."""
+    if not _RUN_ID.fullmatch(run_id):
+        raise UsageError(f"--run-id {run_id!r}: use 1 to 128 letters, digits, '.', '_', ':' "
+                         "or '-', starting with a letter or digit")
+    return run_id
+
+
+def _refuse_non_finite(constant: str) -> Any:
+    raise UsageError(f"--context holds {constant}, which is not JSON and cannot be stored; "
+                     "use null or a string")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise UsageError(f"--context holds the number {text}, too large to store; "
+                         "use a string")
+    return value
+
+
+def parse_start_context(text: str | None) -> dict[str, Any]:
+    """``--context`` of ``start``: a JSON object (or ``@file``), parsed strictly (no NaN or
+    Infinity) and checked as every run's initial context is, before any service is asked."""
+    from .context import validate_initial_context
+    from .errors import InvalidContextError
+
+    if not text:
+        return {}
+    source = text
+    if text.startswith("@"):
+        try:
+            text = Path(text[1:]).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"--context {source}: {exc.strerror}") from None
+    try:
+        value = json.loads(text, parse_constant=_refuse_non_finite, parse_float=_finite_float)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--context is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise UsageError("--context is nested too deeply") from None
+    if not isinstance(value, dict):
+        raise UsageError("--context must be a JSON object")
+    try:
+        return validate_initial_context(value)
+    except InvalidContextError as exc:
+        raise UsageError(f"--context: {exc.message}") from None
+
+
 def cmd_provision(args: argparse.Namespace) -> int:
     from . import backends
 
@@ -235,13 +308,18 @@ WORKER_CALLS_PREFIX = "flowcraft worker: service calls "
 def cmd_worker(args: argparse.Namespace) -> int:
     import signal
 
+    _check_number("--concurrency", args.concurrency, least=1)
+    _check_number("--lease-seconds", args.lease_seconds, least=0, exclusive=True,
+                  greatest=_MAX_LEASE_SECONDS[args.backend])
+    _check_number("--poll-seconds", args.poll_seconds, least=1, greatest=20)
     options = _runtime_options(args)
 
     calls: Counter[str] = Counter()
 
     async def work() -> None:
         async with _adapter(args, options, calls=calls, concurrency=args.concurrency,
-                            lease_seconds=args.lease_seconds) as adapter:
+                            lease_seconds=args.lease_seconds,
+                            poll_wait_seconds=args.poll_seconds) as adapter:
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGINT, signal.SIGTERM):
@@ -251,8 +329,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
                   f"{len(options.blueprints)} blueprint(s), concurrency {args.concurrency}",
                   flush=True)
             await stop.wait()
-            print("flowcraft worker: stopping (finishing running jobs)", flush=True)
-            await adapter.stop()
+            print("flowcraft worker: stopping (finishing running jobs and the open receive; "
+                  "signal again to quit at once)", flush=True)
+            stopping = loop.create_task(adapter.stop())
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, stopping.cancel)
+            try:
+                await stopping
+            except asyncio.CancelledError:
+                # Messages still held reappear after their visibility timeout.
+                print("flowcraft worker: stopped without waiting", flush=True)
             print(f"{WORKER_CALLS_PREFIX}{json.dumps(dict(calls), sort_keys=True)}", flush=True)
 
     asyncio.run(work())
@@ -260,6 +346,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
+    from .errors import RunAlreadyExistsError
+
+    if args.run_id is not None:
+        check_run_id(args.run_id)
+    _check_number("--timeout", args.timeout, least=0, exclusive=True)
+    initial_context = parse_start_context(args.context)
     options = _runtime_options(args, need_registry=False)
     if args.blueprint_id not in options.blueprints:
         raise UsageError(f"unknown blueprint id '{args.blueprint_id}' (found: "
@@ -267,8 +359,13 @@ def cmd_start(args: argparse.Namespace) -> int:
 
     async def start() -> int:
         async with _adapter(args, options) as adapter:
-            run_id = await adapter.start_workflow(args.blueprint_id, parse_context(args.context),
-                                                  run_id=args.run_id)
+            try:
+                run_id = await adapter.start_workflow(args.blueprint_id, initial_context,
+                                                      run_id=args.run_id)
+            except RunAlreadyExistsError:
+                raise UsageError(
+                    f"run '{args.run_id}' already exists and was left as it is; choose another "
+                    "--run-id, or leave it out for a new one") from None
             print(run_id, flush=True)
             if not args.wait:
                 return 0
@@ -300,24 +397,68 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
+    _check_number("--every", args.every, least=0, exclusive=True)
+    _check_number("--stalled-threshold", args.stalled_threshold, least=0)
     options = _runtime_options(args, need_registry=False)
 
-    async def reconcile() -> int:
+    async def reconcile_once() -> int:
         async with _adapter(args, options) as adapter:
-            reconciler = _reconciler(args, adapter)
-            while True:
-                stats = await reconciler.run()
-                print(f"scanned {stats.scanned_items} runs, {stats.stalled_runs} stalled, "
-                      f"{stats.reconciled_runs} reconciled, {stats.failed_runs} failed",
-                      flush=True)
-                if not args.every:
-                    return 0 if stats.failed_runs == 0 else 1
-                await asyncio.sleep(args.every)
+            stats = await _reconciler(args, adapter).run()
+            _print_reconcile_stats(stats)
+            return 0 if stats.failed_runs == 0 else 1
 
     try:
-        return asyncio.run(reconcile())
+        if not args.every:
+            return asyncio.run(reconcile_once())
+        return asyncio.run(_reconcile_every(args, options))
     except KeyboardInterrupt:
         return 0
+
+
+def _print_reconcile_stats(stats: Any) -> None:
+    print(f"scanned {stats.scanned_items} runs, {stats.stalled_runs} stalled, "
+          f"{stats.reconciled_runs} reconciled, {stats.failed_runs} failed", flush=True)
+
+
+def _report_failed_pass(exc: Exception, seconds: float) -> None:
+    reason = " ".join(str(exc).split())  # SDK messages may span lines
+    print(f"flowcraft reconcile: pass failed ({type(exc).__name__}: {reason}); "
+          f"next pass in {seconds:g} s", file=sys.stderr, flush=True)
+
+
+async def _reconcile_every(args: argparse.Namespace, options: Any) -> int:
+    """Pass after pass until SIGINT / SIGTERM. A service that is unreachable — at start or
+    later — fails a pass, reported on one line, and the next pass comes on schedule; a
+    mistake in the settings (a missing queue, a missing connection string) still ends the
+    command at once."""
+    import signal
+
+    seconds = float(args.every)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+
+    async def pause() -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=seconds)
+
+    while not stop.is_set():
+        try:
+            async with _adapter(args, options) as adapter:
+                reconciler = _reconciler(args, adapter)
+                while not stop.is_set():
+                    try:
+                        _print_reconcile_stats(await reconciler.run())
+                    except Exception as exc:
+                        _report_failed_pass(exc, seconds)
+                    await pause()
+        except (UsageError, FlowcraftError):
+            raise
+        except Exception as exc:  # connecting failed
+            _report_failed_pass(exc, seconds)
+            await pause()
+    return 0
 
 
 def _reconciler(args: argparse.Namespace, adapter: Any) -> Any:
@@ -366,6 +507,9 @@ def _register_cloud_commands(commands: Any) -> None:
     worker.add_argument("--concurrency", type=int, default=8, help="jobs at once (8)")
     worker.add_argument("--lease-seconds", type=float, default=60.0,
                         help="node lease / message visibility, renewed while a node runs (60)")
+    worker.add_argument("--poll-seconds", type=float, default=20.0,
+                        help="longest wait of one receive on an empty queue; a stopping "
+                             "worker waits for it (20)")
     worker.set_defaults(handler=cmd_worker)
 
     start = commands.add_parser("start", help="start a run; prints its id")

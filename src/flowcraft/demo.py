@@ -122,7 +122,8 @@ def _distributed_demo(backend: str, settings: Any, adapter_factory: Any, provisi
     print(f"  provisioned: {', '.join(asyncio.run(provision())) or 'already there'}",
           flush=True)
     command = [sys.executable, "-m", "flowcraft", "worker", backend, "--registry",
-               REGISTRY_SPEC, "--blueprints", str(EXAMPLES_DIR), "--concurrency", "8"]
+               REGISTRY_SPEC, "--blueprints", str(EXAMPLES_DIR), "--concurrency", "8",
+               "--poll-seconds", "5"]  # a stopping worker waits for its open receive
     processes = _start_workers(command, env, worker_count, scratch)
     blueprint = load_blueprint(DEMO_BLUEPRINT)
     options = FlowRuntime(blueprints={blueprint.id: blueprint}).options

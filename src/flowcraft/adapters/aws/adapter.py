@@ -4,7 +4,9 @@ The job algorithm is :class:`~flowcraft.distributed.adapter.BaseDistributedAdapt
 this module only speaks SQS and DynamoDB:
 
 * receive: long polling, up to 10 messages per call, with
-  ``ApproximateReceiveCount`` so poison messages are recognised;
+  ``ApproximateReceiveCount`` so poison messages are recognised; a stopping
+  worker waits for its open long poll (the server would keep it going anyway)
+  and puts back whatever it returns (``ChangeMessageVisibilityBatch`` to 0);
 * acknowledge: ``DeleteMessageBatch``, gathering the deletes of jobs that
   finish close together;
 * keep a running job's message invisible with ``ChangeMessageVisibility``;
@@ -29,6 +31,7 @@ from ...distributed.adapter import BaseDistributedAdapter, QueueMessage
 from ...distributed.coordination import CoordinationStore
 from ...distributed.job import JobPayload
 from ...runtime.runtime import RuntimeOptions
+from .._worker import InFlightReceives, check_worker_options
 from ._dynamo import Expression, from_item
 from .context import DynamoDbContext
 
@@ -44,6 +47,7 @@ class SqsAdapter(BaseDistributedAdapter):
     """
 
     max_delay_seconds = 900.0
+    max_visibility_seconds = 43_200.0
 
     def __init__(
         self,
@@ -56,6 +60,7 @@ class SqsAdapter(BaseDistributedAdapter):
         status_table_name: str = "flowcraft-statuses",
         **options: Any,
     ) -> None:
+        check_worker_options(options, max_lease_seconds=self.max_visibility_seconds)
         super().__init__(runtime_options, coordination_store, **options)
         if not queue_url:
             raise ValueError("SqsAdapter needs a queue_url (set SQS_QUEUE_URL)")
@@ -69,6 +74,7 @@ class SqsAdapter(BaseDistributedAdapter):
         self._delete_flush: asyncio.Task[None] | None = None
         self._dead_letter_url: str | bool | None = False  # False: not looked up yet
         self._dead_letter_lock: asyncio.Lock | None = None
+        self._receives = InFlightReceives(self._release)
 
     def create_context(self, run_id: str) -> DynamoDbContext:
         return DynamoDbContext(run_id, client=self.dynamodb, table_name=self.context_table_name)
@@ -94,6 +100,10 @@ class SqsAdapter(BaseDistributedAdapter):
                                    f"{response.get('Failed')}")
 
     async def _receive(self, max_messages: int, wait_seconds: float) -> list[QueueMessage]:
+        return await self._receives.run(self._receive_messages(max_messages, wait_seconds))
+
+    async def _receive_messages(self, max_messages: int,
+                                wait_seconds: float) -> list[QueueMessage]:
         response = await self.sqs.receive_message(
             QueueUrl=self.queue_url,
             MaxNumberOfMessages=max(1, min(10, max_messages)),
@@ -187,9 +197,22 @@ class SqsAdapter(BaseDistributedAdapter):
                     return None
         return self._dead_letter_url if isinstance(self._dead_letter_url, str) else None
 
+    async def _release(self, messages: list[QueueMessage]) -> None:
+        """Make messages visible again now (a stopping worker will not run them)."""
+        for start in range(0, len(messages), 10):
+            entries = [{"Id": str(i), "ReceiptHandle": m.handle, "VisibilityTimeout": 0}
+                       for i, m in enumerate(messages[start:start + 10])]
+            response = await self.sqs.change_message_visibility_batch(
+                QueueUrl=self.queue_url, Entries=entries)
+            for failure in response.get("Failed", []):
+                logger.warning("putting back a message failed: %s", failure)
+
     async def stop(self, timeout_seconds: float | None = None) -> None:
+        """Stop as the base class does; then wait for the long poll that was open (at most
+        its wait) and put back what it received, before the clients may close."""
         await super().stop(timeout_seconds)
         await self._flush_deletes()
+        await self._receives.drain(self.poll_wait_seconds + 10)
 
     # -- status records --------------------------------------------------------------------
 

@@ -6,7 +6,9 @@ this module only speaks the two services:
 * messages are base64 of the job JSON (what Azure Functions' queue trigger
   expects); plain JSON text, as the seed's client sends it, is accepted too;
 * receive: up to 32 messages per call; Queue Storage has no long polling,
-  so an empty queue is polled with a backoff of up to ``max_poll_interval``;
+  so an empty queue is polled with a backoff of up to ``max_poll_interval``; a
+  stopping worker lets a GET that is on the wire finish and puts back (visibility
+  0) whatever it dequeued;
 * a running job's message stays invisible through ``update_message``;
 * durable sleep: the successor is sent with a visibility timeout (up to 7 days);
 * poison messages (dequeued more than ``max_receive_count`` times, or
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
@@ -27,6 +30,7 @@ from ...distributed.adapter import BaseDistributedAdapter, QueueMessage
 from ...distributed.coordination import CoordinationStore
 from ...distributed.job import JobPayload
 from ...runtime.runtime import RuntimeOptions
+from .._worker import InFlightReceives, check_worker_options
 from ._cosmos import literal, pointer, status_code, strip_system, with_throttling_retries
 from .context import CosmosDbContext
 
@@ -42,6 +46,7 @@ class AzureQueueAdapter(BaseDistributedAdapter):
     """
 
     max_delay_seconds = 7 * 24 * 3600.0
+    max_visibility_seconds = 7 * 24 * 3600.0
 
     def __init__(
         self,
@@ -58,6 +63,9 @@ class AzureQueueAdapter(BaseDistributedAdapter):
         **options: Any,
     ) -> None:
         options.setdefault("batch_size", 32)
+        check_worker_options({**options, "max_poll_interval": max_poll_interval},
+                             max_lease_seconds=self.max_visibility_seconds,
+                             extra={"max_poll_interval": (0, None, False, False)})
         super().__init__(runtime_options, coordination_store, **options)
         self.queue = queue_client
         self.cosmos_client = cosmos_client
@@ -67,6 +75,7 @@ class AzureQueueAdapter(BaseDistributedAdapter):
         self.max_poll_interval = max_poll_interval
         self._poison_queue = poison_queue_client
         self._work_sent = asyncio.Event()
+        self._receives = InFlightReceives(self._release)
         self._statuses = cosmos_client.get_database_client(
             cosmos_database_name).get_container_client(status_container_name)
 
@@ -94,7 +103,7 @@ class AzureQueueAdapter(BaseDistributedAdapter):
         pause = 0.05
         while True:
             self._work_sent.clear()
-            messages = await self._receive_once(max_messages)
+            messages = await self._receives.run(self._receive_once(max_messages))
             if messages or time.monotonic() >= deadline:
                 return messages
             # Queue Storage has no long polling: back off, but wake up for our own sends.
@@ -108,7 +117,8 @@ class AzureQueueAdapter(BaseDistributedAdapter):
     async def _receive_once(self, max_messages: int) -> list[QueueMessage]:
         pages = self.queue.receive_messages(
             messages_per_page=max(1, min(32, max_messages)),
-            visibility_timeout=int(self.lease_seconds),
+            # Whole seconds, never 0 (a fractional lease must not leave messages visible).
+            visibility_timeout=max(1, math.ceil(self.lease_seconds)),
         ).by_page()
         received: list[QueueMessage] = []
         async for page in pages:
@@ -121,6 +131,16 @@ class AzureQueueAdapter(BaseDistributedAdapter):
                 ))
             break  # one page: one request
         return received
+
+    async def _release(self, messages: list[QueueMessage]) -> None:
+        """Make messages visible again now (a stopping worker will not run them)."""
+        await asyncio.gather(*(self._set_visibility(message, 0) for message in messages))
+
+    async def stop(self, timeout_seconds: float | None = None) -> None:
+        """Stop as the base class does; then let a receive that was on the wire finish and
+        put back what it dequeued, before the clients may close."""
+        await super().stop(timeout_seconds)
+        await self._receives.drain(30.0)
 
     async def _delete(self, messages: Sequence[QueueMessage]) -> None:
         from azure.core.exceptions import ResourceNotFoundError
@@ -135,7 +155,8 @@ class AzureQueueAdapter(BaseDistributedAdapter):
 
     async def _set_visibility(self, message: QueueMessage, seconds: float) -> None:
         updated = await self.queue.update_message(
-            message.message_id, message.handle, visibility_timeout=max(0, int(seconds)))
+            message.message_id, message.handle,
+            visibility_timeout=max(0, min(int(self.max_visibility_seconds), math.ceil(seconds))))
         message.handle = updated.pop_receipt  # every update issues a new pop receipt
 
     async def _dead_letter(self, message: QueueMessage, reason: str) -> None:
