@@ -108,7 +108,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     runtime = FlowRuntime(blueprints=blueprints, registry=load_registry(args.registry))
     result = asyncio.run(runtime.run(blueprint, parse_context(args.context)))
     if args.json:
-        print_json(result.to_dict())
+        # Strict JSON (no NaN/Infinity): the engine never lets such values into a result.
+        print(json.dumps(result.to_dict(), indent=2, allow_nan=False))
     else:
         print(f"run {result.run_id}: {result.status}")
         for error in result.errors:

@@ -43,6 +43,14 @@ class NodeError:
             **({"runId": self.run_id} if self.run_id else {}),
         }
 
+    @classmethod
+    def from_exception(cls, node_id: str, error: BaseException, *, attempt: int = 1,
+                       run_id: str | None = None) -> NodeError:
+        """A node failure for an error the engine met around the node (a condition or
+        transform that cannot be evaluated, an output that cannot be stored), not one the
+        node raised: such failures are final, never retried and never handed to a fallback."""
+        return cls(node_id, _describe(error), attempt, type(error).__name__, run_id or None)
+
 
 @dataclass(slots=True)
 class NodeOutcome:
