@@ -23,7 +23,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from ..analysis import start_node_ids
-from ..blueprint import NodeDefinition, WorkflowBlueprint, check_registry
+from ..blueprint import NodeDefinition, WorkflowBlueprint, check_blueprint
 from ..context import (
     TrackedContext,
     check_storable,
@@ -254,7 +254,7 @@ class NodeEngine:
     def graph(self, blueprint: WorkflowBlueprint) -> Graph:
         cached = self._graphs.get(blueprint.id)
         if cached is None or cached.blueprint is not blueprint:
-            check_registry(blueprint, self.registry)
+            check_blueprint(blueprint, self.registry)
             cached = Graph(blueprint)
             self._graphs[blueprint.id] = cached
         return cached
