@@ -61,6 +61,12 @@ class NodeConfig(_Model):
     """Milliseconds between attempts."""
     retry_backoff: Literal["fixed", "exponential"] | None = None
     """``exponential`` doubles the delay per attempt and adds up to 20% jitter."""
+    retry_max_delay: float | None = None
+    """Milliseconds: the longest wait between attempts (caps exponential backoff)."""
+    retry_on: list[str] | None = None
+    """Names of the exception types worth another attempt (a name matches subclasses too);
+    any other error fails the node at once. Unset: every error is retried, except
+    :class:`~flowcraft.errors.NonRetryableError`, which never is."""
     timeout: float | None = None
     """Milliseconds one attempt may run before it is cancelled."""
     fallback: str | None = None
@@ -212,6 +218,10 @@ def _config_problems(config: NodeConfig | None) -> Iterable[str]:
         )
     if config.retry_delay is not None and config.retry_delay < 0:
         yield f"retryDelay must be >= 0 ms, not {config.retry_delay}"
+    if config.retry_max_delay is not None and config.retry_max_delay < 0:
+        yield f"retryMaxDelay must be >= 0 ms, not {config.retry_max_delay}"
+    if config.retry_on is not None and not all(name.strip() for name in config.retry_on):
+        yield "retryOn holds an empty exception type name"
     if config.timeout is not None and config.timeout <= 0:
         yield f"timeout must be > 0 ms, not {config.timeout}"
     if config.fallback is not None and not config.fallback:

@@ -114,3 +114,8 @@ class RunAlreadyExistsError(FlowcraftError):
 class InvalidContextError(FlowcraftError, ValueError):
     """An initial context cannot start a run: it holds keys the engine owns, or values that
     cannot be stored. Nothing was started."""
+
+
+class NonRetryableError(FlowcraftError):
+    """Raise it (or a subclass) from a node for a failure another attempt cannot fix (bad
+    input, a declined payment): no further attempts are made; the fallback still runs."""
