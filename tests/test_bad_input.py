@@ -166,7 +166,7 @@ async def test_failing_condition_in_a_loop_keeps_the_previous_iteration_output()
 async def test_transform_that_fails_or_builds_an_unstorable_value_fails_the_target() -> None:
     calls = Calls()
     for transform, expected in (("input.total / 0", "division by zero"),
-                                ("float('nan')", "input delivered to node 'b'")):
+                                ("float('nan')", "its result cannot be stored")):
         flow = (
             Flow("bad-transform")
             .node("a", calls.returning("a", {"total": 1}))
@@ -177,6 +177,7 @@ async def test_transform_that_fails_or_builds_an_unstorable_value_fails_the_targ
         assert result.status == "failed"
         [error] = result.errors
         assert error.node_id == "b"
+        assert "transform of edge a -> b failed" in error.message
         assert expected in error.message
         assert "b" not in calls.counts
         strict_json(result.serialized_context)

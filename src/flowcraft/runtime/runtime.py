@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -177,9 +178,16 @@ class RunContext(TrackedContext):
 
 
 def _write_name(node_id: str, key: str) -> str:
-    if key == INPUTS_PREFIX + node_id:
-        return f"the input delivered to node '{node_id}' (an edge transform's result)"
     return f"context key '{key}' written by node '{node_id}'"
+
+
+def _plain_scalar(value: Any) -> bool:
+    """The common case, decided without a call: a storable scalar."""
+    kind = type(value)
+    return kind in _PLAIN_SCALARS or (kind is float and math.isfinite(value))
+
+
+_PLAIN_SCALARS = frozenset({str, int, bool, type(None)})
 
 
 def refuse_unstorable(node: NodeDefinition, tracked: TrackedContext, outcome: NodeOutcome | None,
@@ -194,8 +202,9 @@ def refuse_unstorable(node: NodeDefinition, tracked: TrackedContext, outcome: No
     """
     problems: list[str] = []
     refused: dict[str, Any] = {}
-    for operation in squash(tracked.deltas[first_write:]):
-        if operation.op != "set":
+    writes = tracked.deltas[first_write:]
+    for operation in writes if len(writes) <= 1 else squash(writes):
+        if operation.op != "set" or _plain_scalar(operation.value):
             continue
         try:
             check_storable(operation.value, _write_name(node.id, operation.key))
@@ -203,10 +212,11 @@ def refuse_unstorable(node: NodeDefinition, tracked: TrackedContext, outcome: No
             problems.append(exc.message)
             refused[operation.key] = operation.value
     if outcome is not None and outcome.result is not None:
-        try:
-            check_storable(outcome.result.output, f"the output of node '{node.id}'")
-        except UnstorableValueError as exc:
-            problems.append(exc.message)
+        if not _plain_scalar(outcome.result.output):
+            try:
+                check_storable(outcome.result.output, f"the output of node '{node.id}'")
+            except UnstorableValueError as exc:
+                problems.append(exc.message)
     elif outcome is not None and outcome.awaiting is not None:
         try:
             check_storable(outcome.awaiting, f"the awaiting details of node '{node.id}'")
@@ -290,11 +300,7 @@ class NodeEngine:
                 node.id, f"no implementation registered for uses '{node.uses}'", 0,
                 "BlueprintValidationError", run_id,
             ))
-        # What the engine wrote for this node (its delivered input) is checked before it runs.
-        refused = refuse_unstorable(node, tracked, None, run_id)
-        if refused is not None:
-            return refused
-        engine_writes = len(tracked.deltas)
+        engine_writes = len(tracked.deltas)  # the delivered input: checked by routing
         fallback, fallback_params = self.fallback_for(graph, node)
         params = node.params or {}
 
@@ -312,6 +318,10 @@ class NodeEngine:
             node, implementation, make_context, fallback=fallback,
             fallback_params=fallback_params, event_bus=self.options.event_bus, run_id=run_id,
         )
+        result = outcome.result
+        if (result is not None and len(tracked.deltas) == engine_writes
+                and type(result.output) in _PLAIN_SCALARS):
+            return outcome  # the common case, decided without a call
         return refuse_unstorable(node, tracked, outcome, run_id, engine_writes) or outcome
 
 
