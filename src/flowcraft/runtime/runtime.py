@@ -380,14 +380,15 @@ class FlowRuntime:
         Raises before any node runs when the blueprint or the initial context is invalid
         (:class:`~flowcraft.errors.InvalidContextError`: keys the engine owns, values that
         cannot be stored); once nodes run, every failure is reported in the result."""
-        if isinstance(initial_context, str):
+        supplied: Any = initial_context
+        if isinstance(supplied, str):
             try:
-                initial_context = json.loads(initial_context)
+                supplied = json.loads(supplied)
             except json.JSONDecodeError as exc:
                 raise InvalidContextError(
                     f"cannot start the run: the initial context is not valid JSON ({exc})"
                 ) from None
-        data = validate_initial_context(initial_context)
+        data = validate_initial_context(supplied)
         return await self._start(blueprint, data, registry=registry, run_id=run_id,
                                  signal=signal, concurrency=concurrency)
 
