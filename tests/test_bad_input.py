@@ -113,6 +113,18 @@ async def test_unstorable_context_write_fails_the_node_and_is_undone() -> None:
     assert result.context.get("kept") is None  # the sync node never wrote it
 
 
+async def test_context_keys_must_be_strings() -> None:
+    async def writer(ctx: NodeContext) -> str:
+        await ctx.context.set(7, "seven")  # type: ignore[arg-type]
+        return "done"
+
+    result = await run(Flow("int-key").node("a", writer))
+    assert result.status == "failed"
+    assert "context key 7 of type int" in result.errors[0].message
+    assert 7 not in result.context
+    strict_json(result.serialized_context)
+
+
 async def test_value_changed_in_place_fails_the_run_instead_of_raising() -> None:
     async def mutate(ctx: NodeContext) -> str:
         items = await ctx.context.get("items")

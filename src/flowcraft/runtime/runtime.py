@@ -204,6 +204,11 @@ def refuse_unstorable(node: NodeDefinition, tracked: TrackedContext, outcome: No
     refused: dict[str, Any] = {}
     writes = tracked.deltas[first_write:]
     for operation in writes if len(writes) <= 1 else squash(writes):
+        if not isinstance(operation.key, str):
+            problems.append(f"node '{node.id}' wrote context key {operation.key!r} of type "
+                            f"{type(operation.key).__name__}; context keys are strings")
+            refused[operation.key] = operation.value
+            continue
         if operation.op != "set" or _plain_scalar(operation.value):
             continue
         try:
