@@ -248,13 +248,15 @@ def expression_problems(blueprint: WorkflowBlueprint) -> list[str]:
     """Edge conditions and transforms, and loop-controller conditions, that do not compile."""
     problems: list[str] = []
     for index, edge in enumerate(blueprint.edges):
-        where = f"edge #{index} ({edge.source} -> {edge.target})"
+        if not (edge.condition or edge.transform):
+            continue  # most edges: an empty expression is no expression, as when running
         for field, source in (("condition", edge.condition), ("transform", edge.transform)):
             if not source:
-                continue  # an empty expression is no expression, as when running
+                continue
             try:
                 compile_expression(source)
             except ExpressionError as exc:
+                where = f"edge #{index} ({edge.source} -> {edge.target})"
                 problems.append(f"{where}: {field}: {exc.message}")
     for node in blueprint.nodes:
         if node.uses != "loop-controller":

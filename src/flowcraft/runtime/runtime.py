@@ -153,24 +153,26 @@ class RunContext(TrackedContext):
 
     __slots__ = ("_before",)
 
-    def __init__(self, data: dict[str, Any]) -> None:
-        super().__init__(data)
-        self._before: dict[str, Any] = {}
+    def _remember(self, key: str) -> None:
+        try:
+            before = self._before
+        except AttributeError:  # created on the first write: most nodes never write
+            before = self._before = {}
+        if key not in before:
+            before[key] = self.data.get(key, _MISSING)
 
     def set_now(self, key: str, value: Any) -> None:
-        if key not in self._before:
-            self._before[key] = self.data.get(key, _MISSING)
+        self._remember(key)
         super().set_now(key, value)
 
     def delete_now(self, key: str) -> bool:
-        if key not in self._before:
-            self._before[key] = self.data.get(key, _MISSING)
+        self._remember(key)
         return super().delete_now(key)
 
     def undo(self, key: str, written: Any) -> None:
         if self.data.get(key, _MISSING) is not written:
             return  # another node wrote the key since: keep its value
-        before = self._before.get(key, _MISSING)
+        before = getattr(self, "_before", {}).get(key, _MISSING)
         if before is _MISSING:
             self.data.pop(key, None)
         else:
@@ -633,8 +635,8 @@ class _InMemoryRun:
             await self._emit("node:error", nodeId=node_id, error=error.to_dict())
             return
         tracked = RunContext(self.data)
-        if resolved.store:
-            tracked.set_now(INPUTS_PREFIX + node_id, resolved.value)
+        if resolved.store:  # the engine's own write (checked by routing): never undone
+            TrackedContext.set_now(tracked, INPUTS_PREFIX + node_id, resolved.value)
         if self.bus is not None:
             await self._emit("node:start", nodeId=node_id, input=resolved.value)
         logger.debug("run %s node %s: start (iteration %d)", self.run_id, node_id, generation)
