@@ -8,7 +8,12 @@ made synchronously between awaits, so concurrent nodes never race on the
 bookkeeping.
 
 The same :class:`NodeEngine` (registry lookup, node contexts, sleep and
-subflow services) serves the distributed workers.
+subflow services) serves the distributed workers. It also refuses, in one
+place for every engine, what no store can hold: ``NodeEngine.graph`` checks
+a blueprint's expressions and registry before any node runs, and
+``NodeEngine.run_node`` fails a node (once: no retry, no fallback) whose
+output or context writes are not plain JSON, dropping those writes. Once
+nodes run, ``FlowRuntime.run`` never raises: every failure is in the result.
 """
 
 from __future__ import annotations
