@@ -17,7 +17,9 @@ from flowcraft import (
     load_blueprint,
     load_blueprints,
 )
-from flowcraft.blueprint import check_registry
+from flowcraft.blueprint import check_blueprint, check_registry
+from flowcraft.cli import main
+from flowcraft.runtime import NodeEngine, RuntimeOptions
 
 FIXTURES = Path(__file__).parent / "fixtures" / "blueprints"
 
@@ -323,6 +325,74 @@ async def test_unknown_batch_worker_raises_at_run_start_before_any_node_runs() -
         await FlowRuntime(registry={"record": record}).run(bp)
     assert ran == []
     one_problem_mentioning(info.value.problems, "'fan'", "no-such-worker")
+
+
+# -- expressions are compiled before any node runs ------------------------------------------
+
+
+BAD_EXPRESSIONS = {
+    "id": "bad-expressions",
+    "nodes": [
+        {"id": "a", "uses": "record"},
+        {"id": "b", "uses": "record"},
+        {"id": "again", "uses": "loop-controller", "params": {"condition": "x.__class__"}},
+        {"id": "bare", "uses": "loop-controller"},
+    ],
+    "edges": [
+        {"source": "a", "target": "b", "condition": "result.output >"},
+        {"source": "a", "target": "again", "transform": "[x for x in input]"},
+        {"source": "b", "target": "again", "condition": "ok", "transform": "input.total"},
+        {"source": "again", "target": "bare", "action": "break"},
+    ],
+}
+
+
+def test_check_blueprint_reports_every_expression_problem_at_once() -> None:
+    bp = WorkflowBlueprint.model_validate(BAD_EXPRESSIONS)  # loading does not compile them
+    with pytest.raises(BlueprintValidationError) as info:
+        check_blueprint(bp)
+    problems = info.value.problems
+    assert len(problems) == 4, problems
+    one_problem_mentioning(problems, "edge #0 (a -> b)", "condition", "result.output >")
+    one_problem_mentioning(problems, "edge #1 (a -> again)", "transform", "comprehension")
+    one_problem_mentioning(problems, "node 'again'", "condition", "__class__")
+    one_problem_mentioning(problems, "node 'bare'", "needs a 'condition'")
+
+
+def test_check_blueprint_reports_registry_and_expression_problems_together() -> None:
+    bp = WorkflowBlueprint.model_validate(BAD_EXPRESSIONS)
+    with pytest.raises(BlueprintValidationError) as info:
+        check_blueprint(bp, {"loop-controller": object()})
+    one_problem_mentioning(info.value.problems, "'a'", "no implementation", "record")
+    assert len(info.value.problems) == 6
+
+
+async def test_bad_expression_is_refused_at_run_start_and_by_workers() -> None:
+    ran: list[str] = []
+
+    async def record(ctx: Any) -> None:
+        ran.append(ctx.node_id)
+
+    bp = WorkflowBlueprint.model_validate(BAD_EXPRESSIONS)
+    with pytest.raises(BlueprintValidationError, match=r"result\.output >"):
+        await FlowRuntime(registry={"record": record}).run(bp)
+    assert ran == []
+    # Workers load blueprints through the same engine.
+    engine = NodeEngine(RuntimeOptions(blueprints={bp.id: bp}, registry={"record": record},
+                                       dependencies={}))
+    with pytest.raises(BlueprintValidationError, match="comprehension"):
+        engine.graph(engine.blueprint(bp.id))
+
+
+def test_cli_validate_reports_expression_problems(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(BAD_EXPRESSIONS))
+    assert main(["validate", str(path)]) == 2
+    error = capsys.readouterr().err
+    assert "4 problem(s)" in error
+    assert "edge #0 (a -> b): condition" in error
+    assert "node 'again': condition" in error
 
 
 # -- the runtime never mutates a blueprint ----------------------------------------------------

@@ -15,6 +15,7 @@ from flowcraft.expressions import (
     HELPERS,
     MAX_DEPTH,
     MAX_EXPRESSION_LENGTH,
+    MAX_WORK,
     CompiledExpression,
     compile_expression,
     evaluate,
@@ -568,6 +569,90 @@ def test_self_referencing_data_does_not_hang() -> None:
     loop.append(loop)
     refused("str(xs)", {"xs": loop})
     refused("xs * 2", {"xs": [loop] * 10})
+
+
+def nested_size(value: Any) -> int:
+    """One per object plus one per character, every occurrence counted (shared or not)."""
+    if isinstance(value, str):
+        return 1 + len(value)
+    if isinstance(value, Mapping):
+        return 1 + sum(nested_size(k) + nested_size(v) for k, v in value.items())
+    if isinstance(value, list | tuple | set | frozenset):
+        return 1 + sum(nested_size(item) for item in value)
+    return 1
+
+
+HUNDRED_K = {"input": list(range(100_000))}
+
+
+@pytest.mark.parametrize("expression", [
+    "[" + ", ".join(["input"] * 280) + "]",
+    "(" + ", ".join(["input"] * 20) + ",)",
+    "{" + ", ".join(f"'k{i}': input" for i in range(20)) + "}",
+    "[[input, input, input], [input, input, input], [input, input, input], [input, input]]",
+    "((input, input), (input, input), (input, input), (input, input), (input, input))",
+    "input[:1] + [input, input, input, input, input, input, input, input, input, input]",
+    "[" + ", ".join(["input[:99999]"] * 11) + "]",
+    "{'a': {'b': {'c': [input, input, input, input, input]}}, 'd': [input] * 3, 'e': "
+    "[input, input, input]}",
+])
+def test_displays_cannot_multiply_a_large_input(expression: str) -> None:
+    assert "too much data" in str(refused(expression, HUNDRED_K))
+
+
+def test_displays_within_the_allowance_still_work() -> None:
+    assert evaluate("{'items': input, 'count': len(input)}", HUNDRED_K)["count"] == 100_000
+    assert len(evaluate("[input, input, input]", HUNDRED_K)) == 3
+    assert evaluate("input + [1]", {"input": [0]}) == [0, 1]
+
+
+def test_concatenation_counts_nested_items() -> None:
+    names = {"one": [list(range(90_000))]}
+    assert len(evaluate("one + one", names)) == 2
+    assert "too much data" in str(refused("one + one + one + one + one + one + one + one + one + "
+                                          "one + one + one", names))
+
+
+LARGE_NAMES: dict[str, Any] = {
+    "big": [f"item-{i}" for i in range(40_000)],  # about 330,000 items and characters
+    "row": {"id": 7, "tags": ["a", "b"]},
+    "s": "abc" * 1000,
+    "n": 3,
+}
+LARGEST_NAME = max(nested_size(v) for v in LARGE_NAMES.values())
+
+
+def built_expressions() -> st.SearchStrategy[str]:
+    leaves = st.sampled_from(["big", "row", "s", "n", "1", "'x'", "big[:100]", "row.tags"])
+
+    def combine(children: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+        sequences = st.lists(children, min_size=1, max_size=5)
+        return st.one_of(
+            sequences.map(lambda items: "[" + ", ".join(items) + "]"),
+            sequences.map(lambda items: "(" + ", ".join(items) + ",)"),
+            sequences.map(lambda items: "{" + ", ".join(
+                f"'k{i}': {item}" for i, item in enumerate(items)) + "}"),
+            st.tuples(children, children).map(lambda t: f"({t[0]} + {t[1]})"),
+            st.tuples(children, st.integers(0, 4)).map(lambda t: f"({t[0]} * {t[1]})"),
+            st.tuples(children, children, children).map(
+                lambda t: f"({t[0]} if {t[1]} else {t[2]})"),
+        )
+
+    return st.recursive(leaves, combine, max_leaves=16)
+
+
+@settings(max_examples=300, deadline=None)
+@given(built_expressions())
+def test_no_expression_result_exceeds_the_work_allowance(expression: str) -> None:
+    """A result is either the caller's data (or part of it) or was built within the allowance."""
+    started = time.perf_counter()
+    try:
+        value = evaluate(expression, LARGE_NAMES)
+    except ExpressionError:
+        return
+    finally:
+        assert time.perf_counter() - started < 1.0, expression
+    assert nested_size(value) <= max(MAX_WORK + 1, LARGEST_NAME), expression
 
 
 # -- fuzzing -----------------------------------------------------------------------------------

@@ -901,7 +901,7 @@ async def test_expression_errors_name_the_edge() -> None:
     bad_condition = (
         Flow("bad-condition")
         .node("a", returning(1)).node("b", rec.node())
-        .edge("a", "b", condition="result.output >")
+        .edge("a", "b", condition="result.output.total > len(result.output)")
     )
     result = await run(bad_condition)
     assert result.status == "failed"
@@ -913,7 +913,7 @@ async def test_expression_errors_name_the_edge() -> None:
     unsafe_transform = (
         Flow("bad-transform")
         .node("a", returning(1)).node("b", rec.node())
-        .edge("a", "b", transform="input.__class__")
+        .edge("a", "b", transform="input + 'x'")
     )
     result = await run(unsafe_transform)
     assert result.status == "failed"
@@ -925,7 +925,7 @@ async def test_expression_errors_name_the_edge() -> None:
 
     # The same error on the edges of a resumed wait node fails the run too (no exception).
     waiting = Flow("bad-resume").wait("w").node("b", rec.node())
-    waiting.edge("w", "b", condition="result.output >")
+    waiting.edge("w", "b", condition="len(result.output) > 0")
     runtime = FlowRuntime(registry=waiting.registry())
     parked = await runtime.run(waiting.to_blueprint())
     result = await runtime.resume(waiting.to_blueprint(), parked.serialized_context, {})

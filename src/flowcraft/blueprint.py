@@ -12,8 +12,12 @@ writes camelCase back with unset fields omitted.
 Validation reports *every* problem at once, each naming the node or edge it
 concerns, and raises :class:`~flowcraft.errors.BlueprintValidationError`
 (which is also a ``ValueError``). Problems that depend on the registry (an
-unknown ``uses``, a ``fallback`` nobody provides) are checked by
-:func:`check_registry` when a run starts, before any node runs.
+unknown ``uses``, a ``fallback`` nobody provides) and expressions (edge
+conditions and transforms, loop conditions) are checked by
+:func:`check_blueprint` when a run starts or a worker first loads the
+blueprint, before any node runs. Expressions are not checked at load time, so a
+blueprint written for the TypeScript library whose expressions only it can read
+still loads, analyses and draws.
 
 Blueprint objects are never mutated by the runtime.
 """
@@ -29,7 +33,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
-from .errors import BlueprintValidationError
+from .errors import BlueprintValidationError, ExpressionError
+from .expressions import compile_expression
 
 JoinStrategy = Literal["all", "any"]
 
@@ -56,6 +61,12 @@ class NodeConfig(_Model):
     """Milliseconds between attempts."""
     retry_backoff: Literal["fixed", "exponential"] | None = None
     """``exponential`` doubles the delay per attempt and adds up to 20% jitter."""
+    retry_max_delay: float | None = None
+    """Milliseconds: the longest wait between attempts (caps exponential backoff)."""
+    retry_on: list[str] | None = None
+    """Names of the exception types worth another attempt (a name matches subclasses too);
+    any other error fails the node at once. Unset: every error is retried, except
+    :class:`~flowcraft.errors.NonRetryableError`, which never is."""
     timeout: float | None = None
     """Milliseconds one attempt may run before it is cancelled."""
     fallback: str | None = None
@@ -227,14 +238,69 @@ def _config_problems(config: NodeConfig | None) -> Iterable[str]:
         )
     if config.retry_delay is not None and config.retry_delay < 0:
         yield f"retryDelay must be >= 0 ms, not {config.retry_delay}"
+    if config.retry_max_delay is not None and config.retry_max_delay < 0:
+        yield f"retryMaxDelay must be >= 0 ms, not {config.retry_max_delay}"
+    if config.retry_on is not None and not all(name.strip() for name in config.retry_on):
+        yield "retryOn holds an empty exception type name"
     if config.timeout is not None and config.timeout <= 0:
         yield f"timeout must be > 0 ms, not {config.timeout}"
     if config.fallback is not None and not config.fallback:
         yield "fallback is empty"
 
 
+def check_blueprint(blueprint: WorkflowBlueprint,
+                    known_uses: Mapping[str, Any] | None = None) -> None:
+    """Everything loading cannot check, at once: every expression compiles and, given the
+    registry's ``known_uses``, every ``uses`` and ``fallback`` has an implementation.
+
+    Runtimes and workers call it (through ``NodeEngine.graph``) before any node of the
+    blueprint runs; raises :class:`~flowcraft.errors.BlueprintValidationError` listing
+    every problem, each naming its node or edge.
+    """
+    problems = expression_problems(blueprint)
+    if known_uses is not None:
+        problems = registry_problems(blueprint, known_uses) + problems
+    if problems:
+        raise BlueprintValidationError(blueprint.id, problems)
+
+
+def expression_problems(blueprint: WorkflowBlueprint) -> list[str]:
+    """Edge conditions and transforms, and loop-controller conditions, that do not compile."""
+    problems: list[str] = []
+    for index, edge in enumerate(blueprint.edges):
+        if not (edge.condition or edge.transform):
+            continue  # most edges: an empty expression is no expression, as when running
+        for field, source in (("condition", edge.condition), ("transform", edge.transform)):
+            if not source:
+                continue
+            try:
+                compile_expression(source)
+            except ExpressionError as exc:
+                where = f"edge #{index} ({edge.source} -> {edge.target})"
+                problems.append(f"{where}: {field}: {exc.message}")
+    for node in blueprint.nodes:
+        if node.uses != "loop-controller":
+            continue
+        condition = (node.params or {}).get("condition")
+        if not condition:
+            problems.append(f"node '{node.id}': loop-controller needs a 'condition' parameter")
+            continue
+        try:
+            compile_expression(condition)
+        except ExpressionError as exc:
+            problems.append(f"node '{node.id}': condition: {exc.message}")
+    return problems
+
+
 def check_registry(blueprint: WorkflowBlueprint, known_uses: Mapping[str, Any]) -> None:
     """Fail before any node runs if a ``uses`` or ``fallback`` has no implementation."""
+    problems = registry_problems(blueprint, known_uses)
+    if problems:
+        raise BlueprintValidationError(blueprint.id, problems)
+
+
+def registry_problems(blueprint: WorkflowBlueprint, known_uses: Mapping[str, Any]) -> list[str]:
+    """Nodes whose ``uses``, ``fallback`` or batch ``workerUsesKey`` has no implementation."""
     problems: list[str] = []
     node_ids = {node.id: node for node in blueprint.nodes}
     for node in blueprint.nodes:
@@ -256,8 +322,7 @@ def check_registry(blueprint: WorkflowBlueprint, known_uses: Mapping[str, Any]) 
             problems.append(
                 f"node '{node.id}': no implementation registered for workerUsesKey '{worker}'"
             )
-    if problems:
-        raise BlueprintValidationError(blueprint.id, problems)
+    return problems
 
 
 def _as_blueprint_error(obj: Any, exc: ValidationError) -> BlueprintValidationError:

@@ -117,7 +117,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     runtime = FlowRuntime(blueprints=blueprints, registry=load_registry(args.registry))
     result = asyncio.run(runtime.run(blueprint, parse_context(args.context)))
     if args.json:
-        print_json(result.to_dict())
+        # Strict JSON (no NaN/Infinity): the engine never lets such values into a result.
+        print(json.dumps(result.to_dict(), indent=2, allow_nan=False))
     else:
         print(f"run {result.run_id}: {result.status}")
         for error in result.errors:
@@ -143,13 +144,12 @@ def cmd_graph(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from .analysis import analyze_blueprint
+    from .blueprint import check_blueprint
+    from .nodes.builtins import BUILTIN_NODES
 
     blueprint = load_blueprint(args.blueprint)
-    if args.registry:
-        from .blueprint import check_registry
-        from .nodes.builtins import BUILTIN_NODES
-
-        check_registry(blueprint, {**BUILTIN_NODES, **load_registry(args.registry)})
+    known = {**BUILTIN_NODES, **load_registry(args.registry)} if args.registry else None
+    check_blueprint(blueprint, known)
     analysis = analyze_blueprint(blueprint)
     print(f"blueprint '{blueprint.id}' is valid: {analysis.node_count} nodes, "
           f"{analysis.edge_count} edges, start {analysis.start_node_ids}, "

@@ -118,3 +118,8 @@ class InvalidContextError(FlowcraftError, ValueError):
 
 class InvalidOptionError(FlowcraftError, ValueError):
     """An argument of a runtime call is out of range (a negative ``concurrency``, ...)."""
+
+
+class NonRetryableError(FlowcraftError):
+    """Raise it (or a subclass) from a node for a failure another attempt cannot fix (bad
+    input, a declined payment): no further attempts are made; the fallback still runs."""

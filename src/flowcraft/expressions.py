@@ -51,6 +51,10 @@ an expression builds may be larger than :data:`MAX_SEQUENCE_LENGTH`: string,
 list and tuple results of ``+`` and ``*`` are checked *before* they are built
 (for repetition the nested size of the repeated items counts too, so
 ``[[1] * 1000] * 1000`` is refused), and the list helpers refuse longer inputs.
+Displays (``[a, b]``, ``(a, b)``, ``{k: v}``, ``{a, b}``) and concatenations
+spend the full nested size of what they hold from the work allowance below,
+counting a shared reference each time it occurs, so ``[input, input, ...]``
+cannot multiply a large input into a larger result.
 On top of that, one evaluation may build, slice, sort, sum or print at most
 :data:`MAX_WORK` items and characters in all, so a long expression made of
 many operations that each stay under the per-value limit is still cheap.
@@ -485,7 +489,7 @@ class _Compiler:
         elements = self._elements(node.elts)
 
         def list_(names: Mapping[str, Any], budget: _Budget) -> Any:
-            return [e(names, budget) for e in elements]
+            return _charge(budget, [e(names, budget) for e in elements])
 
         return list_
 
@@ -493,7 +497,7 @@ class _Compiler:
         elements = self._elements(node.elts)
 
         def tuple_(names: Mapping[str, Any], budget: _Budget) -> Any:
-            return tuple([e(names, budget) for e in elements])
+            return _charge(budget, tuple([e(names, budget) for e in elements]))
 
         return tuple_
 
@@ -501,7 +505,7 @@ class _Compiler:
         elements = self._elements(node.elts)
 
         def set_(names: Mapping[str, Any], budget: _Budget) -> Any:
-            return {e(names, budget) for e in elements}
+            return _charge(budget, {e(names, budget) for e in elements})
 
         return set_
 
@@ -515,7 +519,7 @@ class _Compiler:
         ]
 
         def dict_(names: Mapping[str, Any], budget: _Budget) -> Any:
-            return {k(names, budget): v(names, budget) for k, v in items}
+            return _charge(budget, {k(names, budget): v(names, budget) for k, v in items})
 
         return dict_
 
@@ -773,6 +777,14 @@ def _size(value: Any, limit: int) -> int:
     return total
 
 
+def _charge(budget: _Budget, built: Any) -> Any:
+    """Spend the full size of a value just built from references (a display, a
+    concatenation): whatever later stores, compares or prints it walks every item, so
+    ``[input, input, input]`` costs three times ``input``."""
+    _spend(budget, _size(built, max(budget[0], 0)))
+    return built
+
+
 def _too_long(symbol: str, kind: str, length: int) -> _EvalFailure:
     unit = "characters" if kind == "str" else "items"
     return _EvalFailure(
@@ -817,7 +829,12 @@ def _concatenate(budget: _Budget, a: Any, b: Any) -> Any:
     length = len(a) + len(b)
     if length > MAX_SEQUENCE_LENGTH:
         raise _too_long("+", type(a).__name__, length)
-    _spend(budget, length)
+    if isinstance(a, str):
+        _spend(budget, length)
+        return a + b
+    # The items are shared, not copied: their nested size counts, as for displays.
+    _charge(budget, a)
+    _charge(budget, b)
     return a + b
 
 

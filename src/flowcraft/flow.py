@@ -17,6 +17,7 @@ a string names an existing ``uses`` key instead.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from .blueprint import EdgeDefinition, NodeConfig, NodeDefinition, WorkflowBlueprint
@@ -49,15 +50,24 @@ class Flow:
         timeout: float | None = None,
         fallback: Any = None,
         join_strategy: str | None = None,
+        retry_on: Sequence[str | type[BaseException]] | None = None,
+        retry_max_delay: float | None = None,
     ) -> Flow:
-        """Add a node. ``implementation`` is a function, a ``BaseNode`` class or a ``uses`` key."""
+        """Add a node. ``implementation`` is a function, a ``BaseNode`` class or a ``uses`` key.
+
+        ``retry_on`` lists the exception types (classes or their names) worth another
+        attempt; ``retry_max_delay`` caps the wait between attempts, in milliseconds."""
         uses = self._register(node_id, implementation)
         fallback_key = None
         if fallback is not None:
             fallback_key = self._register(f"{node_id}.fallback", fallback)
+        retry_on_names = None if retry_on is None else [
+            kind if isinstance(kind, str) else kind.__name__ for kind in retry_on
+        ]
         config = {
             "maxRetries": max_retries, "retryDelay": retry_delay, "retryBackoff": retry_backoff,
             "timeout": timeout, "fallback": fallback_key, "joinStrategy": join_strategy,
+            "retryOn": retry_on_names, "retryMaxDelay": retry_max_delay,
         }
         self._add_node(node_id, uses, params=params, inputs=inputs, config=config)
         return self

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..blueprint import NodeDefinition
-from ..errors import FlowcraftError, NodeTimeoutError
+from ..errors import FlowcraftError, NodeTimeoutError, NonRetryableError
 from ..events import EventBus, FlowcraftEvent, safe_emit
 from ..nodes.base import AwaitingSignal, BaseNode, NodeContext, NodeResult, as_result, is_node_class
 
@@ -42,6 +42,14 @@ class NodeError:
             "errorType": self.error_type,
             **({"runId": self.run_id} if self.run_id else {}),
         }
+
+    @classmethod
+    def from_exception(cls, node_id: str, error: BaseException, *, attempt: int = 1,
+                       run_id: str | None = None) -> NodeError:
+        """A node failure for an error the engine met around the node (a condition or
+        transform that cannot be evaluated, an output that cannot be stored), not one the
+        node raised: such failures are final, never retried and never handed to a fallback."""
+        return cls(node_id, _describe(error), attempt, type(error).__name__, run_id or None)
 
 
 @dataclass(slots=True)
@@ -99,11 +107,27 @@ def retry_delay_seconds(node: NodeDefinition, failed_attempt: int) -> float:
     config = node.config
     if config is None or not config.retry_delay:
         return 0.0
-    base = config.retry_delay / 1000.0
+    delay = config.retry_delay / 1000.0
     if config.retry_backoff == "exponential":
-        delay = base * (2 ** (failed_attempt - 1))
-        return delay * (1.0 + random.random() * 0.2)
-    return base
+        delay = delay * (2 ** (failed_attempt - 1)) * (1.0 + random.random() * 0.2)
+    if config.retry_max_delay is not None:
+        delay = min(delay, config.retry_max_delay / 1000.0)
+    return delay
+
+
+def is_retryable(node: NodeDefinition, error: BaseException) -> bool:
+    """Whether another attempt may fix ``error``: never for :class:`NonRetryableError`;
+    with ``retryOn``, only for the listed types (by name, or module-qualified name) and
+    their subclasses."""
+    if isinstance(error, NonRetryableError):
+        return False
+    retry_on = node.config.retry_on if node.config else None
+    if retry_on is None:
+        return True
+    return any(
+        kind.__name__ in retry_on or f"{kind.__module__}.{kind.__qualname__}" in retry_on
+        for kind in type(error).__mro__
+    )
 
 
 async def execute_node(
@@ -152,6 +176,10 @@ async def execute_node(
                 return NodeOutcome(awaiting=signal.details, attempts=attempt)
             except Exception as exc:
                 last_error = exc
+                if attempt < attempts and not is_retryable(node, exc):
+                    logger.warning("run %s node %s: attempt %d/%d failed (%s); not retried",
+                                   run_id, node.id, attempt, attempts, _describe(exc))
+                    break
                 if attempt < attempts:
                     delay = retry_delay_seconds(node, attempt)
                     logger.warning(

@@ -45,8 +45,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..blueprint import EdgeDefinition, NodeDefinition
-from ..context import INTERNAL_PREFIX
-from ..errors import ExpressionError
+from ..context import INTERNAL_PREFIX, check_storable
+from ..errors import ExpressionError, UnstorableValueError
 from ..expressions import evaluate
 from .graph import Graph
 
@@ -299,11 +299,16 @@ def route(
 
 
 def transform_delivery(edge: EdgeDefinition, output: Any, data: Mapping[str, Any]) -> Any:
+    """What ``edge`` delivers: the output, or its transform, which must be storable (it is
+    stored as the target's input); raises :class:`ExpressionError` naming the edge."""
     if not edge.transform:
         return output
     try:
-        return evaluate(edge.transform, ExpressionNames(data, {"input": output}))
-    except ExpressionError as exc:
+        value = evaluate(edge.transform, ExpressionNames(data, {"input": output}))
+        if value is not output:  # a stored output is storable already
+            check_storable(value, "its result")
+        return value
+    except (ExpressionError, UnstorableValueError) as exc:
         raise ExpressionError(
             f"transform of edge {edge.source} -> {edge.target} failed: {exc.message}",
             expression=edge.transform,

@@ -8,7 +8,12 @@ made synchronously between awaits, so concurrent nodes never race on the
 bookkeeping.
 
 The same :class:`NodeEngine` (registry lookup, node contexts, sleep and
-subflow services) serves the distributed workers.
+subflow services) serves the distributed workers. It also refuses, in one
+place for every engine, what no store can hold: ``NodeEngine.graph`` checks
+a blueprint's expressions and registry before any node runs, and
+``NodeEngine.run_node`` fails a node (once: no retry, no fallback) whose
+output or context writes are not plain JSON, dropping those writes. Once
+nodes run, ``FlowRuntime.run`` never raises: every failure is in the result.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,9 +29,22 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..analysis import start_node_ids
-from ..blueprint import NodeDefinition, WorkflowBlueprint, check_registry
-from ..context import TrackedContext, public_view
-from ..errors import FlowcraftError, InvalidOptionError, UnknownBlueprintError
+from ..blueprint import NodeDefinition, WorkflowBlueprint, check_blueprint
+from ..context import (
+    TrackedContext,
+    check_storable,
+    public_view,
+    squash,
+    validate_initial_context,
+)
+from ..errors import (
+    ExpressionError,
+    FlowcraftError,
+    InvalidContextError,
+    InvalidOptionError,
+    UnknownBlueprintError,
+    UnstorableValueError,
+)
 from ..events import EventBus, FlowcraftEvent, safe_emit
 from ..nodes.base import AwaitingSignal, CancellationSignal, NodeContext, NodeResult
 from ..nodes.builtins import BUILTIN_NODES
@@ -36,6 +55,7 @@ from .routing import (
     AWAITING_IDS_KEY,
     DYNAMIC_PREFIX,
     INPUTS_PREFIX,
+    OUTPUTS_PREFIX,
     JoinDecision,
     completed_record,
     join_arrivals,
@@ -133,6 +153,112 @@ def terminal_ids(graph: Graph) -> list[str]:
     ]
 
 
+_MISSING = object()
+
+
+class RunContext(TrackedContext):
+    """A :class:`TrackedContext` that remembers each key's value from before the node's first
+    write to it, so writes the store cannot hold are undone instead of left in the run."""
+
+    __slots__ = ("_before",)
+
+    def _remember(self, key: str) -> None:
+        try:
+            before = self._before
+        except AttributeError:  # created on the first write: most nodes never write
+            before = self._before = {}
+        if key not in before:
+            before[key] = self.data.get(key, _MISSING)
+
+    def set_now(self, key: str, value: Any) -> None:
+        self._remember(key)
+        super().set_now(key, value)
+
+    def delete_now(self, key: str) -> bool:
+        self._remember(key)
+        return super().delete_now(key)
+
+    def undo(self, key: str, written: Any) -> None:
+        if self.data.get(key, _MISSING) is not written:
+            return  # another node wrote the key since: keep its value
+        before = getattr(self, "_before", {}).get(key, _MISSING)
+        if before is _MISSING:
+            self.data.pop(key, None)
+        else:
+            self.data[key] = before
+
+
+def _write_name(node_id: str, key: str) -> str:
+    return f"context key '{key}' written by node '{node_id}'"
+
+
+def _plain_scalar(value: Any) -> bool:
+    """The common case, decided without a call: a storable scalar."""
+    kind = type(value)
+    return kind in _PLAIN_SCALARS or (kind is float and math.isfinite(value))
+
+
+_PLAIN_SCALARS = frozenset({str, int, bool, type(None)})
+
+
+def refuse_unstorable(node: NodeDefinition, tracked: TrackedContext, outcome: NodeOutcome | None,
+                      run_id: str, first_write: int = 0) -> NodeOutcome | None:
+    """A failed outcome if the node's output, its awaiting details or its context writes
+    (``tracked.deltas`` from ``first_write``) hold a value the store cannot hold; else None.
+
+    Refused writes are removed from ``tracked.deltas`` (so a worker never commits them) and
+    undone in ``tracked.data``. The failure is final: the node ran, so a retry or fallback
+    would repeat its side effects for the same unstorable result. A node that failed on its
+    own keeps its own error; only its unstorable writes are dropped.
+    """
+    problems: list[str] = []
+    refused: dict[str, Any] = {}
+    writes = tracked.deltas[first_write:]
+    for operation in writes if len(writes) <= 1 else squash(writes):
+        if not isinstance(operation.key, str):
+            problems.append(f"node '{node.id}' wrote context key {operation.key!r} of type "
+                            f"{type(operation.key).__name__}; context keys are strings")
+            refused[operation.key] = operation.value
+            continue
+        if operation.op != "set" or _plain_scalar(operation.value):
+            continue
+        try:
+            check_storable(operation.value, _write_name(node.id, operation.key))
+        except UnstorableValueError as exc:
+            problems.append(exc.message)
+            refused[operation.key] = operation.value
+    if outcome is not None and outcome.result is not None:
+        if not _plain_scalar(outcome.result.output):
+            try:
+                check_storable(outcome.result.output, f"the output of node '{node.id}'")
+            except UnstorableValueError as exc:
+                problems.append(exc.message)
+    elif outcome is not None and outcome.awaiting is not None:
+        try:
+            check_storable(outcome.awaiting, f"the awaiting details of node '{node.id}'")
+        except UnstorableValueError as exc:
+            problems.append(exc.message)
+    if not problems:
+        return None
+    if refused:
+        kept = tracked.deltas[:first_write] + [
+            d for d in tracked.deltas[first_write:] if d.key not in refused
+        ]
+        tracked.deltas[:] = kept
+        for key, value in refused.items():
+            if isinstance(tracked, RunContext):
+                tracked.undo(key, value)
+            else:
+                tracked.data.pop(key, None)
+    attempts = outcome.attempts if outcome is not None else 0
+    message = "; ".join(problems)
+    if outcome is not None and outcome.error is not None:
+        logger.warning("run %s node %s: writes refused: %s", run_id, node.id, message)
+        return outcome
+    return NodeOutcome(error=NodeError(node.id, message, attempts, "UnstorableValueError",
+                                       run_id or None), attempts=attempts)
+
+
 class NodeEngine:
     """Looks up implementations and runs single nodes; shared by every runtime and worker."""
 
@@ -154,7 +280,7 @@ class NodeEngine:
     def graph(self, blueprint: WorkflowBlueprint) -> Graph:
         cached = self._graphs.get(blueprint.id)
         if cached is None or cached.blueprint is not blueprint:
-            check_registry(blueprint, self.registry)
+            check_blueprint(blueprint, self.registry)
             cached = Graph(blueprint)
             self._graphs[blueprint.id] = cached
         return cached
@@ -190,6 +316,7 @@ class NodeEngine:
                 node.id, f"no implementation registered for uses '{node.uses}'", 0,
                 "BlueprintValidationError", run_id,
             ))
+        engine_writes = len(tracked.deltas)  # the delivered input: checked by routing
         fallback, fallback_params = self.fallback_for(graph, node)
         params = node.params or {}
 
@@ -203,10 +330,15 @@ class NodeEngine:
                 signal=CancellationSignal(signal), engine=services,
             )
 
-        return await execute_node(
+        outcome = await execute_node(
             node, implementation, make_context, fallback=fallback,
             fallback_params=fallback_params, event_bus=self.options.event_bus, run_id=run_id,
         )
+        result = outcome.result
+        if (result is not None and len(tracked.deltas) == engine_writes
+                and type(result.output) in _PLAIN_SCALARS):
+            return outcome  # the common case, decided without a call
+        return refuse_unstorable(node, tracked, outcome, run_id, engine_writes) or outcome
 
 
 class FlowRuntime:
@@ -259,18 +391,34 @@ class FlowRuntime:
         signal: CancellationSignal | None = None,
         concurrency: int | None = None,
     ) -> WorkflowResult:
-        """Run a blueprint (object, JSON dict, or registered id) to its end or until it awaits."""
+        """Run a blueprint (object, JSON dict, or registered id) to its end or until it awaits.
+
+        Raises before any node runs when the blueprint or the initial context is invalid
+        (:class:`~flowcraft.errors.InvalidContextError`: keys the engine owns, values that
+        cannot be stored); once nodes run, every failure is reported in the result."""
         if concurrency is not None and (not isinstance(concurrency, int)
                                         or isinstance(concurrency, bool) or concurrency < 0):
             raise InvalidOptionError(
                 f"concurrency must be a whole number >= 0 (0 or None: no limit), not "
                 f"{concurrency!r}", run_id=run_id)
+        data = _initial_data(initial_context)
+        return await self._start(blueprint, data, registry=registry, run_id=run_id,
+                                 signal=signal, concurrency=concurrency)
+
+    async def _start(
+        self,
+        blueprint: WorkflowBlueprint | Mapping[str, Any] | str,
+        data: dict[str, Any],
+        *,
+        registry: Mapping[str, Any] | None = None,
+        run_id: str | None = None,
+        signal: CancellationSignal | None = None,
+        concurrency: int | None = None,
+    ) -> WorkflowResult:
+        """Start a run from a context the engine built itself (a subflow's child run may hold
+        ``_inputs.*`` keys)."""
         bp = self._blueprint(blueprint)
         engine = self._engine_for(registry)
-        data = (
-            json.loads(initial_context) if isinstance(initial_context, str)
-            else dict(initial_context or {})
-        )
         run = _InMemoryRun(engine, bp, data, run_id or str(uuid.uuid4()), signal, concurrency)
         return await run.start()
 
@@ -293,6 +441,8 @@ class FlowRuntime:
             json.loads(serialized_context) if isinstance(serialized_context, str)
             else dict(serialized_context)
         )
+        if resume_data is not None:
+            check_storable(dict(resume_data), "the resume data")
         awaiting = list(data.get(AWAITING_IDS_KEY) or [])
         if not awaiting:
             raise FlowcraftError("cannot resume: the run is not awaiting any node", run_id=run_id)
@@ -320,11 +470,21 @@ class FlowRuntime:
 
         bp = self._blueprint(blueprint)
         engine = self._engine_for(registry)
-        data = (
-            json.loads(initial_context) if isinstance(initial_context, str)
-            else dict(initial_context or {})
-        )
+        data = _initial_data(initial_context)
         return Stepper(engine, bp, data, run_id or str(uuid.uuid4()), signal)
+
+
+def _initial_data(initial_context: Mapping[str, Any] | str | None) -> dict[str, Any]:
+    """A caller's initial context (a mapping or JSON text), checked before a run starts."""
+    supplied: Any = initial_context
+    if isinstance(supplied, str):
+        try:
+            supplied = json.loads(supplied)
+        except json.JSONDecodeError as exc:
+            raise InvalidContextError(
+                f"cannot start the run: the initial context is not valid JSON ({exc})"
+            ) from None
+    return validate_initial_context(supplied)
 
 
 class _InMemoryRun:
@@ -383,10 +543,8 @@ class _InMemoryRun:
             result = NodeResult(output=output, action=resume_data.get("action"))
             try:
                 events = self._complete(node_id, resolution_count(self.data, node_id), result, [])
-            except Exception as exc:  # a bad condition on the resumed node's edges: as in run()
-                logger.exception("run %s node %s: engine error", self.run_id, node_id)
-                self.errors.append(NodeError(node_id, str(exc), 0, type(exc).__name__,
-                                             self.run_id))
+            except ExpressionError as exc:  # a bad condition on the resumed node's edges
+                self._fail(NodeError.from_exception(node_id, exc, run_id=self.run_id))
                 return await self._finish()
             for event in events:
                 await safe_emit(self.bus, event)
@@ -397,11 +555,12 @@ class _InMemoryRun:
         if self.running:
             self.idle.clear()
             await self._wait_until_idle()
+        serialized = self._serialize()
         status = self._status()
         result = WorkflowResult(
             status=status,
             context=public_view(self.data),
-            serialized_context=serialize_context(self.data),
+            serialized_context=serialized,
             errors=list(self.errors),
             run_id=self.run_id,
         )
@@ -409,6 +568,29 @@ class _InMemoryRun:
                          errors=[e.to_dict() for e in self.errors])
         logger.info("run %s (%s) finished: %s", self.run_id, self.blueprint.id, status)
         return result
+
+    def _serialize(self) -> str:
+        """The context as strict JSON. A value the store cannot hold (changed in place by a
+        node, after the checks on its writes) is removed and fails the run, saying where."""
+        try:
+            return json.dumps(self.data, separators=(",", ":"), allow_nan=False)
+        except (TypeError, ValueError, RecursionError):
+            pass
+        for key, value in list(self.data.items()):
+            try:
+                check_storable(value, f"context key '{key}'")
+            except UnstorableValueError as exc:
+                del self.data[key]
+                owner = key[len(OUTPUTS_PREFIX):] if key.startswith(OUTPUTS_PREFIX) else ""
+                self.errors.append(NodeError(
+                    owner, f"{exc.message} (it was changed in place after it was written, so "
+                    "it is left out of the result); write a new value with ctx.context.set",
+                    0, type(exc).__name__, self.run_id))
+        return json.dumps(self.data, separators=(",", ":"), allow_nan=False)
+
+    def _fail(self, error: NodeError) -> None:
+        self.errors.append(error)
+        logger.warning("run %s node %s failed: %s", self.run_id, error.node_id, error.message)
 
     async def _wait_until_idle(self) -> None:
         """Wait for the running nodes; when the run is cancelled, cancel them instead."""
@@ -486,10 +668,17 @@ class _InMemoryRun:
         if self.signal.is_set():
             return
         node = self.graph.nodes[node_id]
-        resolved = resolve_input(self.graph, node, self.data, self.first_arrival.pop(node_id, None))
-        tracked = TrackedContext(self.data)
-        if resolved.store:
-            tracked.set_now(INPUTS_PREFIX + node_id, resolved.value)
+        try:
+            resolved = resolve_input(self.graph, node, self.data,
+                                     self.first_arrival.pop(node_id, None))
+        except ExpressionError as exc:  # a transform on an incoming edge: the node never ran
+            error = NodeError.from_exception(node_id, exc, attempt=0, run_id=self.run_id)
+            self._fail(error)
+            await self._emit("node:error", nodeId=node_id, error=error.to_dict())
+            return
+        tracked = RunContext(self.data)
+        if resolved.store:  # the engine's own write (checked by routing): never undone
+            TrackedContext.set_now(tracked, INPUTS_PREFIX + node_id, resolved.value)
         if self.bus is not None:
             await self._emit("node:start", nodeId=node_id, input=resolved.value)
         logger.debug("run %s node %s: start (iteration %d)", self.run_id, node_id, generation)
@@ -511,7 +700,14 @@ class _InMemoryRun:
             await self._emit("node:error", nodeId=node_id, error=outcome.error.to_dict())
             return
         assert outcome.result is not None
-        events = self._complete(node_id, generation, outcome.result, tracked.deltas)
+        try:
+            events = self._complete(node_id, generation, outcome.result, tracked.deltas)
+        except ExpressionError as exc:  # a condition on its outgoing edges: final, as a failure
+            error = NodeError.from_exception(node_id, exc, attempt=outcome.attempts,
+                                             run_id=self.run_id)
+            self._fail(error)
+            await self._emit("node:error", nodeId=node_id, error=error.to_dict())
+            return
         if self.bus is not None:
             await self._emit("node:finish", nodeId=node_id, output=outcome.result.output,
                              action=outcome.result.action)
@@ -530,11 +726,11 @@ class _InMemoryRun:
                     "value": d.value,
                 }) for d in deltas
             )
+        graph = self.graph
+        addition = None
         if result.dynamic_nodes:
-            addition = dynamic_addition(self.graph, node_id, result.dynamic_nodes)
-            self.data[DYNAMIC_PREFIX + node_id] = addition
-            self.graph = self.graph.extended([addition])
-        self.data[output_key(node_id)] = result.output
+            addition = dynamic_addition(graph, node_id, result.dynamic_nodes)
+            graph = graph.extended([addition])
 
         def observe(edge: Any, verdict: bool) -> None:
             events.append(FlowcraftEvent("edge:evaluate", {
@@ -542,8 +738,23 @@ class _InMemoryRun:
                 "condition": edge.condition, "result": verdict,
             }))
 
-        taken = route(self.graph, node_id, result.output, result.action, self.data,
-                      observe if self.bus is not None else None)
+        # Conditions may read the node's own output from the context; if one cannot be
+        # evaluated, the previous output (a loop's last iteration) stays.
+        key = output_key(node_id)
+        previous = self.data.get(key, _MISSING)
+        self.data[key] = result.output
+        try:
+            taken = route(graph, node_id, result.output, result.action, self.data,
+                          observe if self.bus is not None else None)
+        except ExpressionError:
+            if previous is _MISSING:
+                del self.data[key]
+            else:
+                self.data[key] = previous
+            raise
+        if addition is not None:
+            self.data[DYNAMIC_PREFIX + node_id] = addition
+            self.graph = graph
         self.data[record_key(node_id)] = completed_record(generation, taken, result.action)
         self._propagate(node_id, events)
         return events
@@ -676,7 +887,7 @@ async def run_subflow(engine: NodeEngine, ctx: NodeContext, blueprint_id: str,
         elif ctx.input is not None:
             for start_id in start_node_ids(child):
                 initial[INPUTS_PREFIX + start_id] = ctx.input
-        result = await runtime.run(child, initial, run_id=child_run_id, signal=ctx.signal)
+        result = await runtime._start(child, initial, run_id=child_run_id, signal=ctx.signal)
     if result.status == "awaiting":
         parent.set_now(state_key, result.serialized_context)
         raise AwaitingSignal({"reason": "subflow", "blueprintId": blueprint_id,
