@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -139,3 +141,27 @@ def test_a_blueprint_whose_items_do_not_parse_is_refused() -> None:
     with pytest.raises(BlueprintValidationError, match="field 'uses'"):
         lint_blueprint({"id": "bp", "nodes": [{"id": "a"}],
                         "edges": [{"source": "a", "target": "b"}]}, REGISTRY)
+
+
+def test_cli_validate_reports_lint_issues_with_their_codes(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    blueprint = {
+        "id": "linted",
+        "nodes": [{"id": "a", "uses": "x"}, {"id": "b", "uses": "x"}, {"id": "c", "uses": "x"},
+                  {"id": "s", "uses": "subflow", "params": {"blueprintId": "nope"}}],
+        "edges": [{"source": "a", "target": "b"}, {"source": "c", "target": "c"}],
+    }
+    (tmp_path / "linted.json").write_text(json.dumps(blueprint))
+    (tmp_path / "others").mkdir()
+    (tmp_path / "others" / "child.json").write_text(json.dumps(
+        {"id": "child", "nodes": [{"id": "n", "uses": "x"}], "edges": []}))
+    done = subprocess.run(
+        [sys.executable, "-m", "flowcraft", "validate", str(tmp_path / "linted.json"),
+         "--blueprints", str(tmp_path / "others")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert "ORPHAN_NODE node 'c'" in done.stdout
+    assert "INVALID_SUBFLOW_BLUEPRINT_ID node 's'" in done.stdout
+    # Without --registry, nothing is reported as unimplemented.
+    assert "MISSING_NODE_IMPLEMENTATION" not in done.stdout

@@ -145,11 +145,24 @@ def cmd_graph(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from .analysis import analyze_blueprint
     from .blueprint import check_blueprint
+    from .lint import REGISTRY_CODES, lint_blueprint
     from .nodes.builtins import BUILTIN_NODES
 
     blueprint = load_blueprint(args.blueprint)
-    known = {**BUILTIN_NODES, **load_registry(args.registry)} if args.registry else None
+    registry = load_registry(args.registry) if args.registry else {}
+    known = {**BUILTIN_NODES, **registry} if args.registry else None
     check_blueprint(blueprint, known)
+    others = load_blueprints(args.blueprints) if args.blueprints else None
+    issues = [issue for issue in lint_blueprint(blueprint, registry, others)
+              # Without a registry, "not implemented" says nothing about the blueprint.
+              if args.registry or issue.code not in REGISTRY_CODES]
+    if issues:
+        print(f"blueprint '{blueprint.id}': {len(issues)} issue(s)")
+        for issue in issues:
+            where = (f"node '{issue.node_id}'" if issue.node_id is not None
+                     else f"edge #{issue.edge_index}" if issue.edge_index is not None else "")
+            print(f"  {issue.code} {where}: {issue.message}".replace("  :", ":"))
+        return 1
     analysis = analyze_blueprint(blueprint)
     print(f"blueprint '{blueprint.id}' is valid: {analysis.node_count} nodes, "
           f"{analysis.edge_count} edges, start {analysis.start_node_ids}, "
@@ -567,6 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check a blueprint (and its registry)")
     validate.add_argument("blueprint", help="blueprint JSON file")
     validate.add_argument("--registry", action="append", default=[], metavar="MODULE:ATTR")
+    validate.add_argument("--blueprints", metavar="DIR",
+                          help="the other blueprints, to check subflow blueprint ids")
     validate.set_defaults(handler=cmd_validate)
 
     demo = commands.add_parser("demo", help="run the example order pipeline end to end")

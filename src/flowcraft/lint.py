@@ -49,7 +49,12 @@ from .blueprint import (
 from .errors import BlueprintValidationError
 from .nodes.builtins import BUILTIN_NODES
 
-__all__ = ["LintIssue", "lint_blueprint"]
+__all__ = ["REGISTRY_CODES", "LintIssue", "lint_blueprint"]
+
+REGISTRY_CODES = frozenset({
+    "MISSING_NODE_IMPLEMENTATION", "MISSING_FALLBACK_IMPLEMENTATION", "INVALID_BATCH_WORKER_KEY",
+})
+"""Codes that only mean something when the registry the blueprint runs with is given."""
 
 
 @dataclass(frozen=True, slots=True)
