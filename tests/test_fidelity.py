@@ -365,6 +365,33 @@ async def test_post_runs_on_the_result_of_fallback() -> None:
     assert outputs(result) == {"a": "rescued+post", "b": "rescued+post"}
 
 
+async def test_a_failing_post_does_not_run_exec_again() -> None:
+    """Only exec() is retried: a post() that fails must not repeat exec()'s side effects,
+    and the class's fallback() (which rescues exec failures) does not run for it."""
+    calls: list[str] = []
+
+    class Charge(BaseNode):
+        async def exec(self, prep_result: Any, ctx: NodeContext) -> Any:
+            calls.append("exec")
+            return "charged"
+
+        async def fallback(self, error: BaseException, ctx: NodeContext) -> Any:
+            calls.append("fallback")
+            return "rescued"
+
+        async def post(self, exec_result: Any, ctx: NodeContext) -> Any:
+            calls.append("post")
+            raise ValueError("cannot shape the result")
+
+    bp = blueprint({"nodes": [{"id": "a", "uses": "charge", "config": {"maxRetries": 3}}]})
+
+    result = await run_in_memory(bp, {"charge": Charge})
+
+    assert result.status == "failed"
+    assert calls == ["exec", "post"]
+    assert "cannot shape the result" in result.errors[0].message
+
+
 # -- deliberately stricter ----------------------------------------------------------------------
 
 

@@ -150,6 +150,7 @@ async def execute_node(
     attempt = 0
     instance: BaseNode | None = None
     prepared: Any = None
+    post_failed = False
     try:
         if node_class:
             instance = implementation(dict(ctx.params), node.id)
@@ -166,12 +167,11 @@ async def execute_node(
             try:
                 if instance is not None:
                     executed = await _with_timeout(instance.exec(prepared, ctx), timeout, ctx, node)
-                    value = await instance.post(executed, ctx)
                 else:
                     value = await _with_timeout(
                         _awaitable(implementation, ctx), timeout, ctx, node
                     )
-                return NodeOutcome(result=as_result(value), attempts=attempt)
+                    return NodeOutcome(result=as_result(value), attempts=attempt)
             except AwaitingSignal as signal:
                 return NodeOutcome(awaiting=signal.details, attempts=attempt)
             except Exception as exc:
@@ -192,11 +192,24 @@ async def execute_node(
                     }))
                     if delay:
                         await asyncio.sleep(delay)
+                continue
+            # exec() succeeded: post() runs once, outside the retry loop (only exec is retried,
+            # so a failing post() never repeats exec()'s side effects).
+            try:
+                assert instance is not None
+                value = await instance.post(executed, ctx)
+                return NodeOutcome(result=as_result(value), attempts=attempt)
+            except AwaitingSignal as signal:
+                return NodeOutcome(awaiting=signal.details, attempts=attempt)
+            except Exception as exc:
+                last_error = exc
+                post_failed = True
+                break
     assert last_error is not None
     if ctx.signal.is_set():  # the last attempt timed out; the fallback is a fresh start
         ctx = make_context(attempt)
     # Fallbacks: the class's own fallback() first, then config.fallback.
-    if instance is not None and type(instance).has_fallback():
+    if instance is not None and not post_failed and type(instance).has_fallback():
         try:
             value = await instance.fallback(last_error, ctx)
             value = await instance.post(value, ctx)  # post() shapes a rescued result too
