@@ -11,16 +11,29 @@ The job algorithm
 
 A job names (run, blueprint, node, iteration). Delivery is at least once: any
 job may arrive twice, late, or after the worker that had it died at any
-point. Each step says why repeating it is safe.
+point. Nor is a message trusted: anyone who can send to the queue can send
+anything, so a job only runs what the run's stored state confirms. Each step
+says why repeating it is safe.
 
-1. **Parse and look up.** An unparseable message, or one naming an unknown
-   blueprint, is removed (or dead-lettered), logged with its message id, and
-   the run — where one is named — marked ``failed`` with the reason. A
-   message received more often than ``max_receive_count`` is treated the
-   same way: it cannot loop forever. Only crashed attempts count: a job
-   that must wait (its node is leased elsewhere, or its run needs another
-   blueprint version) is made visible again later, and goes back to the
-   queue as a fresh message before its receive count runs out.
+0. **Starting a run** stores its context with a conditional create (a run id
+   that is taken is refused with ``RunAlreadyExistsError`` and the existing
+   run left untouched), carrying the blueprint id; then the status record,
+   then the start jobs.
+
+1. **Parse and look up.** An unparseable message is removed (or
+   dead-lettered) and logged with its message id; the run it names is marked
+   ``failed`` with the reason — only if that run has a status record: garbage
+   naming a run that never existed creates none. A job naming a blueprint
+   this worker lacks is left for a worker that has it (a rolling deploy) for
+   ``unknown_blueprint_grace_seconds`` from the first sighting by any worker
+   (kept in the coordination store); then removed and its run failed. It is
+   dropped at once when no such run is stored, or the run belongs to another
+   blueprint. A message received more than ``hard_receive_limit`` times
+   (far above ``max_receive_count``) is removed whatever it is: the last
+   resort against garbage that no check recognises. A job that must wait
+   (its node is leased elsewhere, or its run needs another blueprint version
+   or a blueprint this worker lacks) is made visible again later, and goes
+   back to the queue as a fresh message before its receive count runs out.
 
 2. **Claim** (one conditional write that returns the context). The worker
    takes a lease on the node in the run's context item, unless the node has
@@ -29,25 +42,52 @@ point. Each step says why repeating it is safe.
    live lease (``LOCKED``: make the message visible again after a delay). The lease is
    renewed while the node runs, together with the message's visibility, so
    a long node is never picked up twice; a crashed worker's lease expires.
+   The same write counts the attempt (``_flowcraft.attempts.<node>``, reset
+   by the node's commit). Then the job is checked against the claimed
+   context; a job that does not fit releases the claim — taking its attempt
+   back — and is dropped with a log line, never harming the run:
+
+   * the run's stored blueprint id differs from the job's (a run started by
+     a client that stores none adopts the blueprint of its first committed
+     job);
+   * the node is not in the blueprint;
+   * the iteration is ahead of the node (jobs are sent at the node's current
+     generation, which only grows), or the node is outside every cycle and
+     has resolved already, unless a loop revives it from a skip (``revivable``).
+
    A stored ``blueprintVersion`` that differs from this worker's blueprint
-   releases the claim and leaves the message for a matching worker.
+   releases the claim (not counted) and leaves the message for a matching
+   worker. A node claimed more than ``max_receive_count`` times without
+   finishing — crashed or killed workers; receives by pollers that died
+   before claiming do not count — is a poison job: it fails as in step 8
+   and its message is dead-lettered. A graceful stop's release does not count.
 
 3. **Run** the node with the shared executor (retries, timeout, fallback).
    The node works on the claimed snapshot; its writes are recorded, not sent.
+   A node at iteration ``max_node_iterations`` fails instead of running, with
+   the in-memory runtime's message: a cycle without an exit ends.
 
 4. **Route before writing.** The routing decision (which edges were taken)
    is computed now, from the snapshot plus the node's writes, and stored in
    the node's record. A redelivered job therefore never re-evaluates a
-   condition against a context that changed meanwhile.
+   condition against a context that changed meanwhile. What can fail once
+   the node has run — a condition or transform that cannot be evaluated, an
+   output or context write that cannot be stored (checked with
+   ``check_storable`` before writing) — fails the node once, as in step 8,
+   with the reason: a rerun would only repeat it.
 
 5. **Commit** (one conditional write that returns the context): output,
-   context writes, routing record, and skip records for successors that can
-   only be skipped — applied only if this worker still holds the lease. If
-   the lease was lost (it expired and another worker took the node over),
-   the write does nothing and this worker's result is discarded: a node's
-   effect lands in the context exactly once. The same write may take the
+   context writes, routing record (naming the lease owner), and skip records
+   for successors that can only be skipped — applied only if this worker
+   still holds the lease. If the lease was lost (it expired and another
+   worker took the node over), the write does nothing and this worker's
+   result is discarded: a node's effect lands in the context exactly once.
+   When no success comes back (an error after the write applied, or an SDK
+   retry that then fails the condition), the item is read: if the node's
+   record names this lease owner, the commit landed and the job carries on
+   as if it had returned. The same write may take the
    lease of one successor this worker will run next (local continuation:
-   a chain costs no queue round trip per node).
+   a chain costs no queue round trip per node), counting its attempt.
 
 6. **Advance.** From the context the commit returned, decide each
    successor's join with :mod:`flowcraft.runtime.routing` — the same code the
@@ -518,13 +558,13 @@ class BaseDistributedAdapter(abc.ABC):
         data = claim.data
         run_state = data.get(RUN_STATE_KEY)
         if isinstance(run_state, Mapping) and run_state.get("status") in FINAL_STATUSES:
-            await context.release(job.node_id, owner, attempted=False)
+            await self._release_unattempted(context, job.node_id, owner, data)
             logger.info("run %s node %s: run is %s; job dropped", job.run_id, job.node_id,
                         run_state.get("status"))
             return "dropped", 0.0
         stored_blueprint = data.get(BLUEPRINT_KEY)
         if stored_blueprint is not None and stored_blueprint != job.blueprint_id:
-            await context.release(job.node_id, owner, attempted=False)
+            await self._release_unattempted(context, job.node_id, owner, data)
             logger.error("run %s node %s: message %s names blueprint '%s' but the run belongs "
                          "to blueprint '%s'; job dropped", job.run_id, job.node_id, message_id,
                          job.blueprint_id, stored_blueprint)
@@ -533,7 +573,7 @@ class BaseDistributedAdapter(abc.ABC):
         if stored_version is not None and blueprint.version is not None and str(
             stored_version
         ) != str(blueprint.version):
-            await context.release(job.node_id, owner, attempted=False)
+            await self._release_unattempted(context, job.node_id, owner, data)
             logger.error(
                 "run %s node %s: run was started with version %s of blueprint '%s' but this "
                 "worker has version %s; leaving the job for a matching worker",
@@ -543,20 +583,20 @@ class BaseDistributedAdapter(abc.ABC):
         graph = graph_for(base_graph, data)
         misfit = job_misfit(graph, data, job)
         if misfit is not None:
-            await context.release(job.node_id, owner, attempted=False)
+            await self._release_unattempted(context, job.node_id, owner, data)
             logger.error("run %s node %s: message %s does not fit the run (%s); job dropped",
                          job.run_id, job.node_id, message_id, misfit)
             return "dropped", 0.0
         if job.node_id in (data.get(AWAITING_IDS_KEY) or ()):
             # Parked already (a duplicate): it waits for resume_with_action, not for a rerun.
-            await context.release(job.node_id, owner, attempted=False)
+            await self._release_unattempted(context, job.node_id, owner, data)
             logger.info("run %s node %s: awaiting; duplicate job dropped", job.run_id,
                         job.node_id)
             return "duplicate", 0.0
         wake_up_at = _wake_up_at(graph, data, job.node_id)
         if wake_up_at is not None and wake_up_at > time.time() + 0.5:
             # A durable sleep longer than the queue's longest delay: wait another round.
-            await context.release(job.node_id, owner, attempted=False)
+            await self._release_unattempted(context, job.node_id, owner, data)
             await self._send_jobs([job], min(self.max_delay_seconds, wake_up_at - time.time()))
             return "requeued", 0.0
         started = attempts(data, job.node_id)
@@ -611,9 +651,10 @@ class BaseDistributedAdapter(abc.ABC):
         except BaseException as exc:
             renewer.cancel()
             # A stop or kill of this worker is not the node's failure: it does not count.
-            attempted = not isinstance(exc, asyncio.CancelledError)
+            left = (attempts(data, node.id) - 1 if isinstance(exc, asyncio.CancelledError)
+                    else None)
             with contextlib.suppress(Exception):
-                await asyncio.shield(context.release(node.id, owner, attempted=attempted))
+                await asyncio.shield(context.release(node.id, owner, attempts=left))
             raise
         # Keep renewing the lease until the commit is done: the writes between the node's
         # end and its commit (status touch, commit) can be slow, and a lapsed lease lets a
@@ -986,6 +1027,11 @@ class BaseDistributedAdapter(abc.ABC):
         if failure is not None:
             raise failure
         return None
+
+    async def _release_unattempted(self, context: DistributedContext, node_id: str,
+                                   owner: str, data: Mapping[str, Any]) -> None:
+        """Release a claim that did not run the node: its attempt does not count."""
+        await context.release(node_id, owner, attempts=attempts(data, node_id) - 1)
 
     async def _unknown_blueprint(self, job: JobPayload, reason: str, message_id: str | None,
                                  message: QueueMessage | None) -> tuple[JobOutcome, float]:

@@ -20,9 +20,11 @@ it is after the call, so a worker never needs a separate read:
     ``claims`` (successors this worker continues with). Else nothing.
 ``renew(node, owner, lease)``
     Push the lease's expiry out while a long node runs.
-``release(node, owner, attempted=True)``
-    Drop our lease; ``attempted=False`` also takes back the claim's attempt
-    count (the job only waited, or was refused: it did not run the node).
+``release(node, owner, attempts=None)``
+    Drop our lease; with ``attempts``, also leave the node's attempt count at
+    that number (the claim's count minus one when the job only waited or was
+    refused: it did not run the node). Nobody else claims the node while we
+    hold its lease, so the count cannot have changed since our claim.
 ``apply(operations)``
     Unconditional patch (skip records, awaiting markers, resume).
 
@@ -151,8 +153,19 @@ class DistributedContext(Protocol):
                      claims: Iterable[tuple[str, int]] = (),
                      lease_seconds: float = 60.0) -> dict[str, Any] | None: ...
     async def renew(self, node_id: str, owner: str, lease_seconds: float) -> bool: ...
-    async def release(self, node_id: str, owner: str, *, attempted: bool = True) -> None: ...
+    async def release(self, node_id: str, owner: str, *,
+                      attempts: int | None = None) -> None: ...
     async def apply(self, operations: Sequence[PatchOperation]) -> dict[str, Any] | None: ...
+
+
+def release_operations(node_id: str, attempts: int | None) -> list[PatchOperation]:
+    """The write of a release: the lease goes; the attempt count is left at ``attempts``
+    (removed at zero, so a refused job leaves nothing behind)."""
+    operations = [PatchOperation("delete", lock_key(node_id))]
+    if attempts is not None:
+        operations.append(PatchOperation("set", attempts_key(node_id), attempts) if attempts > 0
+                          else PatchOperation("delete", attempts_key(node_id)))
+    return operations
 
 
 def commit_operations(
@@ -288,14 +301,12 @@ class InMemoryDistributedContext:
             item[lock_key(node_id)]["expires"] = round(time.time() + lease_seconds, 3)
             return True
 
-    async def release(self, node_id: str, owner: str, *, attempted: bool = True) -> None:
+    async def release(self, node_id: str, owner: str, *, attempts: int | None = None) -> None:
         self.store.count("release")
         async with self.store.lock:
             item = self._item()
             if item is not None and owns_lease(item, node_id, owner):
-                del item[lock_key(node_id)]
-                if not attempted:
-                    item[attempts_key(node_id)] = attempts(item, node_id) - 1
+                apply_patch(item, release_operations(node_id, attempts))
 
     async def apply(self, operations: Sequence[PatchOperation]) -> dict[str, Any] | None:
         self.store.count("apply")

@@ -42,6 +42,7 @@ from ...distributed.context import (
     commit_operations,
     lease_value,
     lock_key,
+    release_operations,
     run_exists_error,
 )
 from ...errors import ContextTooLargeError, UnstorableValueError
@@ -243,13 +244,12 @@ class DynamoDbContext(StoredContextMethods):
             return False
         return True
 
-    async def release(self, node_id: str, owner: str, *, attempted: bool = True) -> None:
+    async def release(self, node_id: str, owner: str, *, attempts: int | None = None) -> None:
         expression = Expression()
         lease = expression.name(lock_key(node_id))
         condition = f"{lease}.{expression.name('owner')} = {expression.value(owner)}"
-        await self._update([PatchOperation("delete", lock_key(node_id))], condition=condition,
-                           expression=expression,
-                           add_to=None if attempted else {attempts_key(node_id): -1})
+        await self._update(release_operations(node_id, attempts), condition=condition,
+                           expression=expression)
 
     async def apply(self, operations: Sequence[PatchOperation]) -> dict[str, Any] | None:
         if any(op.op == "delete" for op in operations):

@@ -43,6 +43,7 @@ from ...distributed.context import (
     lease_value,
     lock_key,
     owns_lease,
+    release_operations,
     run_exists_error,
 )
 from ...errors import ContextTooLargeError, FlowcraftError
@@ -377,11 +378,10 @@ class CosmosDbContext(StoredContextMethods):
             raise
         return True
 
-    async def release(self, node_id: str, owner: str, *, attempted: bool = True) -> None:
-        await self._patch([PatchOperation("delete", lock_key(node_id))],
+    async def release(self, node_id: str, owner: str, *, attempts: int | None = None) -> None:
+        await self._patch(release_operations(node_id, attempts),
                           predicate=self._lease_predicate(node_id, owner),
-                          check=lambda data: owns_lease(data, node_id, owner),
-                          add_to=None if attempted else {attempts_key(node_id): -1})
+                          check=lambda data: owns_lease(data, node_id, owner))
 
     async def apply(self, operations: Sequence[PatchOperation]) -> dict[str, Any] | None:
         return self._data(await self._patch(operations))
