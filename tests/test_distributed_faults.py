@@ -330,8 +330,7 @@ async def test_unknown_blueprint_is_dead_lettered_and_its_run_failed() -> None:
 
 
 async def test_job_for_a_run_without_context_is_removed_and_no_run_is_invented() -> None:
-    async with Cluster([FAN], shape_registry(Executions()), workers=1,
-                       unknown_blueprint_grace_seconds=0) as cluster:
+    async with Cluster([FAN], shape_registry(Executions()), workers=1) as cluster:
         await cluster.queue.send([JobPayload("ghost", "fan", "s").to_json(),
                                   JobPayload("ghost-2", "nope", "s").to_json(),
                                   json.dumps({"runId": "ghost-3", "nodeId": "s"})])

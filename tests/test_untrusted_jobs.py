@@ -372,8 +372,7 @@ async def _true(value: bool) -> bool:
 
 
 async def test_garbage_naming_an_unknown_run_creates_no_status_record(backend: Backend) -> None:
-    worker = backend.make([CHAIN], {"step": Executions().node()},
-                          unknown_blueprint_grace_seconds=0)
+    worker = backend.make([CHAIN], {"step": Executions().node()})
     await backend.send_raw(JobPayload("ghost-1", "chain", "s").to_json())
     await backend.send_raw(JobPayload("ghost-2", "no-such-blueprint", "s").to_json())
     await backend.send_raw(json.dumps({"runId": "ghost-3", "nodeId": "s"}))
