@@ -712,7 +712,7 @@ class BaseDistributedAdapter(abc.ABC):
                                   _error(job, exc))
             return None
         record = completed_record(job.iteration, taken, result.action)
-        record["by"] = owner  # tells a commit whose answer was lost from someone else's
+        record["by"] = _owner_token(owner)  # tells our lost commit answer from another's
         if wake_up_at is not None:
             record["wakeUpAt"] = wake_up_at
         if BLUEPRINT_KEY not in working:
@@ -967,7 +967,8 @@ class BaseDistributedAdapter(abc.ABC):
         of different nodes write that one list); return the context as it is now, or
         ``None`` if the run has no context. The caller's commit deletes the lease."""
         while True:
-            claim = await context.claim(_AWAITING_LOCK, 0, owner, self.lease_seconds)
+            claim = await context.claim(_AWAITING_LOCK, 0, owner, self.lease_seconds,
+                                        count_attempt=False)
             if claim.status is ClaimStatus.CLAIMED:
                 return claim.data
             if claim.status is ClaimStatus.MISSING:
@@ -978,7 +979,7 @@ class BaseDistributedAdapter(abc.ABC):
                          owner: str, operations: list[PatchOperation], message: str,
                          error: dict[str, Any]) -> None:
         reason = f"node '{job.node_id}' failed: {message}"
-        record = {**failed_record(job.iteration, message), "by": owner}
+        record = {**failed_record(job.iteration, message), "by": _owner_token(owner)}
         failure = [
             PatchOperation("set", record_key(job.node_id), record),
             PatchOperation("set", RUN_STATE_KEY, {"status": "failed", "reason": reason,
@@ -1018,7 +1019,7 @@ class BaseDistributedAdapter(abc.ABC):
             return committed
         data = await context.load()
         record = (data or {}).get(record_key(job.node_id))
-        if (isinstance(record, Mapping) and record.get("by") == owner
+        if (isinstance(record, Mapping) and record.get("by") == _owner_token(owner)
                 and record.get("n") == job.iteration + 1):
             logger.warning("run %s node %s: the commit's answer was lost (%s) but the write "
                            "landed; continuing", job.run_id, job.node_id,
@@ -1366,6 +1367,11 @@ def job_misfit(graph: Graph, data: Mapping[str, Any], job: JobPayload) -> str | 
             and not _revivable(graph, data, job.node_id)):
         return "the node has resolved already and is in no loop that could run it again"
     return None
+
+
+def _owner_token(owner: str) -> str:
+    """The random part of a lease owner: unique per execution, and short in every record."""
+    return owner.rsplit("/", 1)[-1]
 
 
 def _error(job: JobPayload, exc: Exception) -> dict[str, Any]:
