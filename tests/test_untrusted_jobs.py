@@ -285,6 +285,27 @@ async def test_context_write_that_cannot_be_stored_fails_the_node_once(backend: 
     assert status["failedNodeId"] == "s" and "'score'" in status["error"]
 
 
+async def test_failing_node_with_an_unstorable_write_fails_once_with_its_own_error(
+        backend: Backend) -> None:
+    runs = Executions()
+
+    async def fails(ctx: NodeContext) -> Any:
+        runs.record(ctx)
+        await ctx.context.set("score", math.inf)
+        raise RuntimeError("card declined")
+
+    bp = blueprint("fails-dirty", ["s", "t"], [("s", "t")])
+    worker = backend.make([bp], {"step": fails}, lease_seconds=1, max_receive_count=3)
+    async with Workers(worker):
+        run_id = await worker.start_workflow(bp, {})
+        result = await worker.wait_for_result(run_id, timeout=20, poll_interval=0.05)
+        await settle(backend, worker)
+        stored = await worker.create_context(run_id).load()
+    assert result.status == "failed" and runs.counts == {"s": 1}
+    assert "card declined" in (await worker.get_run_status(run_id))["error"]
+    assert "score" not in stored  # the failure is recorded without the write it cannot hold
+
+
 # -- 3. forged jobs ----------------------------------------------------------------------------
 
 

@@ -687,10 +687,7 @@ class BaseDistributedAdapter(abc.ABC):
         try:
             # The node has run: what can still go wrong is its result, which a rerun would
             # repeat, so it fails the node once (not a crash that retries until poison).
-            for operation in operations:
-                if operation.op == "set":
-                    check_storable(operation.value, f"context key '{operation.key}' written "
-                                   f"by node '{node_id}'")
+            _check_storable(operations, node_id)
             check_storable(result.output, f"output of node '{node_id}'")
         except UnstorableValueError as exc:
             await self._fail_node(context, graph, job, owner, [], exc.message,
@@ -986,6 +983,7 @@ class BaseDistributedAdapter(abc.ABC):
                                                   "error": error}),
         ]
         try:
+            _check_storable(operations, job.node_id)
             committed = await self._commit(context, job, owner, [*operations, *failure])
         except (ContextTooLargeError, UnstorableValueError):
             # The node's own writes cannot be stored: record the failure without them.
@@ -1367,6 +1365,13 @@ def job_misfit(graph: Graph, data: Mapping[str, Any], job: JobPayload) -> str | 
             and not _revivable(graph, data, job.node_id)):
         return "the node has resolved already and is in no loop that could run it again"
     return None
+
+
+def _check_storable(operations: Iterable[PatchOperation], node_id: str) -> None:
+    for operation in operations:
+        if operation.op == "set":
+            check_storable(operation.value,
+                           f"context key '{operation.key}' written by node '{node_id}'")
 
 
 def _owner_token(owner: str) -> str:
