@@ -572,3 +572,25 @@ async def test_commit_refused_for_a_lost_lease_still_discards_the_result() -> No
         data = await create_context(run_id).load()
     assert data["_outputs.t"] == "theirs"  # ours was discarded, not written over theirs
     assert "_outputs.u" not in data  # and ours did not go on as if it had committed
+
+
+# -- the fit rule, without services ------------------------------------------------------------
+
+
+def test_job_misfit_rule() -> None:
+    from flowcraft.distributed.adapter import job_misfit
+    from flowcraft.runtime.graph import Graph
+    from flowcraft.runtime.routing import completed_record, record_key
+
+    graph = Graph(blueprint("loop", ["s", "a", "b"], [("s", "a"), ("a", "b"), ("b", "a")]))
+    fresh: dict[str, Any] = {}
+    assert job_misfit(graph, fresh, JobPayload("r", "loop", "s")) is None
+    assert "ahead" in (job_misfit(graph, fresh, JobPayload("r", "loop", "s", 1)) or "")
+    assert "not in blueprint" in (job_misfit(graph, fresh, JobPayload("r", "loop", "z")) or "")
+    ran = {record_key("s"): completed_record(0, [0], None),
+           record_key("a"): completed_record(0, [0], None)}
+    # s is in no loop: once resolved, no job runs it again.
+    assert "resolved already" in (job_misfit(graph, ran, JobPayload("r", "loop", "s", 1)) or "")
+    # a is in a cycle: its next generation is a legitimate job, the one after is not.
+    assert job_misfit(graph, ran, JobPayload("r", "loop", "a", 1)) is None
+    assert "ahead" in (job_misfit(graph, ran, JobPayload("r", "loop", "a", 2)) or "")
