@@ -435,7 +435,7 @@ async def test_message_received_too_often_moves_to_the_poison_queue(azure: Any) 
     assert result.status == "failed" and runs.counts == {}
     assert [m.receive_count for m in worker.received_jobs("a")] == [1, 2, 3]
     status = await worker.get_run_status(run_id)
-    assert status["failedNodeId"] == "a" and "received 3 times" in status["error"]
+    assert status["failedNodeId"] == "a" and "attempted 3 times" in status["error"]
     poisoned = await receive_all(poison_client(azure))
     assert [decode(m.content) for m in poisoned] == [
         {"runId": run_id, "blueprintId": "crashy", "nodeId": "a"}]
@@ -474,7 +474,8 @@ async def test_unknown_blueprint_fails_the_run_and_moves_the_message(azure: Any)
     known, other = chain("known", runs, "x"), chain("elsewhere", runs, "x")
     client = make_adapter(azure, [other.to_blueprint()], other.registry())
     run_id = await client.start_workflow(other.to_blueprint(), {})
-    async with workers(azure, [known.to_blueprint()], known.registry()) as (worker,):
+    async with workers(azure, [known.to_blueprint()], known.registry(),
+                       unknown_blueprint_grace_seconds=0) as (worker,):
         result = await worker.wait_for_result(run_id, timeout=20)
         await wait_queue_empty(azure.queue)
     assert result.status == "failed" and runs.counts == {}

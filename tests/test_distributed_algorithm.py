@@ -307,6 +307,10 @@ async def test_wait_parks_the_run_and_resume_routes_the_action() -> None:
         assert enqueued == ["w"]
         await cluster.client.reconcile("appr")
         result = await cluster.client.wait_for_result("appr", timeout=10, poll_interval=0.02)
+        await cluster.settle()
+        stored = await cluster.client.create_context("appr").load()
+    # Leases and attempt counts go with the commits (parks and resumes included).
+    assert [k for k in stored if k.startswith(("_flowcraft.attempts.", "_flowcraft.lock."))] == []
     assert result.status == "completed"
     assert comparable(result.context) == comparable(expected.context)
     assert result.context["_outputs.w"] == {"ok": True}

@@ -314,7 +314,8 @@ async def test_invalid_job_naming_a_run_fails_that_run() -> None:
 
 async def test_unknown_blueprint_is_dead_lettered_and_its_run_failed() -> None:
     runs = Executions()
-    async with Cluster([FAN], shape_registry(runs), workers=1) as cluster:
+    async with Cluster([FAN], shape_registry(runs), workers=1,
+                       unknown_blueprint_grace_seconds=0) as cluster:
         await cluster.store.context("r-unknown").create({})
         cluster.statuses["r-unknown"] = {"runId": "r-unknown", "status": "running"}
         await cluster.queue.send([base64.b64encode(json.dumps(
@@ -328,12 +329,16 @@ async def test_unknown_blueprint_is_dead_lettered_and_its_run_failed() -> None:
         cluster.statuses["r-unknown"]["error"]]
 
 
-async def test_job_for_a_run_without_context_is_removed_and_failed() -> None:
+async def test_job_for_a_run_without_context_is_removed_and_no_run_is_invented() -> None:
     async with Cluster([FAN], shape_registry(Executions()), workers=1) as cluster:
-        await cluster.queue.send([JobPayload("ghost", "fan", "s").to_json()])
+        await cluster.queue.send([JobPayload("ghost", "fan", "s").to_json(),
+                                  JobPayload("ghost-2", "nope", "s").to_json(),
+                                  json.dumps({"runId": "ghost-3", "nodeId": "s"})])
         await cluster.settle()
     assert len(cluster.queue) == 0
-    assert cluster.status("ghost") == "failed"
+    assert len(cluster.queue.dead_letters) == 3
+    # Runs that never existed get no status record (a "failed" run nobody started).
+    assert cluster.statuses == {}
 
 
 async def test_message_failing_past_the_receive_limit_is_poison() -> None:
@@ -346,11 +351,12 @@ async def test_message_failing_past_the_receive_limit_is_poison() -> None:
     assert result.status == "failed"
     status = cluster.statuses["poison"]
     assert status["failedNodeId"] == "b"
-    assert "received 3 times (limit 2)" in status["error"]
+    assert "attempted 3 times without finishing (limit 2)" in status["error"]
     assert runs.counts["b"] == 2  # two attempts, the third receive is refused
     assert runs.counts["j"] == 0
     assert [reason for _, reason in cluster.queue.dead_letters] == [status["error"]]
     assert len(cluster.queue) == 0
+    assert result.errors[0].node_id == "b" and "poison" in result.errors[0].message
 
 
 async def test_node_longer_than_its_lease_keeps_lease_and_message() -> None:

@@ -11,16 +11,29 @@ The job algorithm
 
 A job names (run, blueprint, node, iteration). Delivery is at least once: any
 job may arrive twice, late, or after the worker that had it died at any
-point. Each step says why repeating it is safe.
+point. Nor is a message trusted: anyone who can send to the queue can send
+anything, so a job only runs what the run's stored state confirms. Each step
+says why repeating it is safe.
 
-1. **Parse and look up.** An unparseable message, or one naming an unknown
-   blueprint, is removed (or dead-lettered), logged with its message id, and
-   the run — where one is named — marked ``failed`` with the reason. A
-   message received more often than ``max_receive_count`` is treated the
-   same way: it cannot loop forever. Only crashed attempts count: a job
-   that must wait (its node is leased elsewhere, or its run needs another
-   blueprint version) is made visible again later, and goes back to the
-   queue as a fresh message before its receive count runs out.
+0. **Starting a run** stores its context with a conditional create (a run id
+   that is taken is refused with ``RunAlreadyExistsError`` and the existing
+   run left untouched), carrying the blueprint id; then the status record,
+   then the start jobs.
+
+1. **Parse and look up.** An unparseable message is removed (or
+   dead-lettered) and logged with its message id; the run it names is marked
+   ``failed`` with the reason — only if that run has a status record: garbage
+   naming a run that never existed creates none. A job naming a blueprint
+   this worker lacks is left for a worker that has it (a rolling deploy) for
+   ``unknown_blueprint_grace_seconds`` from the first sighting by any worker
+   (kept in the coordination store); then removed and its run failed. It is
+   dropped at once when no such run is stored, or the run belongs to another
+   blueprint. A message received more than ``hard_receive_limit`` times
+   (far above ``max_receive_count``) is removed whatever it is: the last
+   resort against garbage that no check recognises. A job that must wait
+   (its node is leased elsewhere, or its run needs another blueprint version
+   or a blueprint this worker lacks) is made visible again later, and goes
+   back to the queue as a fresh message before its receive count runs out.
 
 2. **Claim** (one conditional write that returns the context). The worker
    takes a lease on the node in the run's context item, unless the node has
@@ -29,25 +42,52 @@ point. Each step says why repeating it is safe.
    live lease (``LOCKED``: make the message visible again after a delay). The lease is
    renewed while the node runs, together with the message's visibility, so
    a long node is never picked up twice; a crashed worker's lease expires.
+   The same write counts the attempt (``_flowcraft.attempts.<node>``, reset
+   by the node's commit). Then the job is checked against the claimed
+   context; a job that does not fit releases the claim — taking its attempt
+   back — and is dropped with a log line, never harming the run:
+
+   * the run's stored blueprint id differs from the job's (a run started by
+     a client that stores none adopts the blueprint of its first committed
+     job);
+   * the node is not in the blueprint;
+   * the iteration is ahead of the node (jobs are sent at the node's current
+     generation, which only grows), or the node is outside every cycle and
+     has resolved already, unless a loop revives it from a skip (``revivable``).
+
    A stored ``blueprintVersion`` that differs from this worker's blueprint
-   releases the claim and leaves the message for a matching worker.
+   releases the claim (not counted) and leaves the message for a matching
+   worker. A node claimed more than ``max_receive_count`` times without
+   finishing — crashed or killed workers; receives by pollers that died
+   before claiming do not count — is a poison job: it fails as in step 8
+   and its message is dead-lettered. A graceful stop's release does not count.
 
 3. **Run** the node with the shared executor (retries, timeout, fallback).
    The node works on the claimed snapshot; its writes are recorded, not sent.
+   A node at iteration ``max_node_iterations`` fails instead of running, with
+   the in-memory runtime's message: a cycle without an exit ends.
 
 4. **Route before writing.** The routing decision (which edges were taken)
    is computed now, from the snapshot plus the node's writes, and stored in
    the node's record. A redelivered job therefore never re-evaluates a
-   condition against a context that changed meanwhile.
+   condition against a context that changed meanwhile. What can fail once
+   the node has run — a condition or transform that cannot be evaluated, an
+   output or context write that cannot be stored (checked with
+   ``check_storable`` before writing) — fails the node once, as in step 8,
+   with the reason: a rerun would only repeat it.
 
 5. **Commit** (one conditional write that returns the context): output,
-   context writes, routing record, and skip records for successors that can
-   only be skipped — applied only if this worker still holds the lease. If
-   the lease was lost (it expired and another worker took the node over),
-   the write does nothing and this worker's result is discarded: a node's
-   effect lands in the context exactly once. The same write may take the
+   context writes, routing record (naming the lease owner), and skip records
+   for successors that can only be skipped — applied only if this worker
+   still holds the lease. If the lease was lost (it expired and another
+   worker took the node over), the write does nothing and this worker's
+   result is discarded: a node's effect lands in the context exactly once.
+   When no success comes back (an error after the write applied, or an SDK
+   retry that then fails the condition), the item is read: if the node's
+   record names this lease owner, the commit landed and the job carries on
+   as if it had returned. The same write may take the
    lease of one successor this worker will run next (local continuation:
-   a chain costs no queue round trip per node).
+   a chain costs no queue round trip per node), counting its attempt.
 
 6. **Advance.** From the context the commit returned, decide each
    successor's join with :mod:`flowcraft.runtime.routing` — the same code the
@@ -98,13 +138,20 @@ from typing import Any, Literal
 
 from ..analysis import analyze_blueprint
 from ..blueprint import WorkflowBlueprint
-from ..context import PatchOperation, TrackedContext, public_view
+from ..context import (
+    PatchOperation,
+    TrackedContext,
+    check_storable,
+    public_view,
+    validate_initial_context,
+)
 from ..errors import (
     BlueprintValidationError,
     ContextTooLargeError,
     FlowcraftError,
     InvalidJobError,
     UnknownBlueprintError,
+    UnstorableValueError,
 )
 from ..events import EventBus, FlowcraftEvent, safe_emit
 from ..nodes.base import NodeContext, NodeResult
@@ -139,10 +186,13 @@ from ..runtime.runtime import (
     terminal_ids,
 )
 from .context import (
+    BLUEPRINT_KEY,
     RUN_STATE_KEY,
     VERSION_KEY,
     ClaimStatus,
     DistributedContext,
+    attempts,
+    attempts_key,
     claim_status,
     live_lease,
     lock_key,
@@ -230,6 +280,12 @@ class BaseDistributedAdapter(abc.ABC):
             instead of a queue round trip (it is claimed in the same write).
         status_touch_seconds: at most one ``lastUpdated`` write per run and
             worker in this interval; the reconciler's threshold must exceed it.
+        unknown_blueprint_grace_seconds: how long a job naming a blueprint no worker
+            seen so far has is left for one that has it (a rolling deploy), counted
+            from the first worker that saw it; then its run fails.
+        hard_receive_limit: a message received more often than this is removed even
+            if it never started an attempt (default ten times ``max_receive_count``):
+            the last resort against garbage that no check recognises.
     """
 
     max_delay_seconds: float = 900.0
@@ -250,6 +306,8 @@ class BaseDistributedAdapter(abc.ABC):
         batch_size: int = 10,
         shutdown_timeout_seconds: float = 30.0,
         worker_id: str | None = None,
+        unknown_blueprint_grace_seconds: float = 300.0,
+        hard_receive_limit: int | None = None,
     ) -> None:
         self.runtime_options = runtime_options
         self.engine = NodeEngine(runtime_options)
@@ -263,6 +321,9 @@ class BaseDistributedAdapter(abc.ABC):
         self.poll_wait_seconds = poll_wait_seconds
         self.batch_size = batch_size
         self.shutdown_timeout_seconds = shutdown_timeout_seconds
+        self.unknown_blueprint_grace_seconds = unknown_blueprint_grace_seconds
+        self.hard_receive_limit = (hard_receive_limit if hard_receive_limit is not None
+                                   else 10 * max_receive_count)
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._status_touched: dict[str, float] = {}
         self._active: set[asyncio.Task[None]] = set()
@@ -417,9 +478,11 @@ class BaseDistributedAdapter(abc.ABC):
             if exc.run_id:
                 await self._fail_run(exc.run_id, f"invalid job message: {exc.message}")
             return "dropped", 0.0
-        if message.receive_count > self.max_receive_count and not await self._finished(job):
+        if message.receive_count > self.hard_receive_limit and not await self._finished(job):
+            # Attempts are counted in the run's item (step 2); this ceiling only catches a
+            # message that keeps coming back without ever reaching a claim.
             reason = (f"job for node '{job.node_id}' was received {message.receive_count} times "
-                      f"(limit {self.max_receive_count}); removed as a poison message")
+                      f"(hard limit {self.hard_receive_limit}); removed as a poison message")
             logger.error("run %s node %s: message %s %s", job.run_id, job.node_id,
                          message.message_id, reason)
             await self._dead_letter(message, reason)
@@ -457,7 +520,9 @@ class BaseDistributedAdapter(abc.ABC):
         try:
             blueprint = self.engine.blueprint(job.blueprint_id)
             base_graph = self.engine.graph(blueprint)
-        except (UnknownBlueprintError, FlowcraftError) as exc:
+        except UnknownBlueprintError as exc:
+            return await self._unknown_blueprint(job, exc.message, message_id, message)
+        except FlowcraftError as exc:
             logger.error("run %s node %s: message %s removed: %s", job.run_id, job.node_id,
                          message_id, exc.message)
             if message is not None:
@@ -493,33 +558,59 @@ class BaseDistributedAdapter(abc.ABC):
         data = claim.data
         run_state = data.get(RUN_STATE_KEY)
         if isinstance(run_state, Mapping) and run_state.get("status") in FINAL_STATUSES:
-            await context.release(job.node_id, owner)
+            await self._release_unattempted(context, job.node_id, owner, data)
             logger.info("run %s node %s: run is %s; job dropped", job.run_id, job.node_id,
                         run_state.get("status"))
+            return "dropped", 0.0
+        stored_blueprint = data.get(BLUEPRINT_KEY)
+        if stored_blueprint is not None and stored_blueprint != job.blueprint_id:
+            await self._release_unattempted(context, job.node_id, owner, data)
+            logger.error("run %s node %s: message %s names blueprint '%s' but the run belongs "
+                         "to blueprint '%s'; job dropped", job.run_id, job.node_id, message_id,
+                         job.blueprint_id, stored_blueprint)
             return "dropped", 0.0
         stored_version = data.get(VERSION_KEY)
         if stored_version is not None and blueprint.version is not None and str(
             stored_version
         ) != str(blueprint.version):
-            await context.release(job.node_id, owner)
+            await self._release_unattempted(context, job.node_id, owner, data)
             logger.error(
                 "run %s node %s: run was started with version %s of blueprint '%s' but this "
                 "worker has version %s; leaving the job for a matching worker",
                 job.run_id, job.node_id, stored_version, blueprint.id, blueprint.version,
             )
             return "deferred", min(60.0, self.max_delay_seconds)
+        graph = graph_for(base_graph, data)
+        misfit = job_misfit(graph, data, job)
+        if misfit is not None:
+            await self._release_unattempted(context, job.node_id, owner, data)
+            logger.error("run %s node %s: message %s does not fit the run (%s); job dropped",
+                         job.run_id, job.node_id, message_id, misfit)
+            return "dropped", 0.0
         if job.node_id in (data.get(AWAITING_IDS_KEY) or ()):
             # Parked already (a duplicate): it waits for resume_with_action, not for a rerun.
-            await context.release(job.node_id, owner)
+            await self._release_unattempted(context, job.node_id, owner, data)
             logger.info("run %s node %s: awaiting; duplicate job dropped", job.run_id,
                         job.node_id)
             return "duplicate", 0.0
-        wake_up_at = _wake_up_at(graph_for(base_graph, data), data, job.node_id)
+        wake_up_at = _wake_up_at(graph, data, job.node_id)
         if wake_up_at is not None and wake_up_at > time.time() + 0.5:
             # A durable sleep longer than the queue's longest delay: wait another round.
-            await context.release(job.node_id, owner)
+            await self._release_unattempted(context, job.node_id, owner, data)
             await self._send_jobs([job], min(self.max_delay_seconds, wake_up_at - time.time()))
             return "requeued", 0.0
+        started = attempts(data, job.node_id)
+        if started > self.max_receive_count:
+            reason = (f"it was attempted {started} times without finishing (limit "
+                      f"{self.max_receive_count}); removed as a poison message")
+            logger.error("run %s node %s: message %s %s", job.run_id, job.node_id, message_id,
+                         reason)
+            if message is not None:
+                await self._dead_letter(message, f"node '{job.node_id}' failed: {reason}")
+            await self._fail_node(context, graph, job, owner, [], reason, {
+                "nodeId": job.node_id, "message": reason, "attempt": started,
+                "errorType": "PoisonMessage", "runId": job.run_id})
+            return "dropped", 0.0
         step: _Step | None = _Step(job, data, owner)
         while step is not None:
             step = await self._execute_claimed(context, base_graph, blueprint, step)
@@ -529,11 +620,15 @@ class BaseDistributedAdapter(abc.ABC):
                                blueprint: WorkflowBlueprint, step: _Step) -> _Step | None:
         job, data, owner = step.job, step.data, step.owner
         graph = graph_for(base_graph, data)
-        node = graph.nodes.get(job.node_id)
-        if node is None:
-            reason = f"node '{job.node_id}' is not in blueprint '{blueprint.id}'"
-            await context.release(job.node_id, owner)
-            await self._fail_run(job.run_id, reason, node_id=job.node_id)
+        node = graph.nodes[job.node_id]  # checked by job_misfit, or a successor we routed to
+        limit = self.runtime_options.max_node_iterations
+        if job.iteration >= limit:
+            # The in-memory runtime's limit and message: a cycle without an exit ends here.
+            message = (f"node ran {job.iteration} times, the limit of max_node_iterations; "
+                       "a loop without a reachable exit?")
+            await self._fail_node(context, graph, job, owner, [], message, {
+                "nodeId": job.node_id, "message": message, "attempt": 0,
+                "errorType": "FlowcraftError", "runId": job.run_id})
             return None
         first_arrival = None
         if node.join_strategy == "any" and len(graph.forward_predecessors.get(node.id, ())) > 1:
@@ -553,10 +648,13 @@ class BaseDistributedAdapter(abc.ABC):
                 graph, node, tracked, resolved.value, run_id=job.run_id,
                 iteration=job.iteration, services=services,
             )
-        except BaseException:
+        except BaseException as exc:
             renewer.cancel()
+            # A stop or kill of this worker is not the node's failure: it does not count.
+            left = (attempts(data, node.id) - 1 if isinstance(exc, asyncio.CancelledError)
+                    else None)
             with contextlib.suppress(Exception):
-                await asyncio.shield(context.release(node.id, owner))
+                await asyncio.shield(context.release(node.id, owner, attempts=left))
             raise
         # Keep renewing the lease until the commit is done: the writes between the node's
         # end and its commit (status touch, commit) can be slow, and a lapsed lease lets a
@@ -586,17 +684,38 @@ class BaseDistributedAdapter(abc.ABC):
     ) -> _Step | None:
         node_id = job.node_id
         working = tracked.data
-        if result.dynamic_nodes:
-            addition = dynamic_addition(graph, node_id, result.dynamic_nodes)
-            operations.append(PatchOperation("set", DYNAMIC_PREFIX + node_id, addition))
-            working[DYNAMIC_PREFIX + node_id] = addition
-            graph = graph.extended([addition])
-        operations.append(PatchOperation("set", output_key(node_id), result.output))
-        working[output_key(node_id)] = result.output
-        taken = route(graph, node_id, result.output, result.action, working)
+        try:
+            # The node has run: what can still go wrong is its result, which a rerun would
+            # repeat, so it fails the node once (not a crash that retries until poison).
+            _check_storable(operations, node_id)
+            check_storable(result.output, f"output of node '{node_id}'")
+        except UnstorableValueError as exc:
+            await self._fail_node(context, graph, job, owner, [], exc.message,
+                                  _error(job, exc))
+            return None
+        try:
+            if result.dynamic_nodes:
+                addition = dynamic_addition(graph, node_id, result.dynamic_nodes)
+                operations.append(PatchOperation("set", DYNAMIC_PREFIX + node_id, addition))
+                working[DYNAMIC_PREFIX + node_id] = addition
+                graph = graph.extended([addition])
+            operations.append(PatchOperation("set", output_key(node_id), result.output))
+            working[output_key(node_id)] = result.output
+            taken = route(graph, node_id, result.output, result.action, working)
+        except Exception as exc:
+            logger.warning("run %s node %s: its result could not be routed: %s", job.run_id,
+                           node_id, exc)
+            await self._fail_node(context, graph, job, owner, operations, str(exc),
+                                  _error(job, exc))
+            return None
         record = completed_record(job.iteration, taken, result.action)
+        record["by"] = _owner_token(owner)  # tells our lost commit answer from another's
         if wake_up_at is not None:
             record["wakeUpAt"] = wake_up_at
+        if BLUEPRINT_KEY not in working:
+            # A run started by a client that stores no blueprint id adopts its first job's.
+            operations.append(PatchOperation("set", BLUEPRINT_KEY, job.blueprint_id))
+            working[BLUEPRINT_KEY] = job.blueprint_id
         operations.append(PatchOperation("set", record_key(node_id), record))
         working[record_key(node_id)] = record
         # Successors whose only way in is this node are decided now, in the same write.
@@ -609,16 +728,17 @@ class BaseDistributedAdapter(abc.ABC):
         if self.local_continuation and continue_locally and wake_up_at is None:
             continuation = self._continuation(graph, node_id, working)
         claims = [continuation] if continuation else []
+        if continuation is not None:
+            # The claim in this commit counts the successor's attempt, as a claim does.
+            succ = continuation[0]
+            operations.append(PatchOperation(
+                "set", attempts_key(succ), 1 if succ == node_id else attempts(working, succ) + 1))
         await self._checkpoint("before_commit", job)
         try:
-            committed = await context.commit(node_id, job.iteration, owner, operations,
-                                             claims, self.lease_seconds)
-        except ContextTooLargeError as exc:
+            committed = await self._commit(context, job, owner, operations, claims)
+        except (ContextTooLargeError, UnstorableValueError) as exc:
             # Running the node again would produce the same output: fail it now, clearly.
-            await self._fail_node(context, graph, job, owner, [], exc.message, {
-                "nodeId": node_id, "message": exc.message, "attempt": 1,
-                "errorType": type(exc).__name__, "runId": job.run_id,
-            })
+            await self._fail_node(context, graph, job, owner, [], exc.message, _error(job, exc))
             return None
         if committed is None:
             logger.warning("run %s node %s: lease lost before commit (the node ran elsewhere);"
@@ -844,7 +964,8 @@ class BaseDistributedAdapter(abc.ABC):
         of different nodes write that one list); return the context as it is now, or
         ``None`` if the run has no context. The caller's commit deletes the lease."""
         while True:
-            claim = await context.claim(_AWAITING_LOCK, 0, owner, self.lease_seconds)
+            claim = await context.claim(_AWAITING_LOCK, 0, owner, self.lease_seconds,
+                                        count_attempt=False)
             if claim.status is ClaimStatus.CLAIMED:
                 return claim.data
             if claim.status is ClaimStatus.MISSING:
@@ -855,12 +976,18 @@ class BaseDistributedAdapter(abc.ABC):
                          owner: str, operations: list[PatchOperation], message: str,
                          error: dict[str, Any]) -> None:
         reason = f"node '{job.node_id}' failed: {message}"
-        operations += [
-            PatchOperation("set", record_key(job.node_id), failed_record(job.iteration, message)),
+        record = {**failed_record(job.iteration, message), "by": _owner_token(owner)}
+        failure = [
+            PatchOperation("set", record_key(job.node_id), record),
             PatchOperation("set", RUN_STATE_KEY, {"status": "failed", "reason": reason,
                                                   "error": error}),
         ]
-        committed = await context.commit(job.node_id, job.iteration, owner, operations)
+        try:
+            _check_storable(operations, job.node_id)
+            committed = await self._commit(context, job, owner, [*operations, *failure])
+        except (ContextTooLargeError, UnstorableValueError):
+            # The node's own writes cannot be stored: record the failure without them.
+            committed = await self._commit(context, job, owner, failure)
         if committed is None:
             return
         logger.error("run %s node %s failed: %s", job.run_id, job.node_id, message)
@@ -872,6 +999,79 @@ class BaseDistributedAdapter(abc.ABC):
             await self.coordination_store.set_if_not_exist(key, job.node_id, _COORDINATION_TTL)
         await self._fail_run(job.run_id, reason, node_id=job.node_id, error=error)
 
+    async def _commit(self, context: DistributedContext, job: JobPayload, owner: str,
+                      operations: Sequence[PatchOperation],
+                      claims: Sequence[tuple[str, int]] = ()) -> dict[str, Any] | None:
+        """Commit, and when no success came back read the item: a write whose answer was
+        lost (an error after it applied; a retry that then failed its condition) shows our
+        own record, and counts as committed. ``None``: the lease was lost."""
+        failure: Exception | None = None
+        try:
+            committed = await context.commit(job.node_id, job.iteration, owner, operations,
+                                             claims, self.lease_seconds)
+        except (ContextTooLargeError, UnstorableValueError):
+            raise
+        except Exception as exc:
+            failure, committed = exc, None
+        if committed is not None:
+            return committed
+        data = await context.load()
+        record = (data or {}).get(record_key(job.node_id))
+        if (isinstance(record, Mapping) and record.get("by") == _owner_token(owner)
+                and record.get("n") == job.iteration + 1):
+            logger.warning("run %s node %s: the commit's answer was lost (%s) but the write "
+                           "landed; continuing", job.run_id, job.node_id,
+                           failure or "condition failed on a retry")
+            return data
+        if failure is not None:
+            raise failure
+        return None
+
+    async def _release_unattempted(self, context: DistributedContext, node_id: str,
+                                   owner: str, data: Mapping[str, Any]) -> None:
+        """Release a claim that did not run the node: its attempt does not count."""
+        await context.release(node_id, owner, attempts=attempts(data, node_id) - 1)
+
+    async def _unknown_blueprint(self, job: JobPayload, reason: str, message_id: str | None,
+                                 message: QueueMessage | None) -> tuple[JobOutcome, float]:
+        """A job naming a blueprint this worker lacks: during a rolling deploy another worker
+        has it. Leave the job for that worker for ``unknown_blueprint_grace_seconds`` from the
+        first sighting (kept in the coordination store, shared by all workers); then fail."""
+        data = await self.create_context(job.run_id).load()
+        run_state = (data or {}).get(RUN_STATE_KEY)
+        stored = (data or {}).get(BLUEPRINT_KEY)
+        drop = None
+        if data is None:
+            drop = f"{reason}, and no run '{job.run_id}' is stored"
+        elif stored is not None and stored != job.blueprint_id:
+            drop = f"{reason}, and the run belongs to blueprint '{stored}'"
+        elif isinstance(run_state, Mapping) and run_state.get("status") in FINAL_STATUSES:
+            drop = f"{reason}, and the run is {run_state.get('status')}"
+        if drop is not None:
+            logger.error("run %s node %s: message %s removed: %s", job.run_id, job.node_id,
+                         message_id, drop)
+            if message is not None:
+                await self._dead_letter(message, drop)
+            return "dropped", 0.0
+        now = time.time()
+        key = f"flowcraft:unknown-blueprint:{job.run_id}:{job.blueprint_id}"
+        await self.coordination_store.set_if_not_exist(key, repr(now), _COORDINATION_TTL)
+        first_seen = parse_timestamp(await self.coordination_store.get(key)) or now
+        waited = now - first_seen
+        grace = self.unknown_blueprint_grace_seconds
+        if waited < grace:
+            logger.warning("run %s node %s: %s on this worker; leaving the job for a worker "
+                           "that has it (waited %.0fs of %.0fs)", job.run_id, job.node_id,
+                           reason, waited, grace)
+            return "deferred", max(1.0, min(grace - waited, 60.0, self.max_delay_seconds))
+        reason = f"{reason}; no worker that has it took the job within {grace:g}s"
+        logger.error("run %s node %s: message %s removed: %s", job.run_id, job.node_id,
+                     message_id, reason)
+        if message is not None:
+            await self._dead_letter(message, reason)
+        await self._fail_run(job.run_id, reason, node_id=job.node_id)
+        return "dropped", 0.0
+
     async def _fail_run(self, run_id: str, reason: str, *, node_id: str | None = None,
                         error: Mapping[str, Any] | None = None) -> None:
         fields: dict[str, Any] = {"status": "failed", "finalStatus": "failed",
@@ -879,6 +1079,10 @@ class BaseDistributedAdapter(abc.ABC):
         if node_id:
             fields["failedNodeId"] = node_id
         try:
+            if await self._read_status(run_id) is None:
+                # No such run (a garbage message naming a run id): create no record for it.
+                logger.error("run %s: not failed, no such run is recorded (%s)", run_id, reason)
+                return
             written = await self._write_status(run_id, fields, only_if_running=True)
         except Exception:
             logger.exception("run %s: could not record the failure", run_id)
@@ -945,13 +1149,20 @@ class BaseDistributedAdapter(abc.ABC):
         *,
         run_id: str | None = None,
     ) -> str:
-        """Store the initial context and status, enqueue the start nodes; return the run id."""
+        """Store the initial context and status, enqueue the start nodes; return the run id.
+
+        Raises :class:`~flowcraft.errors.InvalidContextError` for an initial context that
+        cannot start a run, and :class:`~flowcraft.errors.RunAlreadyExistsError` when
+        ``run_id`` names an existing run (which is left as it is)."""
         bp = blueprint if isinstance(blueprint, WorkflowBlueprint) else self.engine.blueprint(
             blueprint)
         run_id = run_id or str(uuid.uuid4())
-        initial = dict(initial_context or {})
+        initial = validate_initial_context(initial_context)
         if bp.version is not None:
             initial[VERSION_KEY] = bp.version
+        initial[BLUEPRINT_KEY] = bp.id
+        # A conditional create: a taken run id raises RunAlreadyExistsError here, before the
+        # status record or any job is written, and the existing run is left untouched.
         await self.create_context(run_id).create(initial)
         await self._write_status(run_id, {"status": "running", "lastUpdated": now_iso(),
                                           "blueprintId": bp.id}, only_if_running=False)
@@ -1003,7 +1214,7 @@ class BaseDistributedAdapter(abc.ABC):
             raise FlowcraftError(f"cannot reconcile run '{run_id}': no stored context",
                                  run_id=run_id)
         if not blueprint_id:
-            blueprint_id = self._infer_blueprint_id(data)
+            blueprint_id = data.get(BLUEPRINT_KEY) or self._infer_blueprint_id(data)
         blueprint = self.engine.blueprint(blueprint_id)
         graph = graph_for(self._routing_graph(blueprint), data)
         ready, skip = ready_frontier(graph, data)
@@ -1063,7 +1274,8 @@ class BaseDistributedAdapter(abc.ABC):
                                  f"awaiting (awaiting: {awaiting})", run_id=run_id)
         status = await self._read_status(run_id) or {}
         blueprint = self.engine.blueprint(
-            blueprint_id or status.get("blueprintId") or self._infer_blueprint_id(data))
+            blueprint_id or status.get("blueprintId") or data.get(BLUEPRINT_KEY)
+            or self._infer_blueprint_id(data))
         graph = graph_for(self.engine.graph(blueprint), data)
         iteration = int((data.get(AWAITING_DETAILS_KEY) or {}).get(target, {}).get(
             "iteration", resolution_count(data, target)))
@@ -1124,14 +1336,54 @@ def revivable(graph: Graph, data: Mapping[str, Any]) -> list[str]:
     and so do the skipped nodes behind it. :func:`ready_frontier` counts every recorded
     node outside a loop as done, so completion and reconcile add these.
     """
-    found = []
-    for node_id in graph.nodes:
-        record = read_record(data, node_id)
-        if (record is not None and record.skipped and not graph.same_cycle(node_id, node_id)
-                and deliveries(graph, data, node_id)
-                and evaluate_join(graph, data, node_id) is JoinDecision.RUN):
-            found.append(node_id)
-    return found
+    return [node_id for node_id in graph.nodes if _revivable(graph, data, node_id)]
+
+
+def _revivable(graph: Graph, data: Mapping[str, Any], node_id: str) -> bool:
+    record = read_record(data, node_id)
+    return (record is not None and record.skipped and not graph.same_cycle(node_id, node_id)
+            and bool(deliveries(graph, data, node_id))
+            and evaluate_join(graph, data, node_id) is JoinDecision.RUN)
+
+
+def job_misfit(graph: Graph, data: Mapping[str, Any], job: JobPayload) -> str | None:
+    """Why a job cannot belong to the run as stored (``None``: it fits).
+
+    Jobs are enqueued at the generation their node is at (:func:`resolution_count`),
+    which only grows: a later one was never sent. A node outside every cycle resolves
+    once, unless a loop revives it from a skip (:func:`revivable`): a job for it at its
+    current generation after it resolved would run it a second time.
+    """
+    if job.node_id not in graph.nodes:
+        return f"node '{job.node_id}' is not in blueprint '{graph.blueprint.id}'"
+    count = resolution_count(data, job.node_id)
+    if job.iteration > count:
+        return (f"iteration {job.iteration} is ahead of the node, which has resolved "
+                f"{count} time(s)")
+    if (job.iteration == count and read_record(data, job.node_id) is not None
+            and not graph.same_cycle(job.node_id, job.node_id)
+            and not _revivable(graph, data, job.node_id)):
+        return "the node has resolved already and is in no loop that could run it again"
+    return None
+
+
+def _check_storable(operations: Iterable[PatchOperation], node_id: str) -> None:
+    for operation in operations:
+        if operation.op == "set":
+            check_storable(operation.value,
+                           f"context key '{operation.key}' written by node '{node_id}'")
+
+
+def _owner_token(owner: str) -> str:
+    """The random part of a lease owner: unique per execution, and short in every record."""
+    return owner.rsplit("/", 1)[-1]
+
+
+def _error(job: JobPayload, exc: Exception) -> dict[str, Any]:
+    """The failure record of a node that failed after it ran (its result is the problem)."""
+    message = exc.message if isinstance(exc, FlowcraftError) else str(exc)
+    return {"nodeId": job.node_id, "message": message, "attempt": 1,
+            "errorType": type(exc).__name__, "runId": job.run_id}
 
 
 def _any_key(run_id: str, node_id: str, iteration: int) -> str:

@@ -5,16 +5,26 @@ bound to one run, plus the four conditional operations the job algorithm is
 built on. Each is **one** service call, and each returns the whole context as
 it is after the call, so a worker never needs a separate read:
 
+``create(initial)``
+    Store a new run's context; refuse (:class:`~flowcraft.errors.RunAlreadyExistsError`)
+    when the run id is taken, leaving the existing item untouched.
 ``claim(node, iteration, owner, lease)``
     Take the node's lease ``_flowcraft.lock.<node>`` if the node has not
-    completed that iteration and nobody else holds a live lease. Returns
+    completed that iteration and nobody else holds a live lease, and count
+    the attempt in ``_flowcraft.attempts.<node>`` in the same write (poison
+    jobs are recognised by attempts started, not by queue receives). Returns
     ``CLAIMED`` / ``DONE`` / ``LOCKED`` / ``MISSING`` with the context.
 ``commit(node, iteration, owner, operations, claims)``
     If we still own the lease: apply the node's output, context writes and
-    routing record, drop our lease, take leases for ``claims`` (successors
-    this worker continues with). Else nothing.
+    routing record, drop our lease and attempt count, take leases for
+    ``claims`` (successors this worker continues with). Else nothing.
 ``renew(node, owner, lease)``
     Push the lease's expiry out while a long node runs.
+``release(node, owner, attempts=None)``
+    Drop our lease; with ``attempts``, also leave the node's attempt count at
+    that number (the claim's count minus one when the job only waited or was
+    refused: it did not run the node). Nobody else claims the node while we
+    hold its lease, so the count cannot have changed since our claim.
 ``apply(operations)``
     Unconditional patch (skip records, awaiting markers, resume).
 
@@ -39,9 +49,15 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..context import INTERNAL_PREFIX, PatchOperation, apply_patch
+from ..errors import RunAlreadyExistsError
 from ..runtime.routing import RECORD_PREFIX
 
 LOCK_PREFIX = f"{INTERNAL_PREFIX}lock."
+ATTEMPTS_PREFIX = f"{INTERNAL_PREFIX}attempts."
+"""How often the node's current iteration was claimed without finishing (reset by its commit)."""
+BLUEPRINT_KEY = f"{INTERNAL_PREFIX}blueprintId"
+"""The run's blueprint, so a job naming another one is refused (written at start, or adopted
+from the first job committed for runs started by clients that do not write it)."""
 RUN_STATE_KEY = f"{INTERNAL_PREFIX}run"
 """``{"status": "failed", "reason": ...}`` once a run failed: later jobs of it are dropped."""
 VERSION_KEY = "blueprintVersion"
@@ -49,6 +65,21 @@ VERSION_KEY = "blueprintVersion"
 
 def lock_key(node_id: str) -> str:
     return LOCK_PREFIX + node_id
+
+
+def attempts_key(node_id: str) -> str:
+    return ATTEMPTS_PREFIX + node_id
+
+
+def attempts(data: Mapping[str, Any], node_id: str) -> int:
+    value = data.get(attempts_key(node_id))
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0
+
+
+def run_exists_error(run_id: str) -> RunAlreadyExistsError:
+    return RunAlreadyExistsError(
+        f"a run with id '{run_id}' already exists; it was left untouched (choose another "
+        "run id, or omit it to get a fresh one)", run_id=run_id)
 
 
 class ClaimStatus(enum.Enum):
@@ -116,14 +147,25 @@ class DistributedContext(Protocol):
     async def load(self) -> dict[str, Any] | None: ...
     async def create(self, initial: Mapping[str, Any]) -> None: ...
     async def claim(self, node_id: str, iteration: int, owner: str,
-                    lease_seconds: float) -> Claim: ...
+                    lease_seconds: float, *, count_attempt: bool = True) -> Claim: ...
     async def commit(self, node_id: str, iteration: int, owner: str,
                      operations: Sequence[PatchOperation],
                      claims: Iterable[tuple[str, int]] = (),
                      lease_seconds: float = 60.0) -> dict[str, Any] | None: ...
     async def renew(self, node_id: str, owner: str, lease_seconds: float) -> bool: ...
-    async def release(self, node_id: str, owner: str) -> None: ...
+    async def release(self, node_id: str, owner: str, *,
+                      attempts: int | None = None) -> None: ...
     async def apply(self, operations: Sequence[PatchOperation]) -> dict[str, Any] | None: ...
+
+
+def release_operations(node_id: str, attempts: int | None) -> list[PatchOperation]:
+    """The write of a release: the lease goes; the attempt count is left at ``attempts``
+    (removed at zero, so a refused job leaves nothing behind)."""
+    operations = [PatchOperation("delete", lock_key(node_id))]
+    if attempts is not None:
+        operations.append(PatchOperation("set", attempts_key(node_id), attempts) if attempts > 0
+                          else PatchOperation("delete", attempts_key(node_id)))
+    return operations
 
 
 def commit_operations(
@@ -135,7 +177,7 @@ def commit_operations(
     now: float,
 ) -> list[PatchOperation]:
     """The full write of a commit, in the order a backend applies it."""
-    full = list(operations)
+    full = [PatchOperation("delete", attempts_key(node_id)), *operations]
     full.append(PatchOperation("delete", lock_key(node_id)))
     full.extend(
         PatchOperation("set", lock_key(claimed), lease_value(owner, iteration, lease_seconds, now))
@@ -215,10 +257,13 @@ class InMemoryDistributedContext:
 
     async def create(self, initial: Mapping[str, Any]) -> None:
         self.store.count("create")
-        self.store.items[self.run_id] = copy.deepcopy(dict(initial))
+        async with self.store.lock:
+            if self.run_id in self.store.items:
+                raise run_exists_error(self.run_id)
+            self.store.items[self.run_id] = copy.deepcopy(dict(initial))
 
     async def claim(self, node_id: str, iteration: int, owner: str,
-                    lease_seconds: float) -> Claim:
+                    lease_seconds: float, *, count_attempt: bool = True) -> Claim:
         self.store.count("claim")
         async with self.store.lock:
             item = self._item()
@@ -227,6 +272,8 @@ class InMemoryDistributedContext:
             if status is ClaimStatus.CLAIMED:
                 assert item is not None
                 item[lock_key(node_id)] = lease_value(owner, iteration, lease_seconds, now)
+                if count_attempt:
+                    item[attempts_key(node_id)] = attempts(item, node_id) + 1
             lease = (item or {}).get(lock_key(node_id)) or {}
             return Claim(status, self._snapshot(), lease.get("owner"), lease.get("expires"))
 
@@ -254,12 +301,12 @@ class InMemoryDistributedContext:
             item[lock_key(node_id)]["expires"] = round(time.time() + lease_seconds, 3)
             return True
 
-    async def release(self, node_id: str, owner: str) -> None:
+    async def release(self, node_id: str, owner: str, *, attempts: int | None = None) -> None:
         self.store.count("release")
         async with self.store.lock:
             item = self._item()
             if item is not None and owns_lease(item, node_id, owner):
-                del item[lock_key(node_id)]
+                apply_patch(item, release_operations(node_id, attempts))
 
     async def apply(self, operations: Sequence[PatchOperation]) -> dict[str, Any] | None:
         self.store.count("apply")

@@ -16,7 +16,12 @@ started from Python is never mistaken for the seed client's layout.
 
 DynamoDB items are limited to 400 KB. A write that would exceed it raises
 :class:`~flowcraft.errors.ContextTooLargeError` naming the run and the size;
-nothing is truncated.
+nothing is truncated. A value DynamoDB cannot hold (NaN, Decimal, an object)
+raises :class:`~flowcraft.errors.UnstorableValueError` before anything is sent.
+
+``create`` is a put conditioned on ``attribute_not_exists(runId)``: a run id that
+is taken is refused and the existing run left as it is. The claim counts the
+attempt with ``if_not_exists(attempts, 0) + 1`` in the same ``UpdateItem``.
 """
 
 from __future__ import annotations
@@ -32,12 +37,15 @@ from ...distributed.context import (
     Claim,
     ClaimStatus,
     StoredContextMethods,
+    attempts_key,
     claim_status,
     commit_operations,
     lease_value,
     lock_key,
+    release_operations,
+    run_exists_error,
 )
-from ...errors import ContextTooLargeError
+from ...errors import ContextTooLargeError, UnstorableValueError
 from ...runtime.routing import RECORD_PREFIX
 from ._dynamo import ITEM_LIMIT_BYTES, Expression, approximate_size, from_item, to_item
 
@@ -102,19 +110,32 @@ class DynamoDbContext(StoredContextMethods):
 
     async def _update(self, operations: Sequence[PatchOperation], *, condition: str = "",
                       expression: Expression | None = None,
-                      size_hint: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+                      size_hint: Mapping[str, Any] | None = None,
+                      add_to: Mapping[str, int] | None = None) -> dict[str, Any] | None:
         """One UpdateItem; ``None`` when the condition failed."""
         item = await self._update_item(operations, condition=condition, expression=expression,
-                                       size_hint=size_hint)
+                                       size_hint=size_hint, add_to=add_to)
         return None if item is None else self._data(item)
 
     async def _update_item(self, operations: Sequence[PatchOperation], *, condition: str = "",
                            expression: Expression | None = None,
-                           size_hint: Mapping[str, Any] | None = None
+                           size_hint: Mapping[str, Any] | None = None,
+                           add_to: Mapping[str, int] | None = None,
                            ) -> dict[str, Any] | None:
-        """One UpdateItem returning the raw new item; ``None`` when the condition failed."""
+        """One UpdateItem returning the raw new item; ``None`` when the condition failed.
+        ``add_to`` adds to number attributes (absent ones count as 0) in the same write."""
         expression = expression or Expression()
-        update = expression.update([op for op in operations if op.key != KEY])
+        try:
+            update = expression.update([op for op in operations if op.key != KEY])
+        except (TypeError, ValueError) as exc:
+            raise UnstorableValueError(f"run {self.run_id}: DynamoDB cannot store a value of "
+                                       f"this write: {exc}", run_id=self.run_id) from None
+        if add_to:
+            additions = ", ".join(
+                f"{expression.name(k)} = if_not_exists({expression.name(k)}, "
+                f"{expression.value(0)}) + {expression.value(n)}" for k, n in add_to.items())
+            update = (update.replace("SET ", f"SET {additions}, ", 1) if "SET " in update
+                      else f"SET {additions} {update}".strip())
         arguments: dict[str, Any] = {
             "TableName": self.table_name, "Key": self._key(), "UpdateExpression": update,
             "ReturnValues": "ALL_NEW",
@@ -153,7 +174,11 @@ class DynamoDbContext(StoredContextMethods):
         item[KEY] = {"S": self.run_id}
         item[FLAT_MARKER] = {"BOOL": True}
         try:
-            await self.client.put_item(TableName=self.table_name, Item=item)
+            await self.client.put_item(TableName=self.table_name, Item=item,
+                                       ConditionExpression="attribute_not_exists(#key)",
+                                       ExpressionAttributeNames={"#key": KEY})
+        except self.client.exceptions.ConditionalCheckFailedException:
+            raise run_exists_error(self.run_id) from None
         except ClientError as exc:
             if _is_size_error(exc):
                 raise ContextTooLargeError(self.run_id, approximate_size(initial),
@@ -161,7 +186,7 @@ class DynamoDbContext(StoredContextMethods):
             raise
 
     async def claim(self, node_id: str, iteration: int, owner: str,
-                    lease_seconds: float) -> Claim:
+                    lease_seconds: float, *, count_attempt: bool = True) -> Claim:
         now = time.time()
         expression = Expression()
         record, lease = expression.name(RECORD_PREFIX + node_id), expression.name(lock_key(node_id))
@@ -177,6 +202,7 @@ class DynamoDbContext(StoredContextMethods):
             [PatchOperation("set", lock_key(node_id),
                             lease_value(owner, iteration, lease_seconds, now))],
             condition=condition, expression=expression,
+            add_to={attempts_key(node_id): 1} if count_attempt else None,
         )
         if item is not None:
             data = (await self._flatten_seed_item(item) if self._is_seed_item(item)
@@ -185,7 +211,8 @@ class DynamoDbContext(StoredContextMethods):
         current = await self.load()  # why the condition failed
         status = claim_status(current, node_id, iteration, owner, time.time())
         if status is ClaimStatus.CLAIMED:  # the lease expired in between: try once more
-            return await self.claim(node_id, iteration, owner, lease_seconds)
+            return await self.claim(node_id, iteration, owner, lease_seconds,
+                                    count_attempt=count_attempt)
         lease_now = (current or {}).get(lock_key(node_id)) or {}
         return Claim(status, current, lease_now.get("owner"), lease_now.get("expires"))
 
@@ -217,11 +244,11 @@ class DynamoDbContext(StoredContextMethods):
             return False
         return True
 
-    async def release(self, node_id: str, owner: str) -> None:
+    async def release(self, node_id: str, owner: str, *, attempts: int | None = None) -> None:
         expression = Expression()
         lease = expression.name(lock_key(node_id))
         condition = f"{lease}.{expression.name('owner')} = {expression.value(owner)}"
-        await self._update([PatchOperation("delete", lock_key(node_id))], condition=condition,
+        await self._update(release_operations(node_id, attempts), condition=condition,
                            expression=expression)
 
     async def apply(self, operations: Sequence[PatchOperation]) -> dict[str, Any] | None:

@@ -9,6 +9,10 @@ conditioned with a filter predicate where the protocol of
 patched item, so a claim or commit is one request. Parallel branches
 therefore never overwrite each other's keys (no read-modify-write).
 
+``create`` is ``create_item``: a run id that is taken answers 409 and is refused
+(the existing run is left as it is). The claim counts the attempt with a patch
+``incr`` in the same request.
+
 A patch takes at most 10 operations, and cannot remove a property that is
 absent; such writes fall back to optimistic concurrency on ``_etag`` (read,
 apply, replace if unchanged, retry), which is just as safe.
@@ -33,11 +37,14 @@ from ...distributed.context import (
     Claim,
     ClaimStatus,
     StoredContextMethods,
+    attempts_key,
     claim_status,
     commit_operations,
     lease_value,
     lock_key,
     owns_lease,
+    release_operations,
+    run_exists_error,
 )
 from ...errors import ContextTooLargeError, FlowcraftError
 from ...runtime.routing import RECORD_PREFIX
@@ -196,21 +203,26 @@ class CosmosDbContext(StoredContextMethods):
     async def _patch(self, operations: Sequence[PatchOperation], *,
                      predicate: str | None = None,
                      check: Callable[[Mapping[str, Any]], bool] | None = None,
+                     add_to: Mapping[str, int] | None = None,
                      ) -> dict[str, Any] | None:
         """One conditional partial update returning the item; ``None`` if the condition failed.
 
         ``predicate`` (Cosmos SQL) and ``check`` (Python) state the same condition: the first
-        for the patch, the second for the ``_etag`` fallback.
+        for the patch, the second for the ``_etag`` fallback. ``add_to`` adds to number keys
+        (absent ones count as 0) in the same write.
         """
         from azure.cosmos.exceptions import CosmosHttpResponseError
 
         operations = squash(operations)
-        if len(operations) <= MAX_PATCH_OPERATIONS and not self._may_exceed(operations):
+        increments = dict(add_to or {})
+        if (len(operations) + len(increments) <= MAX_PATCH_OPERATIONS
+                and not self._may_exceed(operations)):
             patch = [
                 {"op": "set", "path": context_pointer(op.key), "value": op.value}
                 if op.op == "set" else {"op": "remove", "path": context_pointer(op.key)}
                 for op in operations
-            ]
+            ] + [{"op": "incr", "path": context_pointer(key), "value": amount}
+                 for key, amount in increments.items()]
             arguments: dict[str, Any] = {"partition_key": self.run_id, "patch_operations": patch}
             if predicate:
                 arguments["filter_predicate"] = predicate
@@ -227,17 +239,18 @@ class CosmosDbContext(StoredContextMethods):
                 if code not in (400, 404):
                     raise
                 # 404: an item to adopt; 400: e.g. removing an absent property.
-                return await self._replace(operations, check)
+                return await self._replace(operations, check, increments)
             if "runId" not in item or self._has_flat_keys(item):
                 # A client-created item: move it into its partition and its keys into
                 # the context object (a lenient server may have patched it in place).
                 return await self._normalize()
             return self._remember(dict(item))
         # Over 10 operations, or near the item limit: read, check, replace if unchanged.
-        return await self._replace(operations, check)
+        return await self._replace(operations, check, increments)
 
     async def _replace(self, operations: Sequence[PatchOperation],
-                       check: Callable[[Mapping[str, Any]], bool] | None) -> dict[str, Any] | None:
+                       check: Callable[[Mapping[str, Any]], bool] | None,
+                       add_to: Mapping[str, int] | None = None) -> dict[str, Any] | None:
         from azure.core import MatchConditions
         from azure.cosmos.exceptions import CosmosHttpResponseError
 
@@ -249,6 +262,9 @@ class CosmosDbContext(StoredContextMethods):
             if check is not None and not check(data):
                 return None
             apply_patch(data, operations)
+            for key, amount in (add_to or {}).items():
+                current = data.get(key)
+                data[key] = (current if isinstance(current, int | float) else 0) + amount
             replacement = {"id": self.run_id, "runId": self.run_id, CONTEXT_PROPERTY: data}
             self._check_size(replacement)
             def replace(body: dict[str, Any] = replacement, etag: str = item["_etag"]) -> Any:
@@ -298,15 +314,14 @@ class CosmosDbContext(StoredContextMethods):
                 what=f"creating run {self.run_id}")
         except CosmosHttpResponseError as exc:
             if status_code(exc) == 409:
-                raise FlowcraftError(f"a run with id '{self.run_id}' already exists",
-                                     run_id=self.run_id) from None
+                raise run_exists_error(self.run_id) from None
             if status_code(exc) == 413:
                 raise self._too_large([PatchOperation("set", k, v)
                                        for k, v in item.items()]) from None
             raise
 
     async def claim(self, node_id: str, iteration: int, owner: str,
-                    lease_seconds: float) -> Claim:
+                    lease_seconds: float, *, count_attempt: bool = True) -> Claim:
         now = time.time()
         record, lease = prop(RECORD_PREFIX + node_id), prop(lock_key(node_id))
         # (not done) AND (no lease of someone else), written out as an OR of ANDs (NOT
@@ -325,13 +340,15 @@ class CosmosDbContext(StoredContextMethods):
             [PatchOperation("set", lock_key(node_id),
                             lease_value(owner, iteration, lease_seconds, now))],
             predicate=predicate, check=claimable,
+            add_to={attempts_key(node_id): 1} if count_attempt else None,
         )
         if item is not None:
             return Claim(ClaimStatus.CLAIMED, self._data(item), owner)
         current = await self.load()
         status = claim_status(current, node_id, iteration, owner, time.time())
         if status is ClaimStatus.CLAIMED:  # the lease expired in between
-            return await self.claim(node_id, iteration, owner, lease_seconds)
+            return await self.claim(node_id, iteration, owner, lease_seconds,
+                                    count_attempt=count_attempt)
         held = (current or {}).get(lock_key(node_id)) or {}
         return Claim(status, current, held.get("owner"), held.get("expires"))
 
@@ -361,8 +378,8 @@ class CosmosDbContext(StoredContextMethods):
             raise
         return True
 
-    async def release(self, node_id: str, owner: str) -> None:
-        await self._patch([PatchOperation("delete", lock_key(node_id))],
+    async def release(self, node_id: str, owner: str, *, attempts: int | None = None) -> None:
+        await self._patch(release_operations(node_id, attempts),
                           predicate=self._lease_predicate(node_id, owner),
                           check=lambda data: owns_lease(data, node_id, owner))
 
