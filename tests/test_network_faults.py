@@ -614,3 +614,31 @@ async def test_runs_complete_through_network_faults_on_azure(
                 await harness.run()
             finally:
                 await redis.aclose()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+async def test_the_reconcile_command_outlives_a_service_outage(
+        aws: Any, processes: Processes, tmp_path: Path) -> None:  # noqa: F811
+    """``flowcraft reconcile --every`` is a long-running process: a pass that fails
+    because a service is unreachable is retried at the next interval, not fatal."""
+    with FaultProxy(aws.endpoint.port, name="aws") as proxy:
+        proxy.refuse(4.0)
+        environment = {**aws.environment(), "AWS_ENDPOINT_URL": f"http://{proxy.address}",
+                       "AWS_MAX_ATTEMPTS": "1"}  # fail at once, not after the SDK's retries
+        reconciler = processes.spawn("reconciler", [
+            sys.executable, "-m", "flowcraft", "reconcile", "aws", "--registry",
+            "crash_nodes:registry", "--blueprints", str(BLUEPRINTS_DIR), "--every", "0.5",
+            "--stalled-threshold", "20",
+        ], {**environment, "PYTHONPATH": os.pathsep.join(
+            p for p in (str(Path(__file__).parent), environment.get("PYTHONPATH")) if p)})
+        log = tmp_path / "reconciler.log"
+        deadline = time.monotonic() + 60
+        while "scanned 0 runs" not in (log.read_text() if log.exists() else ""):
+            assert reconciler.poll() is None, (
+                f"the reconciler exited ({reconciler.returncode}) while the service was "
+                f"down:\n{log.read_text()}")
+            assert time.monotonic() < deadline, f"no pass succeeded:\n{log.read_text()}"
+            await asyncio.sleep(0.2)
+        assert proxy.stats.refusals == [4.0]
+        assert "failed" in log.read_text()  # it did meet the outage
