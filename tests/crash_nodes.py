@@ -9,21 +9,23 @@ Every execution of a node appends two lines to the file named by
 lines of concurrent processes never interleave and their order in the file is the order
 in which they happened::
 
-    <run_id> <node_id> <attempt> <pid> start
-    <run_id> <node_id> <attempt> <pid> end
+    <run_id> <node_id> <attempt> <pid> <execution> start
+    <run_id> <node_id> <attempt> <pid> <execution> end
 
-A worker killed mid-node leaves a ``start`` without its ``end``.
+``<execution>`` (``<pid>-<n>``) names one execution: a worker that runs a node twice
+writes two. A worker killed mid-node leaves a ``start`` without its ``end``.
 
 Outputs depend only on the run id, the initial context and the node's input, so the
-in-memory runtime computes the same values. Each node also records which process
-executed it under the context key ``executedBy.<node>``: that key shows which execution's
-writes were committed (the test leaves it out of the comparison with the in-memory run).
+in-memory runtime computes the same values. Each node also records its ``<execution>``
+under the context key ``executedBy.<node>``: that key shows which execution's writes were
+committed (the test leaves it out of the comparison with the in-memory run).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
 import os
 import random
@@ -41,11 +43,21 @@ LOG_ENVIRONMENT = "FLOWCRAFT_CRASH_LOG"
 EXECUTED_BY = "executedBy."
 
 
-def _log(ctx: NodeContext, event: str) -> None:
+_executions = itertools.count(1)
+
+
+def _start(ctx: NodeContext) -> str:
+    """Log the start of an execution; returns its name (what ``executedBy`` records)."""
+    execution = f"{os.getpid()}-{next(_executions)}"
+    _log(ctx, execution, "start")
+    return execution
+
+
+def _log(ctx: NodeContext, execution: str, event: str) -> None:
     path = os.environ.get(LOG_ENVIRONMENT)
     if not path:
         return
-    line = f"{ctx.run_id} {ctx.node_id} {ctx.attempt} {os.getpid()} {event}\n"
+    line = f"{ctx.run_id} {ctx.node_id} {ctx.attempt} {os.getpid()} {execution} {event}\n"
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line.encode())
@@ -63,34 +75,34 @@ def run_seed(run_id: str) -> int:
 
 
 async def source(ctx: NodeContext) -> Any:
-    _log(ctx, "start")
+    execution = _start(ctx)
     n = await ctx.context.get("n")
     await _work(ctx)
     await ctx.context.set("origin", f"{ctx.run_id}/{n}")
-    await ctx.context.set(EXECUTED_BY + ctx.node_id, os.getpid())
-    _log(ctx, "end")
+    await ctx.context.set(EXECUTED_BY + ctx.node_id, execution)
+    _log(ctx, execution, "end")
     return {"n": n, "seed": run_seed(ctx.run_id)}
 
 
 async def branch(ctx: NodeContext) -> Any:
-    _log(ctx, "start")
+    execution = _start(ctx)
     k = int(ctx.params["k"])
     await _work(ctx)
     value = ctx.input["n"] * 100 + ctx.input["seed"] + k * k
     await ctx.context.set(f"seen_{ctx.node_id}", value)
-    await ctx.context.set(EXECUTED_BY + ctx.node_id, os.getpid())
-    _log(ctx, "end")
+    await ctx.context.set(EXECUTED_BY + ctx.node_id, execution)
+    _log(ctx, execution, "end")
     return {"k": k, "value": value}
 
 
 async def sink(ctx: NodeContext) -> Any:
-    _log(ctx, "start")
+    execution = _start(ctx)
     await _work(ctx)
     delivered = dict(ctx.input)
     total = sum(output["value"] for output in delivered.values())
     await ctx.context.set("total", total)
-    await ctx.context.set(EXECUTED_BY + ctx.node_id, os.getpid())
-    _log(ctx, "end")
+    await ctx.context.set(EXECUTED_BY + ctx.node_id, execution)
+    _log(ctx, execution, "end")
     return {"total": total, "count": len(delivered), "from": sorted(delivered)}
 
 

@@ -177,6 +177,8 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
 @dataclass
 class Execution:
     pid: int
+    name: str
+    """``<pid>-<n>``: what the node records under ``executedBy.<node>``."""
     start: int
     """Line number of its ``start``."""
     end: int | None = None
@@ -201,16 +203,15 @@ class ExecutionLog:
             if len(parts) == 2 and parts[0] == "KILL":
                 log.kills[int(parts[1])] = index
                 continue
-            if len(parts) != 5:
+            if len(parts) != 6:
                 log.problems.append(f"line {index + 1} is malformed: {line!r}")
                 continue
-            run_id, node_id, _attempt, pid_text, event = parts
-            pid = int(pid_text)
+            run_id, node_id, _attempt, pid_text, name, event = parts
             runs = log.executions[(run_id, node_id)]
             if event == "start":
-                runs.append(Execution(pid, index))
+                runs.append(Execution(int(pid_text), name, index))
                 continue
-            open_ones = [e for e in runs if e.pid == pid and e.end is None]
+            open_ones = [e for e in runs if e.name == name and e.end is None]
             if event != "end" or not open_ones:
                 log.problems.append(f"line {index + 1}: {line!r} has no matching start")
                 continue
@@ -253,6 +254,9 @@ class Kill:
 
 
 class CrashHarness:
+    stalled_threshold: float = STALLED_THRESHOLD
+    runs_deadline: float = RUNS_DEADLINE
+
     def __init__(self, backend: Backend, processes: Processes, tmp_path: Path,
                  seed: int) -> None:
         self.backend = backend
@@ -286,7 +290,7 @@ class CrashHarness:
             # --registry is needed (see the module docstring).
             "--registry", "crash_nodes:registry",
             "--blueprints", str(BLUEPRINTS_DIR), "--every", str(RECONCILE_EVERY),
-            "--stalled-threshold", str(STALLED_THRESHOLD),
+            "--stalled-threshold", f"{self.stalled_threshold:g}",
         ], self.env)
 
     def kill_one(self) -> None:
@@ -306,6 +310,11 @@ class CrashHarness:
         append_line(self.log_path, f"KILL {victim.pid}")
         self.kills.append(Kill(slot, victim.pid, time.monotonic(), open_nodes[victim.pid]))
         self.workers[slot] = self.start_worker()
+
+    async def inject_faults(self, stop: asyncio.Event) -> None:
+        """The faults of the scenario while runs are in flight, until ``stop`` is set:
+        here, SIGKILLs (``tests/test_network_faults.py`` injects network faults instead)."""
+        await self.kill_loop(stop)
 
     async def kill_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set() and len(self.kills) < MAX_KILLS:
@@ -339,8 +348,8 @@ class CrashHarness:
         began = time.monotonic()
         self.workers = [self.start_worker() for _ in range(WORKERS)]
         self.start_reconciler()
-        stop_killing = asyncio.Event()
-        killer = asyncio.get_running_loop().create_task(self.kill_loop(stop_killing))
+        stop_faults = asyncio.Event()
+        faults = asyncio.get_running_loop().create_task(self.inject_faults(stop_faults))
         try:
             for run_id in run_ids:
                 await self.backend.client.start_workflow(BLUEPRINT_ID, initial[run_id],
@@ -349,8 +358,8 @@ class CrashHarness:
             statuses = await self.wait_for_runs(run_ids)
             completed_after = time.monotonic() - began
         finally:
-            stop_killing.set()
-            await killer
+            stop_faults.set()
+            await faults
         await asyncio.sleep(QUIET_AFTER)
         self.check_alive()
         self.processes.kill_all()
@@ -372,7 +381,7 @@ class CrashHarness:
         """Poll the status records until every run rests; fail (with diagnostics) after
         ``RUNS_DEADLINE`` seconds."""
         statuses: dict[str, str | None] = dict.fromkeys(run_ids)
-        deadline = time.monotonic() + RUNS_DEADLINE
+        deadline = time.monotonic() + self.runs_deadline
         while True:
             for run_id in run_ids:
                 if statuses[run_id] not in RESTING_STATUSES:
@@ -386,7 +395,7 @@ class CrashHarness:
                 contexts = {r: await self.backend.client.create_context(r).load() or {}
                             for r in pending}
                 pytest.fail(f"{len(pending)} of {RUNS} runs did not finish within "
-                            f"{RUNS_DEADLINE:g}s after the last start ({len(self.kills)} "
+                            f"{self.runs_deadline:g}s after the last start ({len(self.kills)} "
                             f"kills): {pending}\n" + self.describe(pending, contexts))
             await asyncio.sleep(1.0)
 
@@ -396,8 +405,8 @@ class CrashHarness:
         line = (f"  run {run_id}: {record.get('status')}: {record.get('error')}")
         if node and f"_outputs.{node}" in data:
             line += (f"\n    BUG: node '{node}' had completed (its output is committed, by "
-                     f"pid {data.get(crash_nodes.EXECUTED_BY + node)}); a redelivered copy of "
-                     f"its finished job was declared poison and failed the whole run")
+                     f"execution {data.get(crash_nodes.EXECUTED_BY + node)}); a redelivered "
+                     f"copy of its finished job was declared poison and failed the whole run")
         return line
 
     # -- checks ----------------------------------------------------------------------------
@@ -434,10 +443,10 @@ class CrashHarness:
                     problems.append(f"{where}: its last execution (pid {last.pid}) never "
                                     f"ended, yet the run completed")
                 committed_by = contexts[run_id].get(crash_nodes.EXECUTED_BY + node_id)
-                if committed_by != last.pid:
-                    problems.append(f"{where}: the committed writes are those of pid "
-                                    f"{committed_by}, not of its last execution (pid "
-                                    f"{last.pid}; executions: {runs})")
+                if committed_by != last.name:
+                    problems.append(f"{where}: the committed writes are those of execution "
+                                    f"{committed_by}, not of its last execution "
+                                    f"({last.name}; executions: {runs})")
         unknown = {key for key in log.executions if key[0] not in contexts}
         if unknown:
             problems.append(f"executions of unknown runs or nodes: {sorted(unknown)[:5]}")
