@@ -36,6 +36,7 @@ from flowcraft import (
     FlowcraftError,
     NodeContext,
     NodeResult,
+    PatchOperation,
 )
 from flowcraft.adapters.aws import (
     AwsNames,
@@ -284,8 +285,6 @@ async def test_context_numbers_round_trip_without_decimal(aws: Any) -> None:
 
 
 async def test_context_async_context_api(aws: Any) -> None:
-    from flowcraft import PatchOperation
-
     context = DynamoDbContext(str(uuid.uuid4()), client=aws.dynamodb,
                               table_name=aws.context_table)
     await context.create({"a": 1})
@@ -970,3 +969,20 @@ def test_key_components_are_exported() -> None:
 
     assert {"SqsAdapter", "DynamoDbContext", "DynamoDbCoordinationStore",
             "create_sqs_reconciler"} <= set(aws_adapter.__all__)
+
+
+async def test_context_key_named_like_the_item_key_round_trips(aws: Any) -> None:
+    """``runId`` is the item's key: a context key of that name is stored aside (``~runId``),
+    never dropped, and a key starting with ``~`` cannot be mistaken for it."""
+    context = DynamoDbContext(str(uuid.uuid4()), client=aws.dynamodb,
+                              table_name=aws.context_table)
+    initial = {"runId": "the caller's own id", "~runId": "tilde", "~": 1, "plain": 2}
+    await context.create(initial)
+    assert await context.load() == initial
+    await context.set("runId", "changed")
+    await context.patch([PatchOperation("set", "~x", 3)])
+    assert await context.to_dict() == {**initial, "runId": "changed", "~x": 3}
+    assert await context.delete("runId") is True
+    assert "runId" not in await context.to_dict()
+    raw = await raw_item(aws, aws.context_table, {"runId": context.run_id})
+    assert raw is not None and raw["runId"] == {"S": context.run_id}

@@ -6,13 +6,16 @@ attributes the node changed (parallel branches never overwrite each other).
 Conditions and the returned item (``ReturnValues=ALL_NEW``) implement the
 claim/commit protocol of :mod:`flowcraft.distributed.context`.
 
-Runs started by the TypeScript client of the seed documentation store the
+Runs started by the TypeScript library's client (as in the AWS guide) store the
 initial context nested under a ``context`` attribute (``{runId, context:
 {...}}``); its keys are presented to nodes as top-level keys, and the first
 worker that claims a node of such a run moves them to top-level attributes
 (so a node can also delete them). Items this module creates carry the marker
 attribute ``_flowcraft.flat``, so a user key named ``context`` in a run
-started from Python is never mistaken for the seed client's layout.
+started from Python is never mistaken for the TypeScript client's layout.
+
+A context key named ``runId`` (the item's key) is stored as the attribute ``~runId``, and
+keys starting with ``~`` get one more ``~``: every context key round-trips.
 
 DynamoDB items are limited to 400 KB. A write that would exceed it raises
 :class:`~flowcraft.errors.ContextTooLargeError` naming the run and the size;
@@ -53,6 +56,19 @@ KEY = "runId"
 NESTED_CONTEXT = "context"
 FLAT_MARKER = "_flowcraft.flat"
 """Set on items created by :meth:`DynamoDbContext.create`: attributes are context keys."""
+ESCAPE = "~"
+
+
+def attribute_name(key: str) -> str:
+    """The attribute that holds context key ``key``: the key itself, except that ``runId``
+    (the item's own key) and keys starting with ``~`` get a ``~`` in front, so a context
+    key named ``runId`` is stored like any other instead of colliding with the item key."""
+    return ESCAPE + key if key == KEY or key.startswith(ESCAPE) else key
+
+
+def context_key(attribute: str) -> str:
+    """The context key stored in ``attribute`` (the inverse of :func:`attribute_name`)."""
+    return attribute[1:] if attribute.startswith(ESCAPE) else attribute
 
 
 class DynamoDbContext(StoredContextMethods):
@@ -70,7 +86,7 @@ class DynamoDbContext(StoredContextMethods):
 
     @staticmethod
     def _is_seed_item(item: Mapping[str, Any] | None) -> bool:
-        """An item written by the seed's client: ``{runId, context: {...}}``, no marker."""
+        """An item written by the TypeScript client: ``{runId, context: {...}}``, no marker."""
         return (item is not None and FLAT_MARKER not in item
                 and "M" in (item.get(NESTED_CONTEXT) or {}))
 
@@ -78,22 +94,24 @@ class DynamoDbContext(StoredContextMethods):
         if item is None:
             return None
         seed_layout = self._is_seed_item(item)
-        data = from_item(item)
-        data.pop(KEY, None)
-        data.pop(FLAT_MARKER, None)
+        raw = from_item(item)
+        raw.pop(KEY, None)
+        raw.pop(FLAT_MARKER, None)
+        data = {context_key(attribute): value for attribute, value in raw.items()}
         if seed_layout:
-            # The seed's client writes {runId, context: initialContext}.
+            # The TypeScript client writes {runId, context: initialContext}.
             nested = data.pop(NESTED_CONTEXT)
             data = {**nested, **data}
         return data
 
     async def _flatten_seed_item(self, item: Mapping[str, Any]) -> dict[str, Any] | None:
-        """Move a seed-client item's nested ``context`` to top-level attributes (keys already
+        """Move a TypeScript-client item's nested ``context`` to top-level attributes (keys already
         written at the top level win), once: of racing workers one does it."""
         nested = from_item(item)[NESTED_CONTEXT]
         expression = Expression()
-        sets = [f"{expression.name(k)} = if_not_exists({expression.name(k)}, "
-                f"{expression.value(v)})" for k, v in nested.items() if k != KEY]
+        names = {k: expression.name(attribute_name(k)) for k in nested}
+        sets = [f"{names[k]} = if_not_exists({names[k]}, {expression.value(v)})"
+                for k, v in nested.items()]
         sets.append(f"{expression.name(FLAT_MARKER)} = {expression.value(True)}")
         marker, context = expression.name(FLAT_MARKER), expression.name(NESTED_CONTEXT)
         try:
@@ -126,7 +144,8 @@ class DynamoDbContext(StoredContextMethods):
         ``add_to`` adds to number attributes (absent ones count as 0) in the same write."""
         expression = expression or Expression()
         try:
-            update = expression.update([op for op in operations if op.key != KEY])
+            update = expression.update([PatchOperation(op.op, attribute_name(op.key), op.value)
+                                        for op in operations])
         except (TypeError, ValueError) as exc:
             raise UnstorableValueError(f"run {self.run_id}: DynamoDB cannot store a value of "
                                        f"this write: {exc}", run_id=self.run_id) from None
@@ -170,7 +189,7 @@ class DynamoDbContext(StoredContextMethods):
 
     async def create(self, initial: Mapping[str, Any]) -> None:
         self.check_size(initial)
-        item = to_item({k: v for k, v in initial.items() if k != KEY})
+        item = to_item({attribute_name(k): v for k, v in initial.items()})
         item[KEY] = {"S": self.run_id}
         item[FLAT_MARKER] = {"BOOL": True}
         try:
@@ -253,7 +272,7 @@ class DynamoDbContext(StoredContextMethods):
 
     async def apply(self, operations: Sequence[PatchOperation]) -> dict[str, Any] | None:
         if any(op.op == "delete" for op in operations):
-            # A key of a seed-client item may live in its nested context: flatten it first.
+            # A key of a TypeScript-client item may live in its nested context: flatten it first.
             response = await self.client.get_item(TableName=self.table_name, Key=self._key(),
                                                   ConsistentRead=True)
             if self._is_seed_item(response.get("Item")):
