@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from .failures import MAX_ERROR_BYTES, format_error
-from .health import HealthServer, heartbeat, last_heartbeat_age
+from .health import HealthServer, heartbeat, last_heartbeat_age, worker_ready_check
 from .logs import (
     HumanFormatter,
     JsonFormatter,
@@ -71,4 +71,5 @@ __all__ = [
     "service_span",
     "shutdown_tracing",
     "span_for_node",
+    "worker_ready_check",
 ]

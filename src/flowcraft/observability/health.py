@@ -46,6 +46,25 @@ def last_heartbeat_age() -> float | None:
     return None if _last_heartbeat is None else time.monotonic() - _last_heartbeat
 
 
+def worker_ready_check(adapter: Any) -> ReadyCheck:
+    """A readiness check for a distributed worker: reads a status record and a context
+    that do not exist (the stores answer) and the queue's attributes (the queue answers).
+    Costs two or three small requests per probe."""
+
+    async def check() -> bool:
+        probe = "_flowcraft_readiness_probe"
+        await adapter._read_status(probe)
+        await adapter.create_context(probe).load()
+        if getattr(adapter, "sqs", None) is not None and getattr(adapter, "queue_url", None):
+            await adapter.sqs.get_queue_attributes(QueueUrl=adapter.queue_url,
+                                                   AttributeNames=["QueueArn"])
+        elif hasattr(getattr(adapter, "queue", None), "get_queue_properties"):
+            await adapter.queue.get_queue_properties()
+        return True
+
+    return check
+
+
 class HealthServer:
     """Serves ``/healthz``, ``/readyz`` and ``/metrics`` on ``host:port`` (port 0: any free
     one; :attr:`port` tells which after :meth:`start`).
