@@ -14,13 +14,11 @@ installs one of them on the root logger.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Iterator
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from datetime import UTC, datetime
 from typing import Any, Literal, TextIO
 
@@ -32,24 +30,32 @@ CONTEXT_FIELDS = ("run_id", "node_id", "attempt", "worker_id")
 _fields: dict[str, ContextVar[Any]] = {
     name: ContextVar(f"flowcraft_log_{name}", default=None) for name in CONTEXT_FIELDS
 }
+_field_vars = tuple(_fields.values())
 # Attributes every LogRecord has: anything else a caller passed in ``extra=`` is a field.
 _RECORD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message", "asctime", "taskName",
 }
 
 
-@contextlib.contextmanager
-def log_context(*, run_id: str | None = None, node_id: str | None = None,
-                attempt: int | None = None, worker_id: str | None = None) -> Iterator[None]:
-    """Tag every log line written inside the block; ``None`` keeps the outer value."""
-    given = {"run_id": run_id, "node_id": node_id, "attempt": attempt, "worker_id": worker_id}
-    tokens = [(_fields[name], _fields[name].set(value))
-              for name, value in given.items() if value is not None]
-    try:
-        yield
-    finally:
-        for var, token in reversed(tokens):
+class log_context:
+    """Tag every log line written inside the ``with`` block; ``None`` keeps the outer
+    value. A class rather than a generator: it wraps every job, so it is kept cheap."""
+
+    __slots__ = ("_tokens", "_values")
+
+    def __init__(self, *, run_id: str | None = None, node_id: str | None = None,
+                 attempt: int | None = None, worker_id: str | None = None) -> None:
+        self._values = (run_id, node_id, attempt, worker_id)
+        self._tokens: list[tuple[ContextVar[Any], Token[Any]]] = []
+
+    def __enter__(self) -> None:
+        self._tokens = [(var, var.set(value)) for var, value in zip(
+            _field_vars, self._values, strict=True) if value is not None]
+
+    def __exit__(self, *exc: object) -> None:
+        for var, token in reversed(self._tokens):
             var.reset(token)
+        self._tokens = []
 
 
 def current_log_context() -> dict[str, Any]:
