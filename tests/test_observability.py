@@ -432,3 +432,28 @@ def test_format_error_always_fits(message: str, depth: int) -> None:
     assert set(error) == {"type", "message", "traceback"}
     assert len(json.dumps(error).encode()) <= MAX_ERROR_BYTES
     assert error["type"] == "RuntimeError"
+
+
+# ------------------------------------------------------------------------------------------
+# The command line
+# ------------------------------------------------------------------------------------------
+
+EXAMPLE = str(__import__("pathlib").Path(__file__).resolve().parents[1]
+              / "src" / "flowcraft" / "examples" / "order_pipeline.json")
+
+
+@pytest.mark.parametrize(("variable", "value", "fragment"), [
+    ("FLOWCRAFT_LOG_FORMAT", "xml", "unknown log format 'xml'"),
+    ("OTEL_TRACES_EXPORTER", "jaeger", "unknown trace exporter jaeger"),
+])
+def test_bad_observability_settings_are_one_line_errors(variable: str, value: str,
+                                                        fragment: str) -> None:
+    import os
+
+    result = subprocess.run([sys.executable, "-m", "flowcraft", "graph", EXAMPLE], text=True,
+                            capture_output=True, timeout=60,
+                            env={**os.environ, variable: value})
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("flowcraft: ") and fragment in line
+

@@ -180,3 +180,26 @@ def test_log_context_outside_a_job_is_empty() -> None:
     from flowcraft.observability import current_log_context
 
     assert current_log_context() == {}
+
+
+async def test_a_lost_lease_is_counted_and_marks_the_span(spans: Any, metrics: Metrics) -> None:
+    from flowcraft.distributed.context import lock_key
+
+    cluster_ref: list[Cluster] = []
+
+    async def stolen(ctx: NodeContext) -> Any:
+        # Another worker takes the node over while it runs (its lease lapsed, say).
+        context = cluster_ref[0].store.context(ctx.run_id)
+        owner = (await context.load())[lock_key(ctx.node_id)]["owner"]
+        await context.release(ctx.node_id, owner)
+        assert (await context.claim(ctx.node_id, 0, "thief", 60)).data is not None
+        return "discarded"
+
+    bp = WorkflowBlueprint.model_validate({"id": "stolen",
+                                           "nodes": [{"id": "x", "uses": "stolen"}]})
+    async with Cluster([bp], {"stolen": stolen}, workers=1) as cluster:
+        cluster_ref.append(cluster)
+        run_id = await cluster.client.start_workflow(bp, run_id="stolen-run")
+        await cluster.settle()
+    assert metrics.snapshot()["claims_lost"] == 1
+    assert node_spans(spans, run_id)["x"].attributes["flowcraft.outcome"] == "lost"
