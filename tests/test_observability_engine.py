@@ -139,6 +139,9 @@ async def test_a_failed_node_span_and_metrics(spans: Any, metrics: Metrics) -> N
     assert result.status == "failed"
     nodes = node_spans(spans, "failing-run")
     assert nodes["boom"].attributes["flowcraft.outcome"] == "failed"
+    assert nodes["boom"].status.status_code.name == "ERROR"
+    assert "boom" in nodes["boom"].attributes["flowcraft.error"]
+    assert nodes["s"].status.status_code.name == "UNSET"
     assert metrics.snapshot()["node_executions"] == {"completed": 1, "failed": 1}
     assert metrics.snapshot()["runs_finished"] == {"failed": 1}
 

@@ -95,7 +95,8 @@ class Tracer:
         return _NOOP_SPAN
 
     def annotate(self, **attributes: Any) -> None:
-        """Set ``flowcraft.<key>`` attributes on the current span."""
+        """Set ``flowcraft.<key>`` attributes on the current span; ``error=message`` also
+        sets its status to ERROR."""
 
     def inject(self) -> dict[str, str] | None:
         """The current span's context as a job's ``trace`` field (``None`` when off)."""
@@ -176,6 +177,10 @@ class OtelTracer(Tracer):
         span = self._trace.get_current_span()
         for key, value in _attributes(**attributes).items():
             span.set_attribute(key, value)
+        if attributes.get("error") is not None:
+            from opentelemetry.trace import Status, StatusCode
+
+            span.set_status(Status(StatusCode.ERROR, str(attributes["error"])[:200]))
 
     def inject(self) -> dict[str, str] | None:
         carrier: dict[str, str] = {}
