@@ -119,10 +119,11 @@ async def test_three_workers_export_one_trace_per_run(aws: Any, tmp_path: Path,
         "OTEL_SERVICE_NAME": "flowcraft-test", "OTEL_BSP_SCHEDULE_DELAY": "100",
     }
     blueprints = str(tmp_path / "blueprints")
-    health_port = free_port()
+    health_ports = [free_port() for _ in range(3)]
+    health_port = health_ports[0]
     workers = []
     for index in range(3):
-        extra = ["--health-port", str(health_port)] if index == 0 else []
+        extra = ["--health-port", str(health_ports[index])]
         workers.append(await asyncio.create_subprocess_exec(
             sys.executable, "-m", "flowcraft", "-v", "worker", "aws", "--registry",
             "obs_nodes.py:registry", "--blueprints", blueprints, "--concurrency", "1",
@@ -143,10 +144,20 @@ async def test_three_workers_export_one_trace_per_run(aws: Any, tmp_path: Path,
         assert status == 200 and json.loads(body)["status"] == "ok"
         status, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{health_port}/readyz")
         assert status == 200, body
-        status, metrics = await asyncio.to_thread(http_get,
-                                                  f"http://127.0.0.1:{health_port}/metrics")
-        assert status == 200 and "flowcraft_node_executions_total" in metrics
-        assert "flowcraft_queue_lag_seconds_count" in metrics
+        totals: dict[str, float] = {}
+        for port in health_ports:
+            status, metrics = await asyncio.to_thread(http_get,
+                                                      f"http://127.0.0.1:{port}/metrics")
+            assert status == 200, metrics
+            for line in metrics.splitlines():
+                if line and not line.startswith("#"):
+                    name, value = line.rsplit(" ", 1)
+                    totals[name] = totals.get(name, 0) + float(value)
+        assert totals['flowcraft_node_executions_total{outcome="completed"}'] == 6
+        # SQS's SentTimestamp gives every received message an age.
+        received = totals["flowcraft_messages_received_total"]
+        assert received >= 4 and totals["flowcraft_queue_lag_seconds_count"] == received
+        assert totals['flowcraft_service_requests_total{operation="commit"}'] == 6
     finally:
         for worker in workers:
             if worker.returncode is None:
