@@ -110,7 +110,7 @@ def resolve_log_format(value: str | None = None) -> LogFormat:
         source = "--log-format" if value else LOG_FORMAT_ENV
         raise ValueError(f"unknown log format {chosen!r} (from {source}); "
                          f"use one of: {', '.join(LOG_FORMATS)}")
-    return chosen  # type: ignore[return-value]
+    return chosen
 
 
 def configure_logging(format: str | None = None, level: int | str = logging.WARNING, *,
