@@ -457,3 +457,22 @@ def test_bad_observability_settings_are_one_line_errors(variable: str, value: st
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("flowcraft: ") and fragment in line
 
+
+
+async def test_worker_ready_check_reads_the_stores() -> None:
+    from flowcraft import FlowRuntime
+    from flowcraft.distributed.inprocess import InProcessAdapter
+    from flowcraft.observability import worker_ready_check
+
+    adapter = InProcessAdapter(FlowRuntime(blueprints={}, registry={}).options)
+    assert await worker_ready_check(adapter)() is True
+
+    class Unreachable(InProcessAdapter):
+        async def _read_status(self, run_id: str) -> None:
+            raise ConnectionError("status store unreachable")
+
+    heartbeat()
+    broken = Unreachable(FlowRuntime(blueprints={}, registry={}).options)
+    async with HealthServer(0, ready_check=worker_ready_check(broken)) as server:
+        status, body = await _get(server.port, "/readyz")
+    assert status == 503 and "status store unreachable" in json.loads(body)["reason"]
