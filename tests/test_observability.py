@@ -199,12 +199,16 @@ def test_unknown_exporter_is_a_clear_error() -> None:
 
 
 def test_console_exporter_writes_one_json_span_per_line() -> None:
+    from flowcraft.observability import flush_tracing
+
     out = io.StringIO()
     assert configure_tracing("console", console_stream=out)
     with run_span("r1", "bp"):
         pass
-    shutdown_tracing()
+    flush_tracing()  # sent now, while tracing stays on
+    assert get_tracer().enabled
     (line,) = out.getvalue().splitlines()
+    shutdown_tracing()
     span = json.loads(line)
     assert span["name"] == "run bp" and span["attributes"]["flowcraft.run_id"] == "r1"
     assert span["resource"]["attributes"]["service.name"] == "flowcraft"

@@ -306,6 +306,12 @@ def _otlp_exporter() -> Any:
     return OTLPSpanExporter()
 
 
+def flush_tracing() -> None:
+    """Send the spans buffered so far, keeping tracing on (end of a serverless invocation)."""
+    if isinstance(_tracer, OtelTracer):
+        _tracer.provider.force_flush()
+
+
 def shutdown_tracing() -> None:
     """Send buffered spans and turn tracing off (a provider passed in is only flushed)."""
     global _tracer
