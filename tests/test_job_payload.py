@@ -123,3 +123,31 @@ def test_wire_format_is_the_references_camel_case() -> None:
 def test_key_identifies_one_execution() -> None:
     assert JobPayload("r", "b", "n", 2).key == "r:n:2"
     assert JobPayload("r", "b", "n").key != JobPayload("r", "b", "n", 1).key
+
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def test_trace_context_round_trips_and_is_not_part_of_the_identity() -> None:
+    job = JobPayload("r", "b", "n", trace={"traceparent": TRACEPARENT, "tracestate": "k=v"})
+    assert json.loads(job.to_json())["trace"] == {"traceparent": TRACEPARENT,
+                                                  "tracestate": "k=v"}
+    for wire in (job.to_json(), job.to_base64(), job.to_dict()):
+        parsed = parse_job(wire)
+        assert parsed.trace == job.trace
+    assert job == JobPayload("r", "b", "n") and hash(job) == hash(JobPayload("r", "b", "n"))
+    assert "trace" not in JobPayload("r", "b", "n").to_dict()
+
+
+@pytest.mark.parametrize("trace", [
+    "00-abc", 7, [], {}, {"traceparent": 5}, {"tracestate": "k=v"}, None,
+])
+def test_malformed_trace_context_is_dropped_not_fatal(trace: object) -> None:
+    job = parse_job(json.dumps({**REFERENCE, "trace": trace}))
+    assert job == JobPayload("run-1", "order", "charge") and job.trace is None
+
+
+def test_trace_context_keeps_only_the_w3c_fields() -> None:
+    job = parse_job({**REFERENCE, "trace": {"traceparent": TRACEPARENT, "baggage": "x",
+                                            "tracestate": 3}})
+    assert job.trace == {"traceparent": TRACEPARENT}

@@ -95,9 +95,14 @@ def print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, default=str, sort_keys=False))
 
 
-def _configure_logging(verbose: int) -> None:
+def _configure_logging(verbose: int, log_format: str | None = None) -> None:
+    from .observability import configure_logging
+
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        configure_logging(log_format, level)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 # -- commands ----------------------------------------------------------------------------------
@@ -330,6 +335,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     calls: Counter[str] = Counter()
 
     async def work() -> None:
+        from .observability import HealthServer, worker_ready_check
+
         async with _adapter(args, options, calls=calls, concurrency=args.concurrency,
                             lease_seconds=args.lease_seconds,
                             poll_wait_seconds=args.poll_seconds) as adapter:
@@ -337,6 +344,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(signum, stop.set)
+            health = None
+            if args.health_port is not None:
+                health = HealthServer(args.health_port, args.health_host,
+                                      ready_check=worker_ready_check(adapter))
+                await health.start()
+                print(f"flowcraft worker: health on http://{args.health_host}:{health.port}"
+                      " (/healthz, /readyz, /metrics)", flush=True)
             await adapter.start()
             print(f"flowcraft worker ({args.backend}) {adapter.worker_id}: "
                   f"{len(options.blueprints)} blueprint(s), concurrency {args.concurrency}",
@@ -352,6 +366,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
             except asyncio.CancelledError:
                 # Messages still held reappear after their visibility timeout.
                 print("flowcraft worker: stopped without waiting", flush=True)
+            if health is not None:
+                await health.stop()
             print(f"{WORKER_CALLS_PREFIX}{json.dumps(dict(calls), sort_keys=True)}", flush=True)
 
     asyncio.run(work())
@@ -518,6 +534,13 @@ def _register_cloud_commands(commands: Any) -> None:
     worker.add_argument("--registry", action="append", default=[], metavar="MODULE:ATTR")
     worker.add_argument("--blueprints", metavar="DIR", help="directory of blueprint JSON files")
     worker.add_argument("--concurrency", type=int, default=8, help="jobs at once (8)")
+    worker.add_argument("--log-format", choices=("human", "json"), default=None,
+                        help="log lines as text or one JSON object each "
+                             "(default: $FLOWCRAFT_LOG_FORMAT, else human)")
+    worker.add_argument("--health-port", type=int, default=None, metavar="PORT",
+                        help="serve /healthz, /readyz and /metrics on this port (0: any)")
+    worker.add_argument("--health-host", default="127.0.0.1",
+                        help="address of the health server (127.0.0.1; 0.0.0.0 in a pod)")
     worker.add_argument("--lease-seconds", type=float, default=60.0,
                         help="node lease / message visibility, renewed while a node runs (60)")
     worker.add_argument("--poll-seconds", type=float, default=20.0,
@@ -619,8 +642,11 @@ def _stdout_reader_gone() -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _configure_logging(args.verbose)
+    from .observability import configure_tracing, shutdown_tracing
+
     try:
+        _configure_logging(args.verbose, getattr(args, "log_format", None))
+        configure_tracing()  # OTEL_TRACES_EXPORTER; off (and nothing imported) when unset
         code = int(args.handler(args) or 0)
         sys.stdout.flush()  # a reader that went away shows here, not at interpreter exit
         return code
@@ -649,6 +675,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("flowcraft: interrupted", file=sys.stderr)
         return 130
+    finally:
+        shutdown_tracing()  # send the spans still buffered
 
 
 if __name__ == "__main__":

@@ -155,6 +155,7 @@ from ..errors import (
 )
 from ..events import EventBus, FlowcraftEvent, safe_emit
 from ..nodes.base import NodeContext, NodeResult
+from ..observability import get_metrics, get_tracer, heartbeat, inject, log_context, service_call
 from ..runtime.graph import Graph
 from ..runtime.routing import (
     AWAITING_DETAILS_KEY,
@@ -215,6 +216,8 @@ class QueueMessage:
     message_id: str
     receive_count: int = 1
     handle: Any = None
+    sent_at: float | None = None
+    """When the message was sent (epoch seconds), where the queue tells: for queue lag."""
 
 
 @dataclass
@@ -426,6 +429,7 @@ class BaseDistributedAdapter(abc.ABC):
                     self._slots.release()
                 await asyncio.sleep(1.0)
                 continue
+            heartbeat()
             for _ in range(free - len(messages)):
                 self._slots.release()
             for message in messages:
@@ -434,6 +438,7 @@ class BaseDistributedAdapter(abc.ABC):
                 task.add_done_callback(self._job_done)
 
     def _job_done(self, task: asyncio.Task[None]) -> None:
+        heartbeat()
         self._active.discard(task)
         self._slots.release()
 
@@ -462,6 +467,7 @@ class BaseDistributedAdapter(abc.ABC):
         interval = self._renew_interval()
         while True:
             await asyncio.sleep(interval)
+            heartbeat()  # a worker busy with long nodes is alive
             try:
                 await self._set_visibility(message, self.lease_seconds)
             except Exception as exc:
@@ -469,6 +475,9 @@ class BaseDistributedAdapter(abc.ABC):
                                message.message_id, exc)
 
     async def _handle_message(self, message: QueueMessage) -> tuple[JobOutcome, float]:
+        get_metrics().message_received(
+            None if message.sent_at is None else time.time() - message.sent_at,
+            redelivered=message.receive_count > 1)
         try:
             job = parse_job(message.body)
         except InvalidJobError as exc:
@@ -517,6 +526,24 @@ class BaseDistributedAdapter(abc.ABC):
 
     async def _handle(self, job: JobPayload, *, message_id: str | None,
                       message: QueueMessage | None = None) -> tuple[JobOutcome, float]:
+        with self._observed(job, message.receive_count if message else job.attempt) as span:
+            outcome, delay = await self._handle_job(job, message_id=message_id,
+                                                    message=message)
+            if outcome != "processed":  # a node that ran has its own outcome (completed, ...)
+                span.set_outcome(outcome)
+            return outcome, delay
+
+    @contextlib.contextmanager
+    def _observed(self, job: JobPayload, attempt: int | None) -> Any:
+        """Log lines and the trace span of one node execution."""
+        with log_context(run_id=job.run_id, node_id=job.node_id, attempt=attempt,
+                         worker_id=self.worker_id), get_tracer().span_for_node(
+                job.run_id, job.blueprint_id, job.node_id, attempt, self.worker_id,
+                parent=job.trace) as span:
+            yield span
+
+    async def _handle_job(self, job: JobPayload, *, message_id: str | None,
+                          message: QueueMessage | None = None) -> tuple[JobOutcome, float]:
         try:
             blueprint = self.engine.blueprint(job.blueprint_id)
             base_graph = self.engine.graph(blueprint)
@@ -532,7 +559,8 @@ class BaseDistributedAdapter(abc.ABC):
         context = self.create_context(job.run_id)
         await self._checkpoint("before_claim", job)
         owner = self._lease_owner()
-        claim = await context.claim(job.node_id, job.iteration, owner, self.lease_seconds)
+        with service_call("claim"):
+            claim = await context.claim(job.node_id, job.iteration, owner, self.lease_seconds)
         if claim.status is ClaimStatus.MISSING:
             reason = f"no context is stored for run '{job.run_id}'; was it started?"
             logger.error("run %s node %s: message %s removed: %s", job.run_id, job.node_id,
@@ -613,7 +641,9 @@ class BaseDistributedAdapter(abc.ABC):
             return "dropped", 0.0
         step: _Step | None = _Step(job, data, owner)
         while step is not None:
-            step = await self._execute_claimed(context, base_graph, blueprint, step)
+            with (contextlib.nullcontext() if step.job is job
+                  else self._observed(step.job, None)):  # a local continuation
+                step = await self._execute_claimed(context, base_graph, blueprint, step)
         return "processed", 0.0
 
     async def _execute_claimed(self, context: DistributedContext, base_graph: Graph,
@@ -644,6 +674,7 @@ class BaseDistributedAdapter(abc.ABC):
             self._renew_lease(context, node.id, owner))
         try:
             await self._checkpoint("before_run", job)
+            started = time.perf_counter()
             outcome = await self.engine.run_node(
                 graph, node, tracked, resolved.value, run_id=job.run_id,
                 iteration=job.iteration, services=services,
@@ -659,6 +690,11 @@ class BaseDistributedAdapter(abc.ABC):
         # Keep renewing the lease until the commit is done: the writes between the node's
         # end and its commit (status touch, commit) can be slow, and a lapsed lease lets a
         # duplicate job run the node again while this worker is alive and about to commit.
+        node_outcome = ("awaiting" if outcome.awaiting is not None
+                        else "failed" if outcome.error is not None else "completed")
+        get_metrics().node_finished(node_outcome, time.perf_counter() - started)
+        get_tracer().annotate(outcome=node_outcome,
+                              error=outcome.error.message if outcome.error else None)
         try:
             await self._checkpoint("after_run", job)
             await self._touch_status(job.run_id, job.blueprint_id)
@@ -743,6 +779,8 @@ class BaseDistributedAdapter(abc.ABC):
         if committed is None:
             logger.warning("run %s node %s: lease lost before commit (the node ran elsewhere);"
                            " this result is discarded", job.run_id, node_id)
+            get_metrics().claim_lost()
+            get_tracer().annotate(outcome="lost")
             return None
         await self._emit("node:finish", runId=job.run_id, nodeId=node_id, output=result.output,
                          action=result.action)
@@ -754,7 +792,7 @@ class BaseDistributedAdapter(abc.ABC):
         if continuation is not None:
             ready = [r for r in ready if (r[0], r[1]) != continuation]
             next_step = _Step(JobPayload(job.run_id, job.blueprint_id, continuation[0],
-                                         continuation[1]), advance.data, owner)
+                                         continuation[1], trace=inject()), advance.data, owner)
         await self._enqueue_ready(job.run_id, blueprint.id, ready)
         await self._checkpoint("after_enqueue", job)
         await self._emit("job:processed", runId=job.run_id, nodeId=node_id)
@@ -893,17 +931,20 @@ class BaseDistributedAdapter(abc.ABC):
         now_jobs: list[JobPayload] = []
         delayed: dict[float, list[JobPayload]] = {}
         now = time.time()
+        trace = inject()  # the enqueuing node's span: the parent of the successors' spans
         for node_id, generation, wake_up_at in ready:
-            job = JobPayload(run_id, blueprint_id, node_id, generation)
+            job = JobPayload(run_id, blueprint_id, node_id, generation, trace=trace)
             if wake_up_at is not None and wake_up_at > now + 0.5:
                 delay = min(self.max_delay_seconds, wake_up_at - now)
                 delayed.setdefault(round(delay, 1), []).append(job)
             else:
                 now_jobs.append(job)
         if now_jobs:
-            await self._send_jobs(now_jobs, 0)
+            with service_call("enqueue"):
+                await self._send_jobs(now_jobs, 0)
         for delay, jobs in delayed.items():
-            await self._send_jobs(jobs, delay)
+            with service_call("enqueue"):
+                await self._send_jobs(jobs, delay)
         for job in [*now_jobs, *(j for jobs in delayed.values() for j in jobs)]:
             await self._emit("job:enqueued", runId=run_id, nodeId=job.node_id)
 
@@ -932,6 +973,7 @@ class BaseDistributedAdapter(abc.ABC):
         if await self._write_status(run_id, {"status": "completed", "finalStatus": "completed",
                                              "lastUpdated": now_iso()}, only_if_running=True):
             logger.info("run %s completed", run_id)
+            get_metrics().run_finished("completed")
             await self._emit("workflow:finish", runId=run_id, status="completed")
 
     async def _park(self, context: DistributedContext, graph: Graph, job: JobPayload,
@@ -1007,8 +1049,9 @@ class BaseDistributedAdapter(abc.ABC):
         own record, and counts as committed. ``None``: the lease was lost."""
         failure: Exception | None = None
         try:
-            committed = await context.commit(job.node_id, job.iteration, owner, operations,
-                                             claims, self.lease_seconds)
+            with service_call("commit"):
+                committed = await context.commit(job.node_id, job.iteration, owner, operations,
+                                                 claims, self.lease_seconds)
         except (ContextTooLargeError, UnstorableValueError):
             raise
         except Exception as exc:
@@ -1088,6 +1131,7 @@ class BaseDistributedAdapter(abc.ABC):
             logger.exception("run %s: could not record the failure", run_id)
             return
         if written:
+            get_metrics().run_finished("failed")
             await self._emit("workflow:finish", runId=run_id, status="failed", error=reason)
             await self._emit("job:failed", runId=run_id, nodeId=node_id, error=reason)
 
@@ -1167,7 +1211,12 @@ class BaseDistributedAdapter(abc.ABC):
         await self._write_status(run_id, {"status": "running", "lastUpdated": now_iso(),
                                           "blueprintId": bp.id}, only_if_running=False)
         starts = analyze_blueprint(bp).start_node_ids
-        await self._send_jobs([JobPayload(run_id, bp.id, node_id) for node_id in starts], 0)
+        with get_tracer().run_span(run_id, bp.id):
+            trace = inject()  # the start nodes' spans are children of the run's
+            with service_call("enqueue"):
+                await self._send_jobs([JobPayload(run_id, bp.id, node_id, trace=trace)
+                                       for node_id in starts], 0)
+        get_metrics().run_started()
         logger.info("run %s started (%s, start nodes %s)", run_id, bp.id, starts)
         return run_id
 

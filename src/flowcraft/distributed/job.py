@@ -6,7 +6,10 @@ Wire format (JSON, the TypeScript library's, so its clients can start runs)::
 
 with optional ``attempt`` and ``isLastAttempt`` (the reference's), and
 ``iteration`` (ours: which loop iteration of the node the job is for; absent
-means 0). Unknown fields are ignored. On Azure the message text is base64 of
+means 0), and ``trace`` (ours: the W3C trace context of the span that enqueued
+the job, ``{"traceparent": "...", "tracestate": "..."}``, present only while
+tracing is on; a malformed one is dropped, never an error). Unknown fields are
+ignored, here and by the TypeScript library's adapters. On Azure the message text is base64 of
 that JSON; :func:`parse_job` accepts plain JSON text too.
 """
 
@@ -15,7 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InvalidJobError
@@ -29,6 +32,8 @@ class JobPayload:
     iteration: int = 0
     attempt: int | None = None
     is_last_attempt: bool | None = None
+    trace: dict[str, str] | None = field(default=None, compare=False)
+    """Where the job sits in its run's trace; not part of the job's identity."""
 
     def to_dict(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -40,6 +45,8 @@ class JobPayload:
             body["attempt"] = self.attempt
         if self.is_last_attempt is not None:
             body["isLastAttempt"] = self.is_last_attempt
+        if self.trace:
+            body["trace"] = self.trace
         return body
 
     def to_json(self) -> str:
@@ -87,7 +94,16 @@ def parse_job(body: str | bytes | dict[str, Any]) -> JobPayload:
         attempt=attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else None,
         is_last_attempt=data.get("isLastAttempt") if isinstance(data.get("isLastAttempt"), bool)
         else None,
+        trace=_trace_field(data.get("trace")),
     )
+
+
+def _trace_field(value: Any) -> dict[str, str] | None:
+    """The W3C trace context fields of ``value``, or ``None`` if it carries none."""
+    if not isinstance(value, dict) or not isinstance(value.get("traceparent"), str):
+        return None
+    return {key: value[key] for key in ("traceparent", "tracestate")
+            if isinstance(value.get(key), str) and len(value[key]) <= 512}
 
 
 def _decode_text(text: str) -> Any:

@@ -110,7 +110,7 @@ class SqsAdapter(BaseDistributedAdapter):
             WaitTimeSeconds=max(0, min(20, int(wait_seconds))),
             # Whole seconds, never 0 (a fractional lease must not make messages visible at once).
             VisibilityTimeout=max(1, min(43_200, math.ceil(self.lease_seconds))),
-            MessageSystemAttributeNames=["ApproximateReceiveCount"],
+            MessageSystemAttributeNames=["ApproximateReceiveCount", "SentTimestamp"],
         )
         return [
             QueueMessage(
@@ -119,6 +119,7 @@ class SqsAdapter(BaseDistributedAdapter):
                 receive_count=int(message.get("Attributes", {}).get("ApproximateReceiveCount",
                                                                     1)),
                 handle=message["ReceiptHandle"],
+                sent_at=_sent_at(message),
             )
             for message in response.get("Messages", [])
         ]
@@ -264,3 +265,9 @@ async def scan_status_table(client: Any, table_name: str,
         if not last:
             return
         arguments["ExclusiveStartKey"] = last
+
+
+def _sent_at(message: Mapping[str, Any]) -> float | None:
+    """When SQS accepted the message (epoch seconds), for the queue-lag metric."""
+    sent = message.get("Attributes", {}).get("SentTimestamp")
+    return int(sent) / 1000.0 if sent and str(sent).isdigit() else None

@@ -128,6 +128,7 @@ class AzureQueueAdapter(BaseDistributedAdapter):
                     message_id=message.id,
                     receive_count=int(message.dequeue_count or 1),
                     handle=message.pop_receipt,
+                    sent_at=message.inserted_on.timestamp() if message.inserted_on else None,
                 ))
             break  # one page: one request
         return received
