@@ -246,6 +246,36 @@ async def test_condition_that_cannot_be_evaluated_fails_the_node_once(backend: B
     assert result.errors[0].message == expected.errors[0].message
 
 
+async def test_a_failed_node_keeps_its_error_type_message_and_traceback(
+        backend: Backend) -> None:
+    def charge(ctx: NodeContext) -> Any:
+        raise PermissionError("card declined by the issuer")
+
+    bp = blueprint("declined", ["s", "t"], [("s", "t")])
+    expected = await FlowRuntime(blueprints={bp.id: bp}, registry={"step": charge}).run(bp, {})
+    assert expected.errors[0].traceback and "card declined" in expected.errors[0].traceback
+    assert "in charge" in expected.errors[0].traceback
+    worker = backend.make([bp], {"step": charge}, lease_seconds=1, max_receive_count=3)
+    async with Workers(worker):
+        run_id = await worker.start_workflow(bp, {}, run_id="declined-run")
+        result = await worker.wait_for_result(run_id, timeout=20, poll_interval=0.05)
+        await settle(backend, worker)
+    assert result.status == "failed"
+    [error] = result.errors
+    assert (error.node_id, error.error_type) == ("s", "PermissionError")
+    assert "card declined by the issuer" in error.message
+    assert error.traceback is not None and "in charge" in error.traceback
+    status = await worker.get_run_status(run_id)
+    assert status["error"].startswith("node 's' failed")
+    failure = status["failure"]
+    assert failure["errorType"] == "PermissionError" and failure["nodeId"] == "s"
+    assert "in charge" in failure["traceback"]
+    assert len(json.dumps(failure).encode()) <= 4096 + 200
+    record = (await worker.create_context(run_id).load() or {})["_flowcraft.node.s"]
+    assert record["failed"] and record["errorType"] == "PermissionError"
+    assert "in charge" in record["traceback"]
+
+
 @pytest.mark.parametrize("value", [math.nan, Decimal("1.5"), b"raw"],
                          ids=["nan", "decimal", "bytes"])
 async def test_output_that_cannot_be_stored_fails_the_node_once(backend: Backend,

@@ -1018,7 +1018,7 @@ class BaseDistributedAdapter(abc.ABC):
                          owner: str, operations: list[PatchOperation], message: str,
                          error: dict[str, Any]) -> None:
         reason = f"node '{job.node_id}' failed: {message}"
-        record = {**failed_record(job.iteration, message), "by": _owner_token(owner)}
+        record = {**failed_record(job.iteration, message, error), "by": _owner_token(owner)}
         failure = [
             PatchOperation("set", record_key(job.node_id), record),
             PatchOperation("set", RUN_STATE_KEY, {"status": "failed", "reason": reason,
@@ -1121,6 +1121,11 @@ class BaseDistributedAdapter(abc.ABC):
                                   "lastUpdated": now_iso(), "error": reason}
         if node_id:
             fields["failedNodeId"] = node_id
+        if error:
+            # Type, message and the end of the traceback (at most 4 KB), for status readers.
+            fields["failure"] = {key: error[key] for key in
+                                 ("nodeId", "errorType", "message", "attempt", "traceback")
+                                 if error.get(key) is not None}
         try:
             if await self._read_status(run_id) is None:
                 # No such run (a garbage message naming a run id): create no record for it.
@@ -1246,6 +1251,7 @@ class BaseDistributedAdapter(abc.ABC):
                 message=error.get("message") or status["error"],
                 attempt=int(error.get("attempt") or 0),
                 error_type=error.get("errorType") or "FlowcraftError", run_id=run_id,
+                traceback=error.get("traceback"),
             ))
         return WorkflowResult(status=status["status"], context=public_view(data),
                               serialized_context=serialize_context(data), errors=errors,

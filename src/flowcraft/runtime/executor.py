@@ -33,6 +33,8 @@ class NodeError:
     attempt: int
     error_type: str
     run_id: str | None = None
+    traceback: str | None = None
+    """The end of the formatted traceback (the whole error fits in 4 KB when stored)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -41,6 +43,7 @@ class NodeError:
             "attempt": self.attempt,
             "errorType": self.error_type,
             **({"runId": self.run_id} if self.run_id else {}),
+            **({"traceback": self.traceback} if self.traceback else {}),
         }
 
     @classmethod
@@ -49,7 +52,15 @@ class NodeError:
         """A node failure for an error the engine met around the node (a condition or
         transform that cannot be evaluated, an output that cannot be stored), not one the
         node raised: such failures are final, never retried and never handed to a fallback."""
-        return cls(node_id, _describe(error), attempt, type(error).__name__, run_id or None)
+        return cls(node_id, _describe(error), attempt, type(error).__name__, run_id or None,
+                   _traceback(error))
+
+
+def _traceback(error: BaseException) -> str | None:
+    """The traceback to keep with a failure, cut to fit the stored error's 4 KB budget."""
+    from ..observability.failures import format_error
+
+    return format_error(error)["traceback"] or None
 
 
 @dataclass(slots=True)
@@ -237,6 +248,7 @@ async def execute_node(
         attempt=attempt,
         error_type=type(last_error).__name__,
         run_id=run_id or None,
+        traceback=_traceback(last_error),
     )
     return NodeOutcome(error=error, attempts=attempt)
 

@@ -144,8 +144,14 @@ def skipped_record(previous_count: int) -> dict[str, Any]:
     return {"n": previous_count + 1, "skipped": True}
 
 
-def failed_record(previous_count: int, message: str) -> dict[str, Any]:
-    return {"n": previous_count + 1, "failed": True, "error": message}
+def failed_record(previous_count: int, message: str,
+                  details: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A failed node's record; ``details`` (error type, traceback) are kept with it."""
+    record: dict[str, Any] = {"n": previous_count + 1, "failed": True, "error": message}
+    if details:
+        record.update({key: details[key] for key in ("errorType", "traceback", "attempt")
+                       if details.get(key) is not None})
+    return record
 
 
 # -- routing ---------------------------------------------------------------------------------
