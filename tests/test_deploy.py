@@ -175,6 +175,44 @@ def test_healthcheck_reports_a_live_flowcraft_process(
     assert healthcheck(tmp_path) == status
 
 
+@pytest.mark.parametrize(("answer", "status"), [(200, 0), (503, 1), (None, 1)],
+                         ids=["healthy", "stuck", "not-listening"])
+def test_healthcheck_asks_a_worker_with_a_health_port(tmp_path: Path, answer: int | None,
+                                                      status: int) -> None:
+    import http.server
+    import socket
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+            self.send_response(answer if self.path == "/healthz" and answer else 404)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    if answer is None:  # a port nobody listens on
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        server = None
+    else:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        port = server.server_address[1]
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        fake_process(tmp_path, 1, "S", [*WORKER_ARGV, "--health-port", str(port)])
+        assert healthcheck(tmp_path) == status
+    finally:
+        if server is not None:
+            server.shutdown()
+
+
+def test_the_image_runs_its_worker_with_a_health_port() -> None:
+    (command,) = instruction("CMD")
+    assert "--health-port" in exec_form(command)
+
+
 def test_healthcheck_finds_a_real_flowcraft_process(tmp_path: Path) -> None:
     script = tmp_path / "flowcraft"
     script.write_text("import time\ntime.sleep(60)\n")
