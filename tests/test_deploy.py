@@ -184,7 +184,7 @@ def test_healthcheck_asks_a_worker_with_a_health_port(tmp_path: Path, answer: in
     import threading
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+        def do_GET(self) -> None:
             self.send_response(answer if self.path == "/healthz" and answer else 404)
             self.end_headers()
 
