@@ -140,3 +140,30 @@ def test_cli_replay_refuses_what_is_not_a_log(tmp_path: Path, capsys: Any) -> No
     bad.write_text("{oops")
     assert main(["replay", str(bad)]) == 2
     assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_documented_replay_commands(tmp_path: Path) -> None:
+    """docs/cli.md's run --events and replay commands print what the page shows."""
+    import os
+    import shlex
+    import shutil
+    import subprocess
+    import sys
+
+    from test_docs import REPO, documented_output, same_text
+
+    shutil.copytree(REPO / "examples", tmp_path / "examples")
+    run = ("flowcraft run examples/hello.json --registry examples/hello.py:registry "
+           "--context '{\"name\": \"Ada\"}' --events hello-events.json")
+    show = "flowcraft replay hello-events.json"
+    outputs = []
+    for command in (run, show):
+        documented_output(command)  # fails unless the page shows the command
+        completed = subprocess.run([sys.executable, "-m", "flowcraft",
+                                    *shlex.split(command)[1:]], cwd=tmp_path,
+                                   env=dict(os.environ), capture_output=True, text=True,
+                                   timeout=120)
+        assert completed.returncode == 0, completed.stderr
+        outputs.append(completed.stdout)
+    documented = documented_output(show)
+    assert documented is not None and same_text(documented, outputs[1]), outputs[1]
