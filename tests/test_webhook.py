@@ -9,7 +9,8 @@ from urllib.parse import quote, urlsplit
 
 import pytest
 
-from aws_helpers import make_moto_dynamodb_atomic, workers
+import aws_helpers
+import azure_helpers
 from distributed_helpers import Executions
 from flowcraft import Flow, FlowRuntime, WorkflowBlueprint
 from flowcraft.webhook import DistributedWebhookRuns, InMemoryWebhookRuns, webhook_app
@@ -137,17 +138,15 @@ async def test_base_url_from_the_environment(monkeypatch: pytest.MonkeyPatch) ->
     assert result.context["_awaitingDetails"]["cb"]["url"] == f"https://env.test/h/e/cb/{quote(token)}"
 
 
-@pytest.mark.integration
-async def test_a_post_resumes_a_distributed_run_on_aws(aws: Any,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    make_moto_dynamodb_atomic(monkeypatch)
+async def resume_a_distributed_run(started: Any) -> None:
+    """Park a run on real services, resume it through the app, check it ran once."""
     runs = Executions()
-    flow = (Flow("aws-hook").node("ask", runs.node(lambda ctx: {"amount": 120}))
+    flow = (Flow("cloud-hook").node("ask", runs.node(lambda ctx: {"amount": 120}))
             .node("cb", "webhook")
             .node("pay", runs.node(lambda ctx: {"paid": ctx.input}))
             .edge("ask", "cb").edge("cb", "pay"))
     bp: WorkflowBlueprint = flow.to_blueprint()
-    async with workers(aws, [bp], flow.registry()) as (worker,):
+    async with started([bp], flow.registry()) as (worker,):
         run_id = await worker.start_workflow(bp, {})
         parked = await worker.wait_for_result(run_id, timeout=20)
         assert parked.status == "awaiting", parked.errors
@@ -163,3 +162,16 @@ async def test_a_post_resumes_a_distributed_run_on_aws(aws: Any,
     assert result.context["_outputs.cb"] == {"by": "ada"}
     assert result.context["_outputs.pay"] == {"paid": {"by": "ada"}}
     assert runs.counts == {"ask": 1, "pay": 1}
+
+
+@pytest.mark.integration
+async def test_a_post_resumes_a_distributed_run_on_aws(aws: Any,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    aws_helpers.make_moto_dynamodb_atomic(monkeypatch)  # moto loses concurrent updates
+    await resume_a_distributed_run(lambda bps, registry: aws_helpers.workers(aws, bps, registry))
+
+
+@pytest.mark.integration
+async def test_a_post_resumes_a_distributed_run_on_azure(azure: Any) -> None:
+    await resume_a_distributed_run(
+        lambda bps, registry: azure_helpers.workers(azure, bps, registry))
