@@ -39,11 +39,13 @@ if TYPE_CHECKING:
         UnknownBlueprintError,
         UnstorableValueError,
     )
-    from .events import EventBus, FlowcraftEvent, InMemoryEventBus
+    from .events import EventBus, EventStore, FlowcraftEvent, InMemoryEventBus, InMemoryEventStore
     from .expressions import evaluate
     from .flow import Flow
     from .lint import LintIssue, lint_blueprint
+    from .middleware import Middleware
     from .nodes import BaseNode, CancellationSignal, NodeContext, NodeResult
+    from .replay import ReplayStep, replay, replay_context
     from .runtime import FlowRuntime, NodeError, RuntimeOptions, Step, Stepper, WorkflowResult
 
 __version__ = "0.1.0"
@@ -80,6 +82,12 @@ _LAZY: dict[str, str] = {
     "EventBus": "events",
     "FlowcraftEvent": "events",
     "InMemoryEventBus": "events",
+    "EventStore": "events",
+    "InMemoryEventStore": "events",
+    "Middleware": "middleware",
+    "ReplayStep": "replay",
+    "replay": "replay",
+    "replay_context": "replay",
     "evaluate": "expressions",
     "Flow": "flow",
     "LintIssue": "lint",
@@ -120,6 +128,7 @@ __all__ = [
     "ContextTooLargeError",
     "EdgeDefinition",
     "EventBus",
+    "EventStore",
     "ExpressionError",
     "Flow",
     "FlowRuntime",
@@ -127,10 +136,12 @@ __all__ = [
     "FlowcraftEvent",
     "InMemoryContext",
     "InMemoryEventBus",
+    "InMemoryEventStore",
     "InvalidContextError",
     "InvalidJobError",
     "InvalidOptionError",
     "LintIssue",
+    "Middleware",
     "NodeConfig",
     "NodeContext",
     "NodeDefinition",
@@ -140,6 +151,7 @@ __all__ = [
     "NodeTimeoutError",
     "NonRetryableError",
     "PatchOperation",
+    "ReplayStep",
     "RunAlreadyExistsError",
     "RuntimeOptions",
     "Step",
@@ -156,4 +168,6 @@ __all__ = [
     "lint_blueprint",
     "load_blueprint",
     "load_blueprints",
+    "replay",
+    "replay_context",
 ]

@@ -119,8 +119,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError(f"blueprint id '{blueprint.id}' is defined twice: in {args.blueprint} "
                          f"and in {other}; give one of them another \"id\" (or file name)")
     blueprints[blueprint.id] = blueprint
-    runtime = FlowRuntime(blueprints=blueprints, registry=load_registry(args.registry))
+    store = None
+    if args.events:
+        from .events import InMemoryEventStore
+
+        store = InMemoryEventStore()
+    runtime = FlowRuntime(blueprints=blueprints, registry=load_registry(args.registry),
+                          event_store=store)
     result = asyncio.run(runtime.run(blueprint, parse_context(args.context)))
+    if store is not None:
+        from .events import event_to_dict
+
+        events = asyncio.run(store.events(result.run_id))
+        Path(args.events).write_text(json.dumps([event_to_dict(e) for e in events], indent=1,
+                                                default=str) + "\n")
     if args.json:
         # Strict JSON (no NaN/Infinity): the engine never lets such values into a result.
         print(json.dumps(result.to_dict(), indent=2, allow_nan=False))
@@ -140,6 +152,30 @@ def cmd_run(args: argparse.Namespace) -> int:
             for key, value in rest.items():
                 print(f"  {key}: {json.dumps(value, default=str)}")
     return 0 if result.status == "completed" else 1
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from .replay import load_replay_source
+
+    try:
+        source = json.loads(Path(args.file).read_text())
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{args.file} is not valid JSON: {exc}") from None
+    try:
+        steps = load_replay_source(source)
+    except ValueError as exc:
+        raise UsageError(f"{args.file}: {exc}") from None
+    if args.step is not None:
+        if not 0 <= args.step < len(steps):
+            raise UsageError(f"--step {args.step}: the run has steps 0 to {len(steps) - 1}")
+        print_json(steps[args.step].to_dict())
+        return 0
+    if args.json:
+        print_json([step.to_dict() for step in steps])
+        return 0
+    for step in steps:
+        print(step.describe())
+    return 0
 
 
 def cmd_graph(args: argparse.Namespace) -> int:
@@ -594,7 +630,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--context", help="initial context as JSON, or @file.json")
     run.add_argument("--blueprints", help="directory of further blueprints (for subflows)")
     run.add_argument("--json", action="store_true", help="print the result as JSON")
+    run.add_argument("--events", metavar="FILE",
+                     help="write the run's event log (JSON) to FILE, for flowcraft replay")
     run.set_defaults(handler=cmd_run)
+
+    replay = commands.add_parser("replay", help="print a run's steps from a saved event log "
+                                                "or run context")
+    replay.add_argument("file", help="JSON: an event list (run --events), a run context or "
+                                     "result (status --context, run --json)")
+    replay.add_argument("--step", type=int, help="print the state after this step (JSON)")
+    replay.add_argument("--json", action="store_true", help="print every step as JSON")
+    replay.set_defaults(handler=cmd_replay)
 
     graph = commands.add_parser("graph", help="print a blueprint as a Mermaid flowchart")
     graph.add_argument("blueprint", help="blueprint JSON file")

@@ -746,6 +746,7 @@ class BaseDistributedAdapter(abc.ABC):
             return None
         record = completed_record(job.iteration, taken, result.action)
         record["by"] = _owner_token(owner)  # tells our lost commit answer from another's
+        record["t"] = round(time.time(), 6)  # commit order, for replay
         if wake_up_at is not None:
             record["wakeUpAt"] = wake_up_at
         if BLUEPRINT_KEY not in working:
@@ -1018,7 +1019,8 @@ class BaseDistributedAdapter(abc.ABC):
                          owner: str, operations: list[PatchOperation], message: str,
                          error: dict[str, Any]) -> None:
         reason = f"node '{job.node_id}' failed: {message}"
-        record = {**failed_record(job.iteration, message, error), "by": _owner_token(owner)}
+        record = {**failed_record(job.iteration, message, error), "by": _owner_token(owner),
+                  "t": round(time.time(), 6)}
         failure = [
             PatchOperation("set", record_key(job.node_id), record),
             PatchOperation("set", RUN_STATE_KEY, {"status": "failed", "reason": reason,

@@ -3,6 +3,7 @@
 * ``subflow``      - run another blueprint as one node (``blueprintId``, ``inputs``, ``outputs``)
 * ``sleep``        - pause (params ``duration``: ms or ``"5s"``, ``"10m"``, ``"2h"``, ``"1d"``)
 * ``wait``         - park the run until ``resume`` / ``resume_with_action``
+* ``webhook``      - park the run until a POST to its URL (see :mod:`flowcraft.webhook`)
 * ``batch-scatter``/``batch-gather`` - fan out over a list, gather the results in order
 * ``loop-controller`` - ``continue`` / ``break`` on ``condition``, bounded by ``maxIterations``
 
@@ -12,8 +13,11 @@ Built-ins reach engine services (subflows, durable sleep) through
 
 from __future__ import annotations
 
+import os
 import re
+import secrets
 from typing import Any
+from urllib.parse import quote
 
 from ..blueprint import NodeDefinition
 from ..errors import FlowcraftError
@@ -52,6 +56,25 @@ async def sleep_node(ctx: NodeContext) -> Any:
 async def wait_node(ctx: NodeContext) -> Any:
     details = {"reason": "external_event"}
     details.update({k: v for k, v in ctx.params.items() if isinstance(k, str)})
+    raise AwaitingSignal(details)
+
+
+WEBHOOK_BASE_URL_ENV = "FLOWCRAFT_WEBHOOK_BASE_URL"
+
+
+def webhook_path(run_id: str, node_id: str, token: str) -> str:
+    """``/<run id>/<node id>/<token>``, each part percent-encoded, relative to the app."""
+    return "/" + "/".join(quote(part, safe="") for part in (run_id, node_id, token))
+
+
+async def webhook_node(ctx: NodeContext) -> Any:
+    # A fresh unguessable token per parking: only the holder of the URL can resume it.
+    token = secrets.token_urlsafe(32)
+    base = ctx.params.get("baseUrl") or os.environ.get(WEBHOOK_BASE_URL_ENV, "")
+    path = webhook_path(ctx.run_id, ctx.node_id, token)
+    details = {k: v for k, v in ctx.params.items() if isinstance(k, str) and k != "baseUrl"}
+    details.update({"reason": "webhook", "token": token, "method": "POST",
+                    "url": str(base).rstrip("/") + path})
     raise AwaitingSignal(details)
 
 
@@ -126,6 +149,7 @@ BUILTIN_NODES: dict[str, Any] = {
     "subflow": subflow_node,
     "sleep": sleep_node,
     "wait": wait_node,
+    "webhook": webhook_node,
     "batch-scatter": batch_scatter_node,
     "batch-gather": batch_gather_node,
     "loop-controller": loop_controller_node,

@@ -23,7 +23,7 @@ import json
 import logging
 import math
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
@@ -45,7 +45,7 @@ from ..errors import (
     UnknownBlueprintError,
     UnstorableValueError,
 )
-from ..events import EventBus, FlowcraftEvent, safe_emit
+from ..events import EventBus, EventStore, FlowcraftEvent, RecordingBus, safe_emit
 from ..nodes.base import AwaitingSignal, CancellationSignal, NodeContext, NodeResult
 from ..nodes.builtins import BUILTIN_NODES
 from .executor import NodeError, NodeOutcome, execute_node
@@ -109,6 +109,7 @@ class RuntimeOptions:
     event_bus: EventBus | None = None
     max_inline_sleep_seconds: float = 300.0
     max_node_iterations: int = 1000
+    middleware: list[Any] = field(default_factory=list)
 
 
 def serialize_context(data: Mapping[str, Any]) -> str:
@@ -330,10 +331,21 @@ class NodeEngine:
                 signal=CancellationSignal(signal), engine=services,
             )
 
-        outcome = await execute_node(
-            node, implementation, make_context, fallback=fallback,
-            fallback_params=fallback_params, event_bus=self.options.event_bus, run_id=run_id,
-        )
+        if self.options.middleware:
+            from ..middleware import run_with_middleware  # it builds on this package
+
+            outcome = await run_with_middleware(
+                self.options.middleware, tracked, node.id, run_id,
+                lambda: execute_node(
+                    node, implementation, make_context, fallback=fallback,
+                    fallback_params=fallback_params, event_bus=self.options.event_bus,
+                    run_id=run_id))
+        else:
+            outcome = await execute_node(
+                node, implementation, make_context, fallback=fallback,
+                fallback_params=fallback_params, event_bus=self.options.event_bus,
+                run_id=run_id,
+            )
         result = outcome.result
         if (result is not None and len(tracked.deltas) == engine_writes
                 and type(result.output) in _PLAIN_SCALARS):
@@ -346,7 +358,8 @@ class FlowRuntime:
 
     ``FlowRuntime(blueprints={...}, registry={...}, dependencies={...})``;
     ``await runtime.run(blueprint, {"initial": "context"})`` returns a
-    :class:`WorkflowResult`.
+    :class:`WorkflowResult`. ``middleware=[...]`` wraps every node (see
+    :mod:`flowcraft.middleware`); ``event_store=`` keeps each run's events for replay.
     """
 
     def __init__(
@@ -358,7 +371,12 @@ class FlowRuntime:
         event_bus: EventBus | None = None,
         max_inline_sleep_seconds: float = 300.0,
         max_node_iterations: int = 1000,
+        middleware: Sequence[Any] | None = None,
+        event_store: EventStore | None = None,
     ) -> None:
+        if event_store is not None:
+            event_bus = RecordingBus(event_store, event_bus)
+        self.event_store = event_store
         self.options = RuntimeOptions(
             blueprints=dict(blueprints or {}),
             registry=dict(registry or {}),
@@ -366,6 +384,7 @@ class FlowRuntime:
             event_bus=event_bus,
             max_inline_sleep_seconds=max_inline_sleep_seconds,
             max_node_iterations=max_node_iterations,
+            middleware=list(middleware or ()),
         )
         self.engine = NodeEngine(self.options)
 
@@ -455,6 +474,13 @@ class FlowRuntime:
         run = _InMemoryRun(engine, bp, data, run_id or str(uuid.uuid4()), signal, None)
         return await run.resume(target, dict(resume_data or {}))
 
+    def replay(self, events: Any) -> list[Any]:
+        """The run's state after each of ``events`` (an event log, as ``event_store`` keeps
+        it), without running any node: see :mod:`flowcraft.replay`."""
+        from ..replay import replay  # builds on this module
+
+        return replay(events)
+
     def stepper(
         self,
         blueprint: WorkflowBlueprint | Mapping[str, Any] | str,
@@ -516,7 +542,9 @@ class _InMemoryRun:
     # -- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> WorkflowResult:
-        await self._emit("workflow:start", blueprintId=self.blueprint.id)
+        if self.bus is not None:  # the initial context starts an event log's replay
+            await self._emit("workflow:start", blueprintId=self.blueprint.id,
+                             context=dict(self.data))
         starts = self.graph.start_node_ids
         if self.data.get(AWAITING_IDS_KEY) or any(
             read_record(self.data, node_id) for node_id in starts
@@ -529,7 +557,9 @@ class _InMemoryRun:
         return await self._finish()
 
     async def resume(self, node_id: str, resume_data: dict[str, Any]) -> WorkflowResult:
-        await self._emit("workflow:start", blueprintId=self.blueprint.id, resumed=node_id)
+        if self.bus is not None:
+            await self._emit("workflow:start", blueprintId=self.blueprint.id, resumed=node_id,
+                             context=dict(self.data))
         details = (self.data.get(AWAITING_DETAILS_KEY) or {}).get(node_id) or {}
         self._clear_awaiting(node_id)
         if details.get("reason") == "subflow":
@@ -546,6 +576,8 @@ class _InMemoryRun:
             except ExpressionError as exc:  # a bad condition on the resumed node's edges
                 self._fail(NodeError.from_exception(node_id, exc, run_id=self.run_id))
                 return await self._finish()
+            await self._emit("node:finish", nodeId=node_id, output=output,
+                             action=result.action, resumed=True)
             for event in events:
                 await safe_emit(self.bus, event)
         self._schedule_frontier()
