@@ -189,6 +189,26 @@ async def test_a_key_named_context_is_not_taken_for_the_nested_layout(azure: Any
     assert (await context.load() or {})["context"] == "a key named context"
 
 
+async def test_an_item_with_unescaped_colliding_keys_from_another_client(azure: Any) -> None:
+    """Another client (the TypeScript library) writes every key as it is: its ``context``
+    object is a key, not the nested layout, and its first write by a worker escapes it."""
+    run_id = str(uuid.uuid4())
+    await containers(azure)[0].create_item({"id": run_id, "runId": run_id, "user": "ada",
+                                            "context": {"a": 1}, "ttl": 5})
+    expected = {"user": "ada", "context": {"a": 1}, "ttl": 5}
+    assert await context_of(azure, run_id).load() == expected
+    assert (await context_of(azure, run_id).claim("n", 0, "w1", 60)).status \
+        is ClaimStatus.CLAIMED
+    assert await context_of(azure, run_id).renew("n", "w1", 60) is True
+    data = await context_of(azure, run_id).commit("n", 0, "w1", [
+        PatchOperation("set", "ttl", 6)])
+    assert data == {**expected, "ttl": 6}
+    item = await raw_item(azure, run_id)
+    assert "context" not in item and "ttl" not in item
+    assert item["~context"] == {"a": 1} and item["~ttl"] == 6
+    assert await context_of(azure, run_id).load() == {**expected, "ttl": 6}
+
+
 @given(st.text(max_size=12))
 def test_stored_names_are_reversible_and_never_collide(key: str) -> None:
     name = stored_name(key)

@@ -56,6 +56,7 @@ from ...distributed.context import (
 from ...errors import ContextTooLargeError, FlowcraftError
 from ...runtime.routing import RECORD_PREFIX
 from ._cosmos import (
+    COLLIDING,
     ITEM_LIMIT_BYTES,
     ITEM_PROPERTIES,
     LEGACY_PROPERTY,
@@ -99,8 +100,10 @@ class CosmosDbContext(StoredContextMethods):
 
     @staticmethod
     def _is_nested(item: Mapping[str, Any]) -> bool:
-        """Stored by an earlier version: the keys in a ``context`` object."""
-        return "runId" in item and isinstance(item.get(LEGACY_PROPERTY), dict)
+        """Stored by an earlier version: the keys in a ``context`` object, and nothing else
+        (a top-level item may have a ``context`` key of its own, written by another client)."""
+        return ("runId" in item and isinstance(item.get(LEGACY_PROPERTY), dict)
+                and all(k in ITEM_PROPERTIES or k == LEGACY_PROPERTY for k in item))
 
     def _data(self, item: Mapping[str, Any] | None) -> dict[str, Any] | None:
         if item is None:
@@ -108,10 +111,16 @@ class CosmosDbContext(StoredContextMethods):
         if "runId" not in item:  # a client-created item: its keys as the client wrote them
             return {k: v for k, v in item.items() if k not in ITEM_PROPERTIES}
         if self._is_nested(item):
-            flat = {k: v for k, v in item.items()
-                    if k not in ITEM_PROPERTIES and k != LEGACY_PROPERTY}
-            return {**flat, **item[LEGACY_PROPERTY]}
-        return {context_key(k): v for k, v in item.items() if k not in ITEM_PROPERTIES}
+            return dict(item[LEGACY_PROPERTY])
+        data = {k: v for k, v in item.items() if k in COLLIDING and k not in ITEM_PROPERTIES}
+        # A colliding key as another client wrote it, unless ours (escaped) is there too.
+        data.update((context_key(k), v) for k, v in item.items() if k not in COLLIDING)
+        return data
+
+    @staticmethod
+    def _unescaped(item: Mapping[str, Any]) -> bool:
+        """A top-level item with a colliding key written as it is, by another client."""
+        return any(k in COLLIDING and k not in ITEM_PROPERTIES for k in item)
 
     def _item(self, data: Mapping[str, Any]) -> dict[str, Any]:
         """The item storing a context, in the top-level layout."""
@@ -268,21 +277,25 @@ class CosmosDbContext(StoredContextMethods):
                 if code == 412:
                     if self._top_level:
                         return None
-                    # The condition failed, or the item is in the nested layout: the
-                    # _etag path moves that one to the top level.
+                    # The condition failed, or the layout condition did: a nested item
+                    # takes the _etag path, which moves it to the top level; a top-level
+                    # one (now known) is patched again on the condition alone.
                     current = await self._read()
-                    if current is None or not self._is_nested(current):
+                    if current is None or "runId" not in current:
                         return None
-                    return await self._replace(operations, check, increments)
+                    if self._is_nested(current):
+                        return await self._replace(operations, check, increments)
+                    return await self._patch(operations, where=where, check=check,
+                                             add_to=increments)
                 if code == 413:
                     raise self._too_large(operations) from None
                 if code not in (400, 404):
                     raise
                 # 404: an item to adopt; 400: e.g. removing an absent property.
                 return await self._replace(operations, check, increments)
-            if "runId" not in item or self._is_nested(item):
+            if "runId" not in item or self._is_nested(item) or self._unescaped(item):
                 # A client-created item (a lenient server may have patched it in place):
-                # move it into its partition.
+                # move it into its partition; or one with a key to escape.
                 return await self._normalize()
             return self._remember(dict(item))
         # Over 10 operations, or near the item limit: read, check, replace if unchanged.
@@ -325,7 +338,7 @@ class CosmosDbContext(StoredContextMethods):
                              run_id=self.run_id)
 
     async def _normalize(self) -> dict[str, Any] | None:
-        """Rewrite a client-created item into its partition (etag-guarded)."""
+        """Rewrite an item in the top-level layout, in its partition (etag-guarded)."""
         return await self._replace([], None)
 
     def _too_large(self, operations: Sequence[PatchOperation]) -> ContextTooLargeError:
@@ -402,19 +415,24 @@ class CosmosDbContext(StoredContextMethods):
     async def renew(self, node_id: str, owner: str, lease_seconds: float) -> bool:
         from azure.cosmos.exceptions import CosmosHttpResponseError
 
+        guarded = not self._top_level
         try:
             await self.container.patch_item(
                 self.run_id, partition_key=self.run_id,
                 patch_operations=[{"op": "set",
                                    "path": context_pointer(lock_key(node_id)) + "/expires",
                                    "value": round(time.time() + lease_seconds, 3)}],
-                # A nested-layout item fails this: the claim that took the lease moved it.
                 filter_predicate=self._predicate([self._lease_held(node_id, owner)]),
             )
         except CosmosHttpResponseError as exc:
-            if status_code(exc) in (404, 412):
+            if status_code(exc) not in (404, 412):
+                raise
+            # A nested item holds no lease of ours (the claim that took it moved the item);
+            # a top-level one that failed only the layout condition is renewed without it.
+            if status_code(exc) == 404 or not guarded:
                 return False
-            raise
+            await self._read()
+            return await self.renew(node_id, owner, lease_seconds) if self._top_level else False
         return True
 
     async def release(self, node_id: str, owner: str, *, attempts: int | None = None) -> None:
