@@ -306,3 +306,28 @@ async def test_a_parked_run_stored_nested_is_resumed_to_completion(azure: Any) -
     assert result.context["tenant"] == "t1" and runs.counts == {"request": 1, "pay": 1}
     item = await raw_item(azure, run_id)
     assert "context" not in item and item["_outputs.pay"] == {"paid": {"by": "ada"}}
+
+
+# -- the check that the local server is the patched one ------------------------------------------
+
+
+def test_an_unpatched_local_server_is_refused_saying_what_to_run(tmp_path: Any) -> None:
+    from flowcraft.local_services import (
+        COSMOS_PATCH_MARK,
+        check_cosmos_patched,
+        node_binary,
+        node_tools_dir,
+    )
+
+    script = (node_tools_dir() / "patch-cosmosdb-server.js").read_text(encoding="utf-8")
+    assert f'"/* {COSMOS_PATCH_MARK} */"' in script  # the mark the script writes
+    check_cosmos_patched(node_binary("cosmosdb-server"))  # the installed one is patched
+
+    lib = tmp_path / "lib"
+    (lib / "handler").mkdir(parents=True)
+    (lib / "cli.js").write_text("")
+    (lib / "handler" / "_patch-operations.js").write_text('if (path.startsWith("/_")) {}')
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "cosmosdb-server").symlink_to(lib / "cli.js")
+    with pytest.raises(RuntimeError, match=r"not patched.*run scripts/setup"):
+        check_cosmos_patched(str(tmp_path / "bin" / "cosmosdb-server"))

@@ -95,6 +95,8 @@ class CosmosDbContext(StoredContextMethods):
         before they are sent (not every server enforces the limit; the local one does not)."""
         self._top_level = False
         """The item has been seen in the top-level layout (it cannot go back to nested)."""
+        self._refused: dict[str, Any] | None = None
+        """The context read when the last conditional patch was refused, if it was read."""
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -254,6 +256,7 @@ class CosmosDbContext(StoredContextMethods):
         """
         from azure.cosmos.exceptions import CosmosHttpResponseError
 
+        self._refused = None
         operations = squash(operations)
         increments = dict(add_to or {})
         if (len(operations) + len(increments) <= MAX_PATCH_OPERATIONS
@@ -285,6 +288,9 @@ class CosmosDbContext(StoredContextMethods):
                         return None
                     if self._is_nested(current):
                         return await self._replace(operations, check, increments)
+                    self._refused = self._data(current)
+                    if check is not None and not check(self._refused):
+                        return None
                     return await self._patch(operations, where=where, check=check,
                                              add_to=increments)
                 if code == 413:
@@ -395,7 +401,7 @@ class CosmosDbContext(StoredContextMethods):
         )
         if item is not None:
             return Claim(ClaimStatus.CLAIMED, self._data(item), owner)
-        current = await self.load()
+        current = self._refused if self._refused is not None else await self.load()
         status = claim_status(current, node_id, iteration, owner, time.time())
         if status is ClaimStatus.CLAIMED:  # the lease expired in between
             return await self.claim(node_id, iteration, owner, lease_seconds,
