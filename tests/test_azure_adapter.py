@@ -146,6 +146,9 @@ async def test_redis_store_sets_real_ttls_and_counts_round_trips(azure: Any) -> 
 # =============================================================================================
 
 
+SYSTEM = {"_rid", "_self", "_etag", "_attachments", "_ts"}
+
+
 def new_context(azure: Any) -> CosmosDbContext:
     return context_of(azure, str(uuid.uuid4()))
 
@@ -170,11 +173,14 @@ async def test_context_round_trips_every_json_value_and_odd_keys(azure: Any) -> 
     assert await context.delete("camelCase") is True
     assert await context.delete("camelCase") is False
     assert not await context.has("camelCase")
-    # The item is {id, runId, context}: one item per run, in its own partition.
+    # The item is {id, runId, <key>: <value>...}: one item per run, in its own partition,
+    # the keys at the top level as the TypeScript library writes them.
     raw = await items_with_id(containers(azure)[0], context.run_id)
     assert len(raw) == 1 and raw[0]["runId"] == context.run_id
-    assert set(raw[0]) - {"_rid", "_self", "_etag", "_attachments", "_ts"} == {
-        "id", "runId", "context"}
+    expected = {"start": 0, **ODD_KEYS}
+    del expected["camelCase"]
+    assert {k: v for k, v in raw[0].items() if k not in SYSTEM} == {
+        "id": context.run_id, "runId": context.run_id, **expected}
 
 
 async def test_context_patch_is_partial_and_leaves_other_keys_alone(azure: Any) -> None:

@@ -103,7 +103,8 @@ async def test_seed_client_run_is_completed_by_the_python_worker(azure: Any,
     # Both items now live in the run's partition, once each.
     [context_item] = await items_with_id(context_items, run_id)
     assert context_item["runId"] == run_id
-    assert context_item["context"]["customer"] == INITIAL["customer"]
+    assert context_item["customer"] == INITIAL["customer"]  # still at the top level
+    assert context_item["_outputs.checkout"] == "Ada pays 7" and "context" not in context_item
     [status_item] = await items_with_id(status_items, run_id)
     assert status_item["runId"] == run_id and status_item["status"] == "completed"
     assert (await worker.get_run_status(run_id))["finalStatus"] == "completed"

@@ -218,9 +218,25 @@ def azurite_process(log_dir: Path, port: int | None = None) -> LocalProcess:
 
 def cosmos_process(log_dir: Path, port: int | None = None) -> LocalProcess:
     port = port or free_port()
-    return LocalProcess("cosmosdb-server",
-                        [node_binary("cosmosdb-server"), "--host", "127.0.0.1", "-p", str(port)],
+    binary = node_binary("cosmosdb-server")
+    check_cosmos_patched(binary)
+    return LocalProcess("cosmosdb-server", [binary, "--host", "127.0.0.1", "-p", str(port)],
                         port, log_dir)
+
+
+COSMOS_PATCH_MARK = "flowcraft: only system properties are refused"
+
+
+def check_cosmos_patched(binary: str) -> None:
+    """Refuse a Cosmos server without the install-time patch of ``tools/local-services``:
+    as published it refuses patches of context keys such as ``_outputs.x``."""
+    handler = Path(binary).resolve().parent / "handler" / "_patch-operations.js"
+    if handler.exists() and COSMOS_PATCH_MARK in handler.read_text(encoding="utf-8"):
+        return
+    raise RuntimeError(
+        f"the local Cosmos DB server at {binary} is not patched to accept patches of "
+        "properties starting with '_': run scripts/setup (npm ci in tools/local-services "
+        "applies tools/local-services/patch-cosmosdb-server.js)")
 
 
 def redis_process(log_dir: Path, port: int | None = None) -> LocalProcess:

@@ -20,9 +20,29 @@ THROTTLED = frozenset({429, 503})
 T = TypeVar("T")
 
 
-CONTEXT_PROPERTY = "context"
-"""Context keys live in this object of the item: patch paths may not start with ``_``,
-and the engine's keys (``_outputs.x``) do."""
+ITEM_PROPERTIES = frozenset({"id", "runId"}) | SYSTEM_PROPERTIES
+"""Properties of a context item that are not context keys."""
+
+LEGACY_PROPERTY = "context"
+"""Items written before context keys moved to the top level hold them in this object."""
+
+ESCAPE = "~"
+"""Prefix of a context key stored under another name (see :func:`stored_name`)."""
+
+COLLIDING = ITEM_PROPERTIES | {"ttl", LEGACY_PROPERTY}
+"""Context keys that cannot be item properties as they are: the item's identity, Cosmos DB's
+own properties, ``ttl`` (per-item expiry) and the nested layout's object."""
+
+
+def stored_name(key: str) -> str:
+    """The item property holding a context key: the key itself, unless it collides with a
+    property in :data:`COLLIDING` or starts with ``~``; then ``~`` + the key (reversible)."""
+    return ESCAPE + key if key in COLLIDING or key.startswith(ESCAPE) else key
+
+
+def context_key(name: str) -> str:
+    """The context key an item property holds (the inverse of :func:`stored_name`)."""
+    return name[len(ESCAPE):] if name.startswith(ESCAPE) else name
 
 
 def pointer(key: str) -> str:
@@ -31,8 +51,8 @@ def pointer(key: str) -> str:
 
 
 def context_pointer(key: str) -> str:
-    """The JSON-pointer path of a context key inside the item's context object."""
-    return f"/{CONTEXT_PROPERTY}{pointer(key)}"
+    """The JSON-pointer path of the item property holding a context key."""
+    return pointer(stored_name(key))
 
 
 def literal(value: Any) -> str:
@@ -68,8 +88,8 @@ _PLAIN = frozenset("abcdefghijklmnopqrtuvwxyz0123456789_.:/-+ #@!?*()[]{},;=<>|&
 
 
 def prop(key: str) -> str:
-    """``c.context["key"]``: a context key in Cosmos SQL, whatever characters it has."""
-    return f"c.{CONTEXT_PROPERTY}[{literal(key)}]"
+    """``c["key"]``: a context key's property in Cosmos SQL, whatever characters it has."""
+    return f"c[{literal(stored_name(key))}]"
 
 
 def strip_system(item: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,8 +1,10 @@
 """``CosmosDbContext``: a run's context as one Cosmos DB item.
 
-The item is ``{"id": runId, "runId": runId, "context": {...context keys}}`` in
-a container partitioned on ``/runId`` (the keys sit in an object of their own
-because a patch path may not begin with ``_``, and ``_outputs.<node>`` does).
+The item is ``{"id": runId, "runId": runId, <key>: <value>, ...}``, the context keys at the
+top level as the TypeScript library writes them, in a container partitioned on ``/runId``.
+A key that would collide with a property of the item itself (``id``, ``runId``, Cosmos DB's
+``_rid``/``_self``/``_etag``/``_attachments``/``_ts``, ``ttl``, ``context``) or that starts
+with ``~`` is stored as ``~`` + the key and read back as the key: nothing is dropped.
 Writes are partial updates (patch) of exactly the keys that changed,
 conditioned with a filter predicate where the protocol of
 :mod:`flowcraft.distributed.context` needs a condition; Cosmos DB returns the
@@ -17,11 +19,16 @@ A patch takes at most 10 operations, and cannot remove a property that is
 absent; such writes fall back to optimistic concurrency on ``_etag`` (read,
 apply, replace if unchanged, retry), which is just as safe.
 
-Items created by the seed documentation's TypeScript client have ``id`` but
-no ``runId``, and the initial context as top-level properties: they are
-adopted on first use (copied into the run's partition with ``runId`` set and
-the keys moved into ``context``, the original removed). Throttling (429) is
-retried.
+Runs stored by earlier versions keep their keys in a ``context`` object (the nested
+layout). They are read as they are and moved to the top level by their first write: every
+patch is conditioned on the item having no ``context`` object, and a patch refused that way
+goes through the ``_etag`` path, whose replace writes the top-level layout. A context that
+has seen its item in the top-level layout drops that condition (nothing writes the nested
+layout any more).
+
+Items created by the TypeScript library's client have ``id`` but no ``runId``, and the
+initial context as top-level properties: they are adopted on first use (copied into the
+run's partition with ``runId`` set, the original removed). Throttling (429) is retried.
 """
 
 from __future__ import annotations
@@ -49,18 +56,22 @@ from ...distributed.context import (
 from ...errors import ContextTooLargeError, FlowcraftError
 from ...runtime.routing import RECORD_PREFIX
 from ._cosmos import (
-    CONTEXT_PROPERTY,
+    COLLIDING,
     ITEM_LIMIT_BYTES,
+    ITEM_PROPERTIES,
+    LEGACY_PROPERTY,
     MAX_PATCH_OPERATIONS,
+    context_key,
     context_pointer,
     literal,
     prop,
     status_code,
-    strip_system,
+    stored_name,
     with_throttling_retries,
 )
 
-RESERVED = frozenset({"id", "runId", CONTEXT_PROPERTY})
+TOP_LEVEL = f"NOT IS_DEFINED(c.{LEGACY_PROPERTY})"
+"""The condition of every patch until the item is known to be in the top-level layout."""
 LARGE_WRITE_BYTES = 64 * 1024
 """A write this large, by a context that has not seen its item yet, reads it first to check
 the item limit (``_etag`` path)."""
@@ -82,20 +93,41 @@ class CosmosDbContext(StoredContextMethods):
         self._size: int | None = None
         """Bytes of the item as last seen: writes that may cross the item limit are checked
         before they are sent (not every server enforces the limit; the local one does not)."""
+        self._top_level = False
+        """The item has been seen in the top-level layout (it cannot go back to nested)."""
+        self._refused: dict[str, Any] | None = None
+        """The context read when the last conditional patch was refused, if it was read."""
 
     # -- helpers ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _is_nested(item: Mapping[str, Any]) -> bool:
+        """Stored by an earlier version: the keys in a ``context`` object, and nothing else
+        (a top-level item may have a ``context`` key of its own, written by another client)."""
+        return ("runId" in item and isinstance(item.get(LEGACY_PROPERTY), dict)
+                and all(k in ITEM_PROPERTIES or k == LEGACY_PROPERTY for k in item))
 
     def _data(self, item: Mapping[str, Any] | None) -> dict[str, Any] | None:
         if item is None:
             return None
-        # Top-level keys come from clients that write the context flat; ours are nested.
-        flat = {k: v for k, v in strip_system(item).items() if k not in RESERVED}
-        nested = item.get(CONTEXT_PROPERTY)
-        return {**flat, **nested} if isinstance(nested, dict) else flat
+        if "runId" not in item:  # a client-created item: its keys as the client wrote them
+            return {k: v for k, v in item.items() if k not in ITEM_PROPERTIES}
+        if self._is_nested(item):
+            return dict(item[LEGACY_PROPERTY])
+        data = {k: v for k, v in item.items() if k in COLLIDING and k not in ITEM_PROPERTIES}
+        # A colliding key as another client wrote it, unless ours (escaped) is there too.
+        data.update((context_key(k), v) for k, v in item.items() if k not in COLLIDING)
+        return data
 
     @staticmethod
-    def _has_flat_keys(item: Mapping[str, Any]) -> bool:
-        return any(k not in RESERVED for k in strip_system(item))
+    def _unescaped(item: Mapping[str, Any]) -> bool:
+        """A top-level item with a colliding key written as it is, by another client."""
+        return any(k in COLLIDING and k not in ITEM_PROPERTIES for k in item)
+
+    def _item(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        """The item storing a context, in the top-level layout."""
+        return {"id": self.run_id, "runId": self.run_id,
+                **{stored_name(k): v for k, v in data.items()}}
 
     @staticmethod
     def _measure(item: Mapping[str, Any]) -> int:
@@ -105,6 +137,8 @@ class CosmosDbContext(StoredContextMethods):
     def _remember(self, item: Any) -> Any:
         if item is not None:
             self._size = self._measure(item)
+            if "runId" in item and not self._is_nested(item):
+                self._top_level = True
         return item
 
     def _may_exceed(self, operations: Sequence[PatchOperation]) -> bool:
@@ -154,8 +188,7 @@ class CosmosDbContext(StoredContextMethods):
             if orphan is None:
                 return next((item for item in found if item.get("runId") == self.run_id),
                             None)
-            adopted = {"id": self.run_id, "runId": self.run_id,
-                       CONTEXT_PROPERTY: self._data(orphan) or {}}
+            adopted = self._item(self._data(orphan) or {})
             try:
                 created = await self.container.create_item(adopted)
             except CosmosHttpResponseError as exc:
@@ -200,19 +233,30 @@ class CosmosDbContext(StoredContextMethods):
         raise FlowcraftError(f"run {self.run_id}: could not move its context item into the "
                              "run's partition (too much contention)", run_id=self.run_id)
 
+    def _predicate(self, alternatives: Sequence[str]) -> str | None:
+        """A filter predicate from alternatives (each a condition without ``OR``), each also
+        requiring the top-level layout while the item's layout is not known."""
+        if self._top_level:
+            return "FROM c WHERE " + " OR ".join(alternatives) if alternatives else None
+        # Distributed over the alternatives instead of parenthesised: the local Cosmos
+        # server's query parser takes exponential time over parentheses.
+        return "FROM c WHERE " + " OR ".join(
+            [f"{TOP_LEVEL} AND {a}" for a in alternatives] or [TOP_LEVEL])
+
     async def _patch(self, operations: Sequence[PatchOperation], *,
-                     predicate: str | None = None,
+                     where: Sequence[str] = (),
                      check: Callable[[Mapping[str, Any]], bool] | None = None,
                      add_to: Mapping[str, int] | None = None,
                      ) -> dict[str, Any] | None:
         """One conditional partial update returning the item; ``None`` if the condition failed.
 
-        ``predicate`` (Cosmos SQL) and ``check`` (Python) state the same condition: the first
-        for the patch, the second for the ``_etag`` fallback. ``add_to`` adds to number keys
-        (absent ones count as 0) in the same write.
+        ``where`` (Cosmos SQL alternatives, any of which will do) and ``check`` (Python) state
+        the same condition: the first for the patch, the second for the ``_etag`` fallback.
+        ``add_to`` adds to number keys (absent ones count as 0) in the same write.
         """
         from azure.cosmos.exceptions import CosmosHttpResponseError
 
+        self._refused = None
         operations = squash(operations)
         increments = dict(add_to or {})
         if (len(operations) + len(increments) <= MAX_PATCH_OPERATIONS
@@ -224,6 +268,7 @@ class CosmosDbContext(StoredContextMethods):
             ] + [{"op": "incr", "path": context_pointer(key), "value": amount}
                  for key, amount in increments.items()]
             arguments: dict[str, Any] = {"partition_key": self.run_id, "patch_operations": patch}
+            predicate = self._predicate(where)
             if predicate:
                 arguments["filter_predicate"] = predicate
             try:
@@ -233,16 +278,30 @@ class CosmosDbContext(StoredContextMethods):
             except CosmosHttpResponseError as exc:
                 code = status_code(exc)
                 if code == 412:
-                    return None
+                    if self._top_level:
+                        return None
+                    # The condition failed, or the layout condition did: a nested item
+                    # takes the _etag path, which moves it to the top level; a top-level
+                    # one (now known) is patched again on the condition alone.
+                    current = await self._read()
+                    if current is None or "runId" not in current:
+                        return None
+                    if self._is_nested(current):
+                        return await self._replace(operations, check, increments)
+                    self._refused = self._data(current)
+                    if check is not None and not check(self._refused):
+                        return None
+                    return await self._patch(operations, where=where, check=check,
+                                             add_to=increments)
                 if code == 413:
                     raise self._too_large(operations) from None
                 if code not in (400, 404):
                     raise
                 # 404: an item to adopt; 400: e.g. removing an absent property.
                 return await self._replace(operations, check, increments)
-            if "runId" not in item or self._has_flat_keys(item):
-                # A client-created item: move it into its partition and its keys into
-                # the context object (a lenient server may have patched it in place).
+            if "runId" not in item or self._is_nested(item) or self._unescaped(item):
+                # A client-created item (a lenient server may have patched it in place):
+                # move it into its partition; or one with a key to escape.
                 return await self._normalize()
             return self._remember(dict(item))
         # Over 10 operations, or near the item limit: read, check, replace if unchanged.
@@ -265,7 +324,7 @@ class CosmosDbContext(StoredContextMethods):
             for key, amount in (add_to or {}).items():
                 current = data.get(key)
                 data[key] = (current if isinstance(current, int | float) else 0) + amount
-            replacement = {"id": self.run_id, "runId": self.run_id, CONTEXT_PROPERTY: data}
+            replacement = self._item(data)
             self._check_size(replacement)
             def replace(body: dict[str, Any] = replacement, etag: str = item["_etag"]) -> Any:
                 return self.container.replace_item(
@@ -285,7 +344,7 @@ class CosmosDbContext(StoredContextMethods):
                              run_id=self.run_id)
 
     async def _normalize(self) -> dict[str, Any] | None:
-        """Rewrite a client-created item into the nested layout (etag-guarded)."""
+        """Rewrite an item in the top-level layout, in its partition (etag-guarded)."""
         return await self._replace([], None)
 
     def _too_large(self, operations: Sequence[PatchOperation]) -> ContextTooLargeError:
@@ -294,8 +353,8 @@ class CosmosDbContext(StoredContextMethods):
                                     ITEM_LIMIT_BYTES, "Cosmos DB")
 
     @staticmethod
-    def _lease_predicate(node_id: str, owner: str) -> str:
-        return f"FROM c WHERE {prop(lock_key(node_id))}.owner = {literal(owner)}"
+    def _lease_held(node_id: str, owner: str) -> str:
+        return f"{prop(lock_key(node_id))}.owner = {literal(owner)}"
 
     # -- distributed operations ------------------------------------------------------------
 
@@ -306,12 +365,11 @@ class CosmosDbContext(StoredContextMethods):
         from azure.cosmos.exceptions import CosmosHttpResponseError
 
         item = dict(initial)
-        self._check_size({"id": self.run_id, "runId": self.run_id, CONTEXT_PROPERTY: item})
+        body = self._item(item)
+        self._check_size(body)
         try:
-            await with_throttling_retries(
-                lambda: self.container.create_item({"id": self.run_id, "runId": self.run_id,
-                                                    CONTEXT_PROPERTY: item}),
-                what=f"creating run {self.run_id}")
+            await with_throttling_retries(lambda: self.container.create_item(body),
+                                          what=f"creating run {self.run_id}")
         except CosmosHttpResponseError as exc:
             if status_code(exc) == 409:
                 raise run_exists_error(self.run_id) from None
@@ -330,8 +388,7 @@ class CosmosDbContext(StoredContextMethods):
         not_done = (f"NOT IS_DEFINED({record})", f"{record}.n <= {iteration}")
         free = (f"NOT IS_DEFINED({lease})", f"{lease}.owner = {literal(owner)}",
                 f"{lease}.expires < {now}")
-        predicate = "FROM c WHERE " + " OR ".join(f"{a} AND {b}" for a in not_done
-                                                   for b in free)
+        where = [f"{a} AND {b}" for a in not_done for b in free]
 
         def claimable(data: Mapping[str, Any]) -> bool:
             return claim_status(data, node_id, iteration, owner, now) is ClaimStatus.CLAIMED
@@ -339,12 +396,12 @@ class CosmosDbContext(StoredContextMethods):
         item = await self._patch(
             [PatchOperation("set", lock_key(node_id),
                             lease_value(owner, iteration, lease_seconds, now))],
-            predicate=predicate, check=claimable,
+            where=where, check=claimable,
             add_to={attempts_key(node_id): 1} if count_attempt else None,
         )
         if item is not None:
             return Claim(ClaimStatus.CLAIMED, self._data(item), owner)
-        current = await self.load()
+        current = self._refused if self._refused is not None else await self.load()
         status = claim_status(current, node_id, iteration, owner, time.time())
         if status is ClaimStatus.CLAIMED:  # the lease expired in between
             return await self.claim(node_id, iteration, owner, lease_seconds,
@@ -357,30 +414,36 @@ class CosmosDbContext(StoredContextMethods):
                      claims: Iterable[tuple[str, int]] = (),
                      lease_seconds: float = 60.0) -> dict[str, Any] | None:
         full = commit_operations(node_id, operations, claims, owner, lease_seconds, time.time())
-        item = await self._patch(full, predicate=self._lease_predicate(node_id, owner),
+        item = await self._patch(full, where=[self._lease_held(node_id, owner)],
                                  check=lambda data: owns_lease(data, node_id, owner))
         return self._data(item)
 
     async def renew(self, node_id: str, owner: str, lease_seconds: float) -> bool:
         from azure.cosmos.exceptions import CosmosHttpResponseError
 
+        guarded = not self._top_level
         try:
             await self.container.patch_item(
                 self.run_id, partition_key=self.run_id,
                 patch_operations=[{"op": "set",
                                    "path": context_pointer(lock_key(node_id)) + "/expires",
                                    "value": round(time.time() + lease_seconds, 3)}],
-                filter_predicate=self._lease_predicate(node_id, owner),
+                filter_predicate=self._predicate([self._lease_held(node_id, owner)]),
             )
         except CosmosHttpResponseError as exc:
-            if status_code(exc) in (404, 412):
+            if status_code(exc) not in (404, 412):
+                raise
+            # A nested item holds no lease of ours (the claim that took it moved the item);
+            # a top-level one that failed only the layout condition is renewed without it.
+            if status_code(exc) == 404 or not guarded:
                 return False
-            raise
+            await self._read()
+            return await self.renew(node_id, owner, lease_seconds) if self._top_level else False
         return True
 
     async def release(self, node_id: str, owner: str, *, attempts: int | None = None) -> None:
         await self._patch(release_operations(node_id, attempts),
-                          predicate=self._lease_predicate(node_id, owner),
+                          where=[self._lease_held(node_id, owner)],
                           check=lambda data: owns_lease(data, node_id, owner))
 
     async def apply(self, operations: Sequence[PatchOperation]) -> dict[str, Any] | None:
