@@ -18,13 +18,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Unpack
 
 from ..runtime.runtime import RuntimeOptions
 from .adapter import BaseDistributedAdapter, QueueMessage
 from .context import InMemoryRunStore
 from .coordination import CoordinationStore, InMemoryCoordinationStore
 from .job import JobPayload
+from .options import WorkerOptions, check_option_names
 
 
 @dataclass
@@ -139,8 +140,9 @@ class InProcessAdapter(BaseDistributedAdapter):
         queue: InProcessQueue | None = None,
         store: InMemoryRunStore | None = None,
         statuses: dict[str, dict[str, Any]] | None = None,
-        **options: Any,
+        **options: Unpack[WorkerOptions],
     ) -> None:
+        check_option_names("InProcessAdapter", options, extra=("queue", "store", "statuses"))
         options.setdefault("poll_wait_seconds", 0.2)
         super().__init__(runtime_options, coordination_store or InMemoryCoordinationStore(),
                          **options)
