@@ -44,7 +44,7 @@ def check_option_names(owner: str, options: Mapping[str, Any],
     for name in options:
         if name in WORKER_OPTION_NAMES:
             continue
-        close = difflib.get_close_matches(name, valid, n=1)
+        close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise TypeError(f"{owner} got an unknown option {name!r}{hint}; valid options: "
                         f"{', '.join(valid)}")
