@@ -9,6 +9,7 @@ import inspect
 import os
 import signal
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -266,3 +267,42 @@ def test_from_env_refuses_unknown_options_and_backends() -> None:
         Worker.from_env("aws", registry={}, blueprints={}, lease=3)  # type: ignore[call-arg]
     with pytest.raises(ValueError, match="unknown backend 'gcp'"):
         Worker.from_env("gcp", registry={}, blueprints={})  # type: ignore[arg-type]
+
+
+def test_a_misspelt_or_mistyped_option_is_a_type_checker_error(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch
+                                                                ) -> None:
+    from mypy import api
+
+    usage = tmp_path / "usage.py"
+    usage.write_text(
+        "from typing import Any\n"
+        "from flowcraft.adapters.aws import SqsAdapter\n"
+        "from flowcraft.adapters.azure import AzureQueueAdapter\n"
+        "from flowcraft.distributed import InProcessAdapter, WorkerOptions\n"
+        "from flowcraft.runtime.runtime import FlowRuntime\n"
+        "options = FlowRuntime().options\n"
+        "store: Any = None\n"
+        "InProcessAdapter(options, concurency=4)\n"
+        "InProcessAdapter(options, concurrency='4')\n"
+        "SqsAdapter(options, store, None, None, 'url', lease_second=3)\n"
+        "AzureQueueAdapter(options, store, None, None, max_recieve_count=3)\n"
+        "InProcessAdapter(options, **WorkerOptions(concurrency=4, lease_seconds=2.5))\n"
+        "SqsAdapter(options, store, None, None, 'url', context_table_name='t', batch_size=5)\n")
+    monkeypatch.setenv("MYPYPATH", str(Path(__file__).resolve().parents[1] / "src"))
+    stdout, _, _ = api.run([str(usage), "--cache-dir", str(tmp_path / "cache"),
+                            "--ignore-missing-imports", "--no-error-summary"])
+    errors = sorted(line.split(": error: ")[0].rsplit(":", 1)[1] + ": " +
+                    line.split(": error: ")[1].split("  [")[0]
+                    for line in stdout.splitlines()
+                    if line.startswith(str(usage)) and ": error: " in line)
+    assert errors == [
+        '10: Unexpected keyword argument "lease_second" for "SqsAdapter"; did you mean '
+        '"lease_seconds"?',
+        '11: Unexpected keyword argument "max_recieve_count" for "AzureQueueAdapter"; '
+        'did you mean "max_receive_count"?',
+        '8: Unexpected keyword argument "concurency" for "InProcessAdapter"; did you mean '
+        '"concurrency"?',
+        '9: Argument "concurrency" to "InProcessAdapter" has incompatible type "str"; '
+        'expected "int"',
+    ], stdout

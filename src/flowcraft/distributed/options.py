@@ -18,7 +18,7 @@ class WorkerOptions(TypedDict, total=False):
     """Options of a worker, all optional (defaults in ``BaseDistributedAdapter``).
 
     ``WorkerOptions(concurrency=4, lease_seconds=30)`` builds one; pass it as
-    ``SqsAdapter(..., **options)`` or ``Worker(..., options=options)``.
+    ``SqsAdapter(..., **options)`` or ``Worker.from_env(..., **options)``.
     """
 
     concurrency: int
