@@ -306,3 +306,20 @@ def test_a_misspelt_or_mistyped_option_is_a_type_checker_error(tmp_path: Path,
         '9: Argument "concurrency" to "InProcessAdapter" has incompatible type "str"; '
         'expected "int"',
     ], stdout
+
+
+async def test_every_adapter_still_takes_an_event_bus_by_keyword(aws: Any, azure: Any) -> None:
+    from flowcraft import InMemoryEventBus
+    from flowcraft.adapters.aws import SqsAdapter
+    from flowcraft.adapters.azure import AzureQueueAdapter
+    from flowcraft.distributed import InMemoryCoordinationStore
+
+    runtime = FlowRuntime()
+    bus = InMemoryEventBus()
+    assert InProcessAdapter(runtime.options, event_bus=bus).event_bus is bus
+    sqs = SqsAdapter(runtime.options, InMemoryCoordinationStore(), aws.sqs, aws.dynamodb,
+                     aws.queue_url, event_bus=bus)
+    assert sqs.event_bus is bus
+    queue = AzureQueueAdapter(runtime.options, InMemoryCoordinationStore(), azure.queue,
+                              azure.cosmos, azure.database, event_bus=bus)
+    assert queue.event_bus is bus

@@ -31,6 +31,7 @@ from ...distributed.adapter import BaseDistributedAdapter, QueueMessage
 from ...distributed.coordination import CoordinationStore
 from ...distributed.job import JobPayload
 from ...distributed.options import WorkerOptions, check_option_names
+from ...events import EventBus
 from ...runtime.runtime import RuntimeOptions
 from .._worker import InFlightReceives, check_worker_options
 from ._dynamo import Expression, from_item
@@ -60,11 +61,13 @@ class SqsAdapter(BaseDistributedAdapter):
         queue_url: str,
         context_table_name: str = "flowcraft-contexts",
         status_table_name: str = "flowcraft-statuses",
+        *,
+        event_bus: EventBus | None = None,
         **options: Unpack[WorkerOptions],
     ) -> None:
-        check_option_names("SqsAdapter", options)
+        check_option_names("SqsAdapter", options, extra=("event_bus",))
         check_worker_options(options, max_lease_seconds=self.max_visibility_seconds)
-        super().__init__(runtime_options, coordination_store, **options)
+        super().__init__(runtime_options, coordination_store, event_bus, **options)
         if not queue_url:
             raise ValueError("SqsAdapter needs a queue_url (set SQS_QUEUE_URL)")
         self.sqs = sqs_client

@@ -30,6 +30,7 @@ from ...distributed.adapter import BaseDistributedAdapter, QueueMessage
 from ...distributed.coordination import CoordinationStore
 from ...distributed.job import JobPayload
 from ...distributed.options import WorkerOptions, check_option_names
+from ...events import EventBus
 from ...runtime.runtime import RuntimeOptions
 from .._worker import InFlightReceives, check_worker_options
 from ._cosmos import literal, pointer, status_code, strip_system, with_throttling_retries
@@ -61,15 +62,16 @@ class AzureQueueAdapter(BaseDistributedAdapter):
         *,
         max_poll_interval: float = 1.0,
         poison_queue_client: Any = None,
+        event_bus: EventBus | None = None,
         **options: Unpack[WorkerOptions],
     ) -> None:
         check_option_names("AzureQueueAdapter", options,
-                           extra=("max_poll_interval", "poison_queue_client"))
+                           extra=("max_poll_interval", "poison_queue_client", "event_bus"))
         options.setdefault("batch_size", 32)
         check_worker_options({**options, "max_poll_interval": max_poll_interval},
                              max_lease_seconds=self.max_visibility_seconds,
                              extra={"max_poll_interval": (0, None, False, False)})
-        super().__init__(runtime_options, coordination_store, **options)
+        super().__init__(runtime_options, coordination_store, event_bus, **options)
         self.queue = queue_client
         self.cosmos_client = cosmos_client
         self.cosmos_database_name = cosmos_database_name
