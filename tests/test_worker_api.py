@@ -323,3 +323,12 @@ async def test_every_adapter_still_takes_an_event_bus_by_keyword(aws: Any, azure
     queue = AzureQueueAdapter(runtime.options, InMemoryCoordinationStore(), azure.queue,
                               azure.cosmos, azure.database, event_bus=bus)
     assert queue.event_bus is bus
+
+
+async def test_hooks_given_as_a_generator_all_run() -> None:
+    ran: list[str] = []
+    _, adapter = flow_and_adapter()
+    hooks = (lambda deps, n=n: ran.append(f"start {n}") for n in (1, 2))
+    async with Worker(adapter, on_startup=hooks):
+        pass
+    assert ran == ["start 1", "start 2"]

@@ -94,15 +94,15 @@ class Worker:
         else:
             raise TypeError(f"Worker: adapter must be an adapter or a factory opening one, "
                             f"not {type(adapter).__name__}")
-        for kind, hooks in (("on_startup", on_startup), ("on_shutdown", on_shutdown)):
+        self.on_startup = list(on_startup)
+        self.on_shutdown = list(on_shutdown)
+        for kind, hooks in (("on_startup", self.on_startup), ("on_shutdown", self.on_shutdown)):
             for hook in hooks:
                 if not callable(hook):
                     raise TypeError(f"Worker: {kind} holds {hook!r}, which is not callable")
         self.runtime_options = runtime_options
         self._dependency_source = dependencies
-        self.on_startup = list(on_startup)
-        self.on_shutdown = list(on_shutdown)
-        self.name = name or type(self._adapter).__name__ if self._adapter else name or "worker"
+        self.name = name or (type(self._adapter).__name__ if self._adapter else "worker")
         self._announce = announce or (lambda text: logger.info("%s", text))
         self._stack: contextlib.AsyncExitStack | None = None
         self._stop_requested = asyncio.Event()
