@@ -47,21 +47,7 @@ def load_registry(specs: Sequence[str]) -> dict[str, Any]:
     for spec in specs:
         module_name, _, attr = spec.partition(":")
         attr = attr or "registry"
-        try:
-            if module_name.endswith(".py"):
-                path = Path(module_name)
-                if not path.is_file():
-                    raise UsageError(f"--registry {spec}: no file {path}")
-                loader_spec = importlib.util.spec_from_file_location(path.stem, path)
-                assert loader_spec and loader_spec.loader
-                module = importlib.util.module_from_spec(loader_spec)
-                sys.modules[path.stem] = module
-                loader_spec.loader.exec_module(module)
-            else:
-                module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise UsageError(f"--registry {spec}: cannot import {module_name} ({exc})") from None
-        value = getattr(module, attr, None)
+        value = getattr(_import_spec_module("--registry", spec, module_name), attr, None)
         if value is None:
             raise UsageError(f"--registry {spec}: {module_name} has no attribute '{attr}'")
         if hasattr(value, "registry") and callable(value.registry):
@@ -72,6 +58,26 @@ def load_registry(specs: Sequence[str]) -> dict[str, Any]:
             raise UsageError(f"--registry {spec}: expected a dict of uses key -> implementation")
         registry.update(value)
     return registry
+
+
+def _import_spec_module(flag: str, spec: str, module_name: str) -> Any:
+    """The module of a ``module:attr`` or ``path/to/file.py:attr`` flag value."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise UsageError(f"{flag} {spec}: no file {path}")
+            loader_spec = importlib.util.spec_from_file_location(path.stem, path)
+            assert loader_spec and loader_spec.loader
+            module = importlib.util.module_from_spec(loader_spec)
+            sys.modules[path.stem] = module
+            loader_spec.loader.exec_module(module)
+            return module
+        return importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(f"{flag} {spec}: cannot import {module_name} ({exc})") from None
 
 
 def parse_context(text: str | None) -> dict[str, Any]:
@@ -360,54 +366,48 @@ WORKER_CALLS_PREFIX = "flowcraft worker: service calls "
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    import signal
+    from .worker import Worker
 
     _check_number("--concurrency", args.concurrency, least=1)
     _check_number("--lease-seconds", args.lease_seconds, least=0, exclusive=True,
                   greatest=_MAX_LEASE_SECONDS[args.backend])
     _check_number("--poll-seconds", args.poll_seconds, least=1, greatest=20)
     options = _runtime_options(args)
+    dependencies = load_dependencies(args.dependencies) if args.dependencies else None
 
     calls: Counter[str] = Counter()
 
-    async def work() -> None:
-        from .observability import HealthServer, worker_ready_check
+    def announce(text: str) -> None:
+        print(text, flush=True)
 
-        async with _adapter(args, options, calls=calls, concurrency=args.concurrency,
-                            lease_seconds=args.lease_seconds,
-                            poll_wait_seconds=args.poll_seconds) as adapter:
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(signum, stop.set)
-            health = None
-            if args.health_port is not None:
-                health = HealthServer(args.health_port, args.health_host,
-                                      ready_check=worker_ready_check(adapter))
-                await health.start()
-                print(f"flowcraft worker: health on http://{args.health_host}:{health.port}"
-                      " (/healthz, /readyz, /metrics)", flush=True)
-            await adapter.start()
-            print(f"flowcraft worker ({args.backend}) {adapter.worker_id}: "
-                  f"{len(options.blueprints)} blueprint(s), concurrency {args.concurrency}",
-                  flush=True)
-            await stop.wait()
-            print("flowcraft worker: stopping (finishing running jobs and the open receive; "
-                  "signal again to quit at once)", flush=True)
-            stopping = loop.create_task(adapter.stop())
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(signum, stopping.cancel)
-            try:
-                await stopping
-            except asyncio.CancelledError:
-                # Messages still held reappear after their visibility timeout.
-                print("flowcraft worker: stopped without waiting", flush=True)
-            if health is not None:
-                await health.stop()
-            print(f"{WORKER_CALLS_PREFIX}{json.dumps(dict(calls), sort_keys=True)}", flush=True)
+    worker = Worker.from_env(
+        args.backend, registry=options.registry, blueprints=options.blueprints,
+        dependencies=dependencies, settings=_settings(args), calls=calls, announce=announce,
+        health_port=args.health_port, health_host=args.health_host,
+        concurrency=args.concurrency, lease_seconds=args.lease_seconds,
+        poll_wait_seconds=args.poll_seconds)
+
+    async def work() -> None:
+        await worker.run()
+        announce(f"{WORKER_CALLS_PREFIX}{json.dumps(dict(calls), sort_keys=True)}")
 
     asyncio.run(work())
     return 0
+
+
+def load_dependencies(spec: str) -> Any:
+    """``--dependencies MODULE:FACTORY`` (or ``file.py:FACTORY``): a mapping, or a callable
+    returning one — directly, awaited, or as an async context manager."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise UsageError(f"--dependencies {spec}: use MODULE:FACTORY (or path/to/file.py:FACTORY)")
+    value = getattr(_import_spec_module("--dependencies", spec, module_name), attr, None)
+    if value is None:
+        raise UsageError(f"--dependencies {spec}: {module_name} has no attribute '{attr}'")
+    if not callable(value) and not isinstance(value, Mapping):
+        raise UsageError(f"--dependencies {spec}: expected a mapping or a factory returning "
+                         f"one, got {type(value).__name__}")
+    return value
 
 
 def cmd_start(args: argparse.Namespace) -> int:
@@ -582,6 +582,9 @@ def _register_cloud_commands(commands: Any) -> None:
     worker.add_argument("--poll-seconds", type=float, default=20.0,
                         help="longest wait of one receive on an empty queue; a stopping "
                              "worker waits for it (20)")
+    worker.add_argument("--dependencies", metavar="MODULE:FACTORY",
+                        help="objects for nodes (ctx.dependencies): a mapping, or a factory "
+                             "returning one or an async context manager yielding one")
     worker.set_defaults(handler=cmd_worker)
 
     start = commands.add_parser("start", help="start a run; prints its id")

@@ -5,6 +5,7 @@ from .context import Claim, ClaimStatus, DistributedContext, InMemoryRunStore
 from .coordination import CoordinationStore, InMemoryCoordinationStore
 from .inprocess import InProcessAdapter, InProcessQueue
 from .job import JobPayload, parse_job
+from .options import WorkerOptions
 from .reconciler import Reconciler, ReconcileStats
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "QueueMessage",
     "ReconcileStats",
     "Reconciler",
+    "WorkerOptions",
     "parse_job",
     "parse_timestamp",
 ]

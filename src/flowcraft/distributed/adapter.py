@@ -518,11 +518,42 @@ class BaseDistributedAdapter(abc.ABC):
     # The job algorithm
     # ==========================================================================================
 
-    async def handle_job(self, job: JobPayload | Mapping[str, Any] | str) -> JobOutcome:
-        """Process one job (for serverless handlers that receive messages themselves)."""
+    async def handle_job(self, job: JobPayload | Mapping[str, Any] | str | bytes, *,
+                         requeue_deferred: bool = True) -> JobOutcome:
+        """Process one job (for serverless handlers that receive messages themselves).
+
+        A job that must wait (its node is leased elsewhere, the run needs another
+        blueprint version or a blueprint this worker lacks) is never dropped: it is sent
+        again with the delay the wait needs and ``"requeued"`` returned, so the caller
+        acknowledges the incoming message. With ``requeue_deferred=False`` it returns
+        ``"deferred"`` instead and the caller must have the message delivered again.
+        Raises :class:`~flowcraft.errors.InvalidJobError` for a body that is not a job.
+        """
         payload = job if isinstance(job, JobPayload) else parse_job(job)  # type: ignore[arg-type]
-        outcome, _ = await self._handle(payload, message_id=None)
+        outcome, delay = await self._handle(payload, message_id=None)
+        if outcome == "deferred" and requeue_deferred:
+            await self._send_jobs([payload], min(delay, self.max_delay_seconds))
+            return "requeued"
         return outcome
+
+    async def handle_message(self, message: QueueMessage, *,
+                             requeue_deferred: bool = False) -> tuple[JobOutcome, float]:
+        """Process one received message as the polling loop does, for handlers that are
+        given messages (a Lambda SQS event, a Functions queue trigger).
+
+        Unlike :meth:`handle_job`, an unreadable message is dead-lettered (its run failed
+        where it names one) and ``"dropped"`` returned, and the receive count is checked
+        (hard limit; a job that only waited goes back as a fresh message before its count
+        runs out). A message with ``handle=None`` is owned by the trigger: it is never
+        deleted here. Returns the outcome and, for ``"deferred"``, the seconds to wait;
+        with ``requeue_deferred`` a deferred job is sent again with that delay instead
+        (``"requeued"``).
+        """
+        outcome, delay = await self._handle_message(message)
+        if outcome == "deferred" and requeue_deferred:
+            await self._send_jobs([parse_job(message.body)], min(delay, self.max_delay_seconds))
+            return "requeued", 0.0
+        return outcome, delay
 
     async def _handle(self, job: JobPayload, *, message_id: str | None,
                       message: QueueMessage | None = None) -> tuple[JobOutcome, float]:

@@ -18,13 +18,15 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Unpack
 
+from ..events import EventBus
 from ..runtime.runtime import RuntimeOptions
 from .adapter import BaseDistributedAdapter, QueueMessage
 from .context import InMemoryRunStore
 from .coordination import CoordinationStore, InMemoryCoordinationStore
 from .job import JobPayload
+from .options import WorkerOptions, check_option_names
 
 
 @dataclass
@@ -139,11 +141,14 @@ class InProcessAdapter(BaseDistributedAdapter):
         queue: InProcessQueue | None = None,
         store: InMemoryRunStore | None = None,
         statuses: dict[str, dict[str, Any]] | None = None,
-        **options: Any,
+        event_bus: EventBus | None = None,
+        **options: Unpack[WorkerOptions],
     ) -> None:
+        check_option_names("InProcessAdapter", options,
+                           extra=("queue", "store", "statuses", "event_bus"))
         options.setdefault("poll_wait_seconds", 0.2)
         super().__init__(runtime_options, coordination_store or InMemoryCoordinationStore(),
-                         **options)
+                         event_bus, **options)
         self.queue = queue if queue is not None else InProcessQueue()
         self.store = store if store is not None else InMemoryRunStore()
         self.statuses = statuses if statuses is not None else {}

@@ -25,11 +25,13 @@ import json
 import logging
 import math
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Unpack
 
 from ...distributed.adapter import BaseDistributedAdapter, QueueMessage
 from ...distributed.coordination import CoordinationStore
 from ...distributed.job import JobPayload
+from ...distributed.options import WorkerOptions, check_option_names
+from ...events import EventBus
 from ...runtime.runtime import RuntimeOptions
 from .._worker import InFlightReceives, check_worker_options
 from ._dynamo import Expression, from_item
@@ -42,8 +44,9 @@ class SqsAdapter(BaseDistributedAdapter):
     """A worker (and client) over SQS + DynamoDB.
 
     ``sqs_client`` and ``dynamodb_client`` are aiobotocore clients; see
-    ``docs/aws.md`` for a complete worker. Other keyword arguments are
-    :class:`BaseDistributedAdapter`'s (``concurrency``, ``lease_seconds``, ...).
+    ``docs/aws.md`` for a complete worker. Other keyword arguments are the
+    :class:`~flowcraft.distributed.options.WorkerOptions` (``concurrency``,
+    ``lease_seconds``, ...); an unknown one is a ``TypeError``.
     """
 
     max_delay_seconds = 900.0
@@ -58,10 +61,13 @@ class SqsAdapter(BaseDistributedAdapter):
         queue_url: str,
         context_table_name: str = "flowcraft-contexts",
         status_table_name: str = "flowcraft-statuses",
-        **options: Any,
+        *,
+        event_bus: EventBus | None = None,
+        **options: Unpack[WorkerOptions],
     ) -> None:
+        check_option_names("SqsAdapter", options, extra=("event_bus",))
         check_worker_options(options, max_lease_seconds=self.max_visibility_seconds)
-        super().__init__(runtime_options, coordination_store, **options)
+        super().__init__(runtime_options, coordination_store, event_bus, **options)
         if not queue_url:
             raise ValueError("SqsAdapter needs a queue_url (set SQS_QUEUE_URL)")
         self.sqs = sqs_client
@@ -168,7 +174,8 @@ class SqsAdapter(BaseDistributedAdapter):
                 MessageAttributes={"flowcraftError": {"DataType": "String",
                                                       "StringValue": reason[:1000]}},
             )
-        await self.sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=message.handle)
+        if message.handle is not None:  # None: a Lambda trigger owns the message
+            await self.sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=message.handle)
 
     async def _dead_letter_queue(self) -> str | None:
         """The URL of the queue's dead-letter queue (from its ``RedrivePolicy``), looked up

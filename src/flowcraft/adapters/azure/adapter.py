@@ -24,11 +24,13 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Unpack
 
 from ...distributed.adapter import BaseDistributedAdapter, QueueMessage
 from ...distributed.coordination import CoordinationStore
 from ...distributed.job import JobPayload
+from ...distributed.options import WorkerOptions, check_option_names
+from ...events import EventBus
 from ...runtime.runtime import RuntimeOptions
 from .._worker import InFlightReceives, check_worker_options
 from ._cosmos import literal, pointer, status_code, strip_system, with_throttling_retries
@@ -41,8 +43,8 @@ class AzureQueueAdapter(BaseDistributedAdapter):
     """A worker (and client) over Azure Queue Storage + Cosmos DB (+ Redis coordination).
 
     ``queue_client`` is an ``azure.storage.queue.aio.QueueClient``, ``cosmos_client`` an
-    ``azure.cosmos.aio.CosmosClient``. Other keyword arguments are
-    :class:`BaseDistributedAdapter`'s.
+    ``azure.cosmos.aio.CosmosClient``. Other keyword arguments are the
+    :class:`~flowcraft.distributed.options.WorkerOptions`; an unknown one is a ``TypeError``.
     """
 
     max_delay_seconds = 7 * 24 * 3600.0
@@ -60,13 +62,16 @@ class AzureQueueAdapter(BaseDistributedAdapter):
         *,
         max_poll_interval: float = 1.0,
         poison_queue_client: Any = None,
-        **options: Any,
+        event_bus: EventBus | None = None,
+        **options: Unpack[WorkerOptions],
     ) -> None:
+        check_option_names("AzureQueueAdapter", options,
+                           extra=("max_poll_interval", "poison_queue_client", "event_bus"))
         options.setdefault("batch_size", 32)
         check_worker_options({**options, "max_poll_interval": max_poll_interval},
                              max_lease_seconds=self.max_visibility_seconds,
                              extra={"max_poll_interval": (0, None, False, False)})
-        super().__init__(runtime_options, coordination_store, **options)
+        super().__init__(runtime_options, coordination_store, event_bus, **options)
         self.queue = queue_client
         self.cosmos_client = cosmos_client
         self.cosmos_database_name = cosmos_database_name
@@ -166,7 +171,8 @@ class AzureQueueAdapter(BaseDistributedAdapter):
             "utf-8", "replace")
         await poison.send_message(body)
         logger.error("message %s moved to %s: %s", message.message_id, poison.queue_name, reason)
-        await self._delete([message])
+        if message.handle is not None:  # None: a Functions trigger owns the message
+            await self._delete([message])
 
     async def _poison(self) -> Any:
         if self._poison_queue is None:
