@@ -1,0 +1,259 @@
+"""The run view (``flowcraft ui``): its JSON API over the in-process backend, then the page
+in a real Chromium against runs on the local AWS stack (moto) with workers in this process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from flowcraft import Flow, FlowRuntime, NodeContext
+from flowcraft.distributed.inprocess import InProcessAdapter
+from flowcraft.ui import AdapterRunSource, cancel_run
+from flowcraft.ui.app import create_app
+
+
+def slow(seconds: float, output: Any = None) -> Any:
+    async def node(ctx: NodeContext) -> Any:
+        await asyncio.sleep(seconds)
+        return output if output is not None else ctx.input
+    return node
+
+
+async def boom(ctx: NodeContext) -> Any:
+    raise ValueError("card declined")
+
+
+def shop(delay: float = 0.0, flow_id: str = "shop") -> Flow:
+    return (Flow(flow_id).node("fetch", slow(delay, {"total": 12}))
+            .node("check", slow(delay)).node("ship", slow(delay))
+            .edge("fetch", "check").edge("check", "ship"))
+
+
+@pytest.fixture
+async def worker() -> AsyncIterator[InProcessAdapter]:
+    flows = [shop(), shop(0.4, "slow"),
+             Flow("broken").node("a", slow(0, 1)).node("b", boom).edge("a", "b"),
+             Flow("gated").node("a", slow(0, 1)).wait("approve").node("done", slow(0))
+             .edge("a", "approve").edge("approve", "done", action="yes")]
+    registry = {k: v for flow in flows for k, v in flow.registry().items()}
+    runtime = FlowRuntime(blueprints={f.id: f.to_blueprint() for f in flows}, registry=registry)
+    adapter = InProcessAdapter(runtime.options, poll_wait_seconds=0.05, lease_seconds=5)
+    await adapter.start()
+    try:
+        yield adapter
+    finally:
+        await adapter.stop(timeout_seconds=5)
+
+
+async def client_for(adapter: Any, **options: Any) -> TestClient:
+    client = TestClient(TestServer(create_app(AdapterRunSource(adapter), **options)))
+    await client.start_server()
+    return client
+
+
+async def test_runs_are_listed_filtered_and_paged(worker: InProcessAdapter) -> None:
+    ids = [await worker.start_workflow("shop", {}, run_id=f"shop-{i}") for i in range(5)]
+    broken = await worker.start_workflow("broken", {}, run_id="broken-1")
+    for run_id in [*ids, broken]:
+        await worker.wait_for_result(run_id, timeout=10)
+    client = await client_for(worker)
+    try:
+        everything = await (await client.get("/api/runs")).json()
+        assert {r["run_id"] for r in everything["runs"]} == {*ids, broken}
+        assert everything["nextCursor"] is None
+        failed = await (await client.get("/api/runs?status=failed")).json()
+        assert [(r["run_id"], r["status"]) for r in failed["runs"]] == [("broken-1", "failed")]
+        shops = await (await client.get("/api/runs?blueprint=shop")).json()
+        assert {r["blueprint_id"] for r in shops["runs"]} == {"shop"}
+        seen: list[str] = []
+        cursor = ""
+        while True:
+            page = await (await client.get(f"/api/runs?limit=2&cursor={cursor}")).json()
+            assert len(page["runs"]) <= 2
+            seen += [r["run_id"] for r in page["runs"]]
+            if not page["nextCursor"]:
+                break
+            cursor = page["nextCursor"]
+        assert sorted(seen) == sorted([*ids, broken])  # every run once, across the pages
+        for bad in ("status=lost", "limit=0", "limit=x", "cursor=abc"):
+            response = await client.get(f"/api/runs?{bad}")
+            assert response.status == 400, bad
+            assert (await response.json())["error"]
+    finally:
+        await client.close()
+
+
+async def test_a_run_shows_its_nodes_graph_and_failure(worker: InProcessAdapter) -> None:
+    run_id = await worker.start_workflow("broken", {})
+    await worker.wait_for_result(run_id, timeout=10)
+    client = await client_for(worker)
+    try:
+        view = await (await client.get(f"/api/runs/{run_id}")).json()
+        assert view["status"] == "failed"
+        assert view["blueprintId"] == "broken"
+        assert view["nodes"]["a"]["state"] == "done"
+        assert view["nodes"]["b"]["state"] == "failed"
+        assert "card declined" in view["nodes"]["b"]["error"]
+        assert any("card declined" in e for e in view["errors"])
+        assert [(e["source"], e["target"]) for e in view["graph"]["edges"]] == [("a", "b")]
+        missing = await client.get("/api/runs/nope")
+        assert missing.status == 404
+        assert "nope" in (await missing.json())["error"]
+    finally:
+        await client.close()
+
+
+async def test_actions_are_refused_unless_allowed(worker: InProcessAdapter) -> None:
+    run_id = await worker.start_workflow("gated", {})
+    await worker.wait_for_result(run_id, timeout=10)
+    client = await client_for(worker)
+    try:
+        for action in ("cancel", "resume"):
+            response = await client.post(f"/api/runs/{run_id}/{action}", json={})
+            assert response.status == 403
+            assert "--allow-actions" in (await response.json())["error"]
+        assert (await worker.get_run_status(run_id))["status"] == "awaiting"
+    finally:
+        await client.close()
+
+
+async def test_resume_with_an_action_completes_an_awaiting_run(worker: InProcessAdapter) -> None:
+    run_id = await worker.start_workflow("gated", {})
+    await worker.wait_for_result(run_id, timeout=10)
+    client = await client_for(worker, allow_actions=True)
+    try:
+        view = await (await client.get(f"/api/runs/{run_id}")).json()
+        assert view["nodes"]["approve"]["state"] == "awaiting"
+        assert view["awaitingNodeIds"] == ["approve"]
+        response = await client.post(f"/api/runs/{run_id}/resume", json={
+            "nodeId": "approve", "action": "yes", "data": {"by": "ada"}})
+        assert response.status == 200, await response.text()
+        result = await worker.wait_for_result(run_id, timeout=10)
+        assert result.status == "completed"
+        view = await (await client.get(f"/api/runs/{run_id}")).json()
+        assert view["nodes"]["approve"]["output"] == {"by": "ada"}
+        assert view["nodes"]["done"]["state"] == "done"
+        again = await client.post(f"/api/runs/{run_id}/resume", json={"nodeId": "approve"})
+        assert again.status == 409  # nothing awaits any more: said, not a server error
+        assert "not awaiting" in (await again.json())["error"]
+    finally:
+        await client.close()
+
+
+async def test_actions_take_only_json_from_the_pages_own_origin(
+    worker: InProcessAdapter,
+) -> None:
+    run_id = await worker.start_workflow("gated", {})
+    await worker.wait_for_result(run_id, timeout=10)
+    client = await client_for(worker, allow_actions=True)
+    try:
+        form = await client.post(f"/api/runs/{run_id}/cancel", data={"reason": "x"})
+        assert form.status == 400
+        foreign = await client.post(f"/api/runs/{run_id}/cancel", json={},
+                                    headers={"Origin": "http://evil.example"})
+        assert foreign.status == 403
+        assert (await worker.get_run_status(run_id))["status"] == "awaiting"
+    finally:
+        await client.close()
+
+
+async def test_cancel_stops_a_running_run_and_keeps_a_finished_ones_outcome(
+    worker: InProcessAdapter,
+) -> None:
+    run_id = await worker.start_workflow("slow", {})
+    client = await client_for(worker, allow_actions=True)
+    try:
+        response = await client.post(f"/api/runs/{run_id}/cancel", json={"reason": "test"})
+        assert response.status == 200, await response.text()
+        status = await worker.get_run_status(run_id)
+        assert status["status"] == "cancelled"
+        assert status["cancelReason"] == "test"
+        data = await worker.create_context(run_id).load()
+        assert data["_flowcraft.run"] == {"status": "cancelled", "reason": "test"}
+        done = await worker.start_workflow("shop", {})
+        await worker.wait_for_result(done, timeout=10)
+        refused = await client.post(f"/api/runs/{done}/cancel", json={})
+        assert refused.status == 409
+        assert (await worker.get_run_status(done))["status"] == "completed"
+    finally:
+        await client.close()
+
+
+async def test_cancelled_runs_jobs_are_dropped_by_workers() -> None:
+    flow = shop(delay=0.3)
+    runtime = FlowRuntime(blueprints={"shop": flow.to_blueprint()}, registry=flow.registry())
+    adapter = InProcessAdapter(runtime.options, poll_wait_seconds=0.05, lease_seconds=5,
+                               local_continuation=False)
+    await adapter.start()
+    try:
+        run_id = await adapter.start_workflow("shop", {})
+        await asyncio.sleep(0.1)  # fetch is running
+        assert await cancel_run(adapter, run_id, "enough")
+        await asyncio.sleep(1.2)  # long enough for check and ship, had they run
+        data = await adapter.create_context(run_id).load() or {}
+        assert "_outputs.ship" not in data
+        assert (await adapter.get_run_status(run_id))["status"] == "cancelled"
+    finally:
+        await adapter.stop(timeout_seconds=5)
+
+
+async def test_an_awaiting_run_can_be_cancelled(worker: InProcessAdapter) -> None:
+    run_id = await worker.start_workflow("gated", {})
+    await worker.wait_for_result(run_id, timeout=10)
+    assert await cancel_run(worker, run_id, "declined")
+    assert (await worker.get_run_status(run_id))["status"] == "cancelled"
+
+
+async def test_events_stream_sends_the_run_view_as_it_changes(worker: InProcessAdapter) -> None:
+    run_id = await worker.start_workflow("gated", {})
+    await worker.wait_for_result(run_id, timeout=10)
+    client = TestClient(TestServer(create_app(AdapterRunSource(worker), poll_seconds=0.05)))
+    await client.start_server()
+    try:
+        response = await client.get(f"/api/runs/{run_id}/events")
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        first = await _next_event(response)
+        assert first["nodes"]["approve"]["state"] == "awaiting"
+        await worker.resume_with_action(run_id, action="yes", node_id="approve")
+        while True:
+            view = await _next_event(response)
+            if view["status"] == "completed":
+                break
+        assert view["nodes"]["done"]["state"] == "done"
+        response.close()
+    finally:
+        await client.close()
+
+
+async def _next_event(response: Any) -> dict[str, Any]:
+    lines: list[str] = []
+    while True:
+        line = (await asyncio.wait_for(response.content.readline(), 10)).decode().rstrip("\n")
+        if not line and lines:
+            break
+        if line:
+            lines.append(line)
+    assert lines[0] == "event: run"
+    return json.loads(lines[1].removeprefix("data: "))
+
+
+async def test_the_pages_and_their_assets_are_served(worker: InProcessAdapter) -> None:
+    client = await client_for(worker)
+    try:
+        for path in ("/", "/runs/anything"):
+            page = await client.get(path)
+            assert page.status == 200
+            assert "/assets/app.js" in await page.text()
+        script = await client.get("/assets/app.js")
+        assert script.headers["Content-Type"].startswith("text/javascript")
+        assert (await client.get("/assets/style.css")).status == 200
+        assert (await client.get("/assets/..%2Fapp.py")).status == 404
+        assert (await client.get("/assets/missing.js")).status == 404
+        assert (await (await client.get("/api/config")).json()) == {"allowActions": False}
+    finally:
+        await client.close()
