@@ -528,6 +528,14 @@ class BaseDistributedAdapter(abc.ABC):
     async def _execute_claimed(self, context: DistributedContext, base_graph: Graph,
                                blueprint: WorkflowBlueprint, step: _Step) -> _Step | None:
         job, data, owner = step.job, step.data, step.owner
+        run_state = data.get(RUN_STATE_KEY)
+        if isinstance(run_state, Mapping) and run_state.get("status") in FINAL_STATUSES:
+            # A chain continued in this worker sees a cancel or failure only in the context
+            # its last commit returned: stop here as a queued job would.
+            await context.release(job.node_id, owner)
+            logger.info("run %s node %s: run is %s; not continuing", job.run_id, job.node_id,
+                        run_state.get("status"))
+            return None
         graph = graph_for(base_graph, data)
         node = graph.nodes.get(job.node_id)
         if node is None:
