@@ -4,6 +4,7 @@ in a real Chromium against runs on the local AWS stack (moto) with workers in th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -11,7 +12,8 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from flowcraft import Flow, FlowRuntime, NodeContext
+from aws_helpers import make_adapter, make_moto_dynamodb_atomic, workers
+from flowcraft import Flow, FlowRuntime, NodeContext, NodeResult
 from flowcraft.distributed.inprocess import InProcessAdapter
 from flowcraft.ui import AdapterRunSource, cancel_run
 from flowcraft.ui.app import create_app
@@ -184,11 +186,14 @@ async def test_cancel_stops_a_running_run_and_keeps_a_finished_ones_outcome(
         await client.close()
 
 
-async def test_cancelled_runs_jobs_are_dropped_by_workers() -> None:
+@pytest.mark.parametrize("local_continuation", [False, True], ids=["queued", "continued"])
+async def test_cancelled_runs_jobs_are_dropped_by_workers(local_continuation: bool) -> None:
+    # "continued": the worker that ran fetch goes on to check in the same job, without
+    # reading the run's state from a fresh claim.
     flow = shop(delay=0.3)
     runtime = FlowRuntime(blueprints={"shop": flow.to_blueprint()}, registry=flow.registry())
     adapter = InProcessAdapter(runtime.options, poll_wait_seconds=0.05, lease_seconds=5,
-                               local_continuation=False)
+                               local_continuation=local_continuation)
     await adapter.start()
     try:
         run_id = await adapter.start_workflow("shop", {})
@@ -196,6 +201,7 @@ async def test_cancelled_runs_jobs_are_dropped_by_workers() -> None:
         assert await cancel_run(adapter, run_id, "enough")
         await asyncio.sleep(1.2)  # long enough for check and ship, had they run
         data = await adapter.create_context(run_id).load() or {}
+        assert "_outputs.check" not in data
         assert "_outputs.ship" not in data
         assert (await adapter.get_run_status(run_id))["status"] == "cancelled"
     finally:
@@ -257,3 +263,134 @@ async def test_the_pages_and_their_assets_are_served(worker: InProcessAdapter) -
         assert (await (await client.get("/api/config")).json()) == {"allowActions": False}
     finally:
         await client.close()
+
+
+# =============================================================================================
+# The page in a real browser, on the local AWS stack
+# =============================================================================================
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as playwright:
+        # --no-sandbox: the test machines run as root, where Chromium's sandbox cannot start.
+        launched = await playwright.chromium.launch(executable_path=CHROMIUM,
+                                                    args=["--no-sandbox"])
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+@contextlib.asynccontextmanager
+async def run_view_server(adapter: Any, **options: Any) -> AsyncIterator[str]:
+    server = TestServer(create_app(AdapterRunSource(adapter), poll_seconds=0.2, **options),
+                        host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield str(server.make_url("/"))
+    finally:
+        await server.close()
+
+
+def node(node_id: str, state: str | None = None) -> str:
+    selector = f'svg [data-node-id="{node_id}"]'
+    return selector + (f'[data-state="{state}"]' if state else "")
+
+
+def approval_flow(delay: float) -> Flow:
+    async def review(ctx: NodeContext) -> NodeResult:
+        await asyncio.sleep(delay)
+        return NodeResult(output={"score": 7}, action="approve")
+
+    return (Flow("review").node("receive", slow(delay, {"order": 1})).node("review", review)
+            .node("ship", slow(delay)).node("reject", slow(0))
+            .edge("receive", "review").edge("review", "ship", action="approve")
+            .edge("review", "reject", action="reject"))
+
+
+@pytest.mark.integration
+async def test_the_run_page_follows_a_run_from_pending_to_completed(
+    aws: Any, browser: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    make_moto_dynamodb_atomic(monkeypatch)
+    flow = approval_flow(delay=1.0)
+    bp = flow.to_blueprint()
+    client = make_adapter(aws, [bp], flow.registry())
+    run_id = await client.start_workflow(bp, {})
+    async with run_view_server(client) as url:
+        page = await browser.new_page()
+        await page.goto(f"{url}runs/{run_id}")
+        await page.wait_for_selector(node("receive", "pending"))
+        seen: dict[str, list[str]] = {}
+        await page.expose_function("recordState", lambda n, s: seen.setdefault(n, []).append(s))
+        await page.evaluate("""() => new MutationObserver((changes) => {
+            for (const c of changes) recordState(c.target.dataset.nodeId, c.target.dataset.state);
+        }).observe(document.getElementById("graph"), {subtree: true,
+                                                      attributeFilter: ["data-state"]})""")
+        labels = await page.locator("svg .edge text").all_text_contents()
+        assert sorted(labels) == ["approve", "reject"]
+        async with workers(aws, [bp], flow.registry()):
+            await page.wait_for_selector(node("receive", "running"), timeout=15_000)
+            await page.wait_for_selector(node("review", "running"), timeout=15_000)
+            await page.wait_for_selector('.summary [data-status="completed"]', timeout=20_000)
+        states = {n: await page.get_attribute(node(n), "data-state")
+                  for n in ("receive", "review", "ship", "reject")}
+        assert states == {"receive": "done", "review": "done", "ship": "done",
+                          "reject": "skipped"}
+        for node_id in ("receive", "review", "ship"):
+            changes = [s for s in seen.get(node_id, []) if s != "pending"]
+            assert changes[:1] == ["running"] and changes[-1] == "done", (node_id, seen)
+        await page.click(node("review"))
+        assert json.loads(await page.text_content("#node-output")) == {"score": 7}
+        assert json.loads(await page.text_content("#node-input")) == {"order": 1}
+        assert await page.locator("#cancel").count() == 0  # read-only view: no actions
+
+
+@pytest.mark.integration
+async def test_a_failed_node_shows_its_error(aws: Any, browser: Any,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    make_moto_dynamodb_atomic(monkeypatch)
+    flow = Flow("payment").node("charge", boom).node("ship", slow(0)).edge("charge", "ship")
+    bp = flow.to_blueprint()
+    async with workers(aws, [bp], flow.registry()) as (worker,), run_view_server(worker) as url:
+        run_id = await worker.start_workflow(bp, {})
+        await worker.wait_for_result(run_id, timeout=20)
+        page = await browser.new_page()
+        await page.goto(url)
+        row = page.locator(f'tr[data-run-id="{run_id}"]')
+        await row.locator('[data-status="failed"]').wait_for(timeout=10_000)
+        await row.locator("a").click()
+        await page.wait_for_selector(node("charge", "failed"))
+        assert "card declined" in await page.text_content("#errors")
+        await page.click(node("charge"))
+        assert "card declined" in await page.text_content("#node-error")
+        assert await page.get_attribute(node("ship"), "data-state") == "pending"
+
+
+@pytest.mark.integration
+async def test_cancel_from_the_page_stops_the_run(aws: Any, browser: Any,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    make_moto_dynamodb_atomic(monkeypatch)
+    flow = shop(delay=1.5, flow_id="long")
+    bp = flow.to_blueprint()
+    async with workers(aws, [bp], flow.registry()) as (worker,), run_view_server(
+        worker, allow_actions=True
+    ) as url:
+        run_id = await worker.start_workflow(bp, {})
+        page = await browser.new_page()
+        page.on("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+        await page.goto(f"{url}runs/{run_id}")
+        await page.wait_for_selector(node("fetch", "running"), timeout=15_000)
+        await page.click("#cancel")
+        await page.wait_for_selector('.summary [data-status="cancelled"]', timeout=10_000)
+        await asyncio.sleep(4.5)  # check and ship would have run by now
+        assert await page.get_attribute(node("ship"), "data-state") == "pending"
+        status = await worker.get_run_status(run_id)
+        assert status["status"] == "cancelled"
+        data = await worker.create_context(run_id).load()
+        assert "_outputs.ship" not in data

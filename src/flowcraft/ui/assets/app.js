@@ -17,7 +17,7 @@ function el(tag, attrs, ...children) {
     if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
     else node.setAttribute(key, value === true ? "" : String(value));
   }
-  for (const child of children.flat()) {
+  for (const child of children.flat(Infinity)) {
     if (child === null || child === undefined || child === false) continue;
     node.append(child instanceof Node ? child : document.createTextNode(String(child)));
   }
@@ -182,8 +182,9 @@ async function runPage(main, runId) {
       el("span", { class: "muted", id: "duration" }, `duration ${duration(view.durationSeconds)}`));
     errors.hidden = !view.errors.length;
     errors.replaceChildren(...view.errors.map((e) => el("div", {}, e)));
-    const shape = JSON.stringify(view.graph);
-    if (!svg || svg.dataset.shape !== shape) {  // redraw only when the graph itself changed
+    // Redraw only when the graph itself changed (a dynamic node), not when an edge was taken.
+    const shape = JSON.stringify([view.graph.nodes, view.graph.edges.map((e) => [e.source, e.target, e.label])]);
+    if (!svg || svg.dataset.shape !== shape) {
       svg = drawGraph(view.graph, select);
       svg.dataset.shape = shape;
       graphBox.replaceChildren(svg);
