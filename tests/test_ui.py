@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -269,13 +270,14 @@ async def test_the_pages_and_their_assets_are_served(worker: InProcessAdapter) -
 # The page in a real browser, on the local AWS stack
 # =============================================================================================
 
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture
 async def browser() -> AsyncIterator[Any]:
     from playwright.async_api import async_playwright
 
+    assert CHROMIUM, "no chromium on PATH: run scripts/setup (it installs the system's Chromium)"
     async with async_playwright() as playwright:
         # --no-sandbox: the test machines run as root, where Chromium's sandbox cannot start.
         launched = await playwright.chromium.launch(executable_path=CHROMIUM,
