@@ -396,3 +396,11 @@ async def test_cancel_from_the_page_stops_the_run(aws: Any, browser: Any,
         assert status["status"] == "cancelled"
         data = await worker.create_context(run_id).load()
         assert "_outputs.ship" not in data
+
+
+async def test_a_started_run_has_a_start_time_and_a_duration(worker: InProcessAdapter) -> None:
+    run_id = await worker.start_workflow("shop", {})
+    await worker.wait_for_result(run_id, timeout=10)
+    view = await AdapterRunSource(worker).get_run(run_id)
+    assert view is not None and view.started_at is not None
+    assert view.duration_seconds is not None and 0 <= view.duration_seconds < 10

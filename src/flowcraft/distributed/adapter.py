@@ -961,8 +961,10 @@ class BaseDistributedAdapter(abc.ABC):
         if bp.version is not None:
             initial[VERSION_KEY] = bp.version
         await self.create_context(run_id).create(initial)
-        await self._write_status(run_id, {"status": "running", "lastUpdated": now_iso(),
-                                          "blueprintId": bp.id}, only_if_running=False)
+        started = now_iso()  # the run view's start time and duration
+        await self._write_status(run_id, {"status": "running", "lastUpdated": started,
+                                          "startedAt": started, "blueprintId": bp.id},
+                                 only_if_running=False)
         starts = analyze_blueprint(bp).start_node_ids
         await self._send_jobs([JobPayload(run_id, bp.id, node_id) for node_id in starts], 0)
         logger.info("run %s started (%s, start nodes %s)", run_id, bp.id, starts)
