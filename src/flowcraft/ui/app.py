@@ -22,13 +22,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from ..errors import FlowcraftError
-from .source import MAX_PAGE_SIZE, BadRequest, RunSource
+from .source import MAX_PAGE_SIZE, AdapterRunSource, BadRequest, RunSource
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 ASSET_TYPES = {".js": "text/javascript", ".css": "text/css", ".html": "text/html",
@@ -197,3 +198,25 @@ async def _resume(request: web.Request) -> web.Response:
     logger.info("run %s resumed from the run view (node %s, action %s)", run_id,
                 body.get("nodeId"), body.get("action"))
     return _json({"resumed": True, "runId": run_id, "enqueued": enqueued})
+
+
+def run_server(open_adapter: Callable[[], Any], *, host: str = "127.0.0.1", port: int = 8080,
+               allow_actions: bool = False) -> int:
+    """``flowcraft ui``: serve the view over the adapter ``open_adapter()`` returns (an async
+    context manager) until interrupted."""
+
+    async def main() -> None:
+        async with open_adapter() as adapter:
+            mode = "cancel and resume allowed" if allow_actions else "read-only"
+            print(f"flowcraft ui: http://{host}:{port}/ ({mode}); Ctrl-C stops it", flush=True)
+            if allow_actions and host not in ("127.0.0.1", "localhost", "::1"):
+                print(f"flowcraft ui: warning: anyone who can reach {host}:{port} can cancel "
+                      "and resume runs; put it behind authentication", flush=True)
+            await serve(AdapterRunSource(adapter), host=host, port=port,
+                        allow_actions=allow_actions)
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        pass
+    return 0

@@ -127,7 +127,8 @@ function drawGraph(graph, onSelect) {
     svg.append(el("svg:g", { class: `edge${edge.back ? " back" : ""}`, "data-source": edge.source,
                              "data-target": edge.target },
       el("svg:path", { d, "marker-end": "url(#arrow)" }),
-      edge.label ? el("svg:text", { x: lx, y: ly, "text-anchor": "middle" }, edge.label) : null));
+      edge.label ? el("svg:text", { x: lx, y: ly, "text-anchor": "middle" },
+        el("svg:title", {}, edge.label), edge.label.length > 26 ? `${edge.label.slice(0, 25)}…` : edge.label) : null));
   }
   for (const node of graph.nodes) {
     const label = node.id.length > 18 ? `${node.id.slice(0, 17)}…` : node.id;
