@@ -404,3 +404,44 @@ async def test_a_started_run_has_a_start_time_and_a_duration(worker: InProcessAd
     view = await AdapterRunSource(worker).get_run(run_id)
     assert view is not None and view.started_at is not None
     assert view.duration_seconds is not None and 0 <= view.duration_seconds < 10
+
+
+@pytest.mark.integration
+async def test_the_ui_command_serves_the_runs_of_a_backend(aws: Any, tmp_path: Any) -> None:
+    import socket
+    import sys
+    import urllib.request
+
+    flow = shop(flow_id="listed")
+    (tmp_path / "listed.json").write_text(json.dumps(flow.to_blueprint().to_dict()))
+    client = make_adapter(aws, [flow.to_blueprint()], flow.registry())
+    run_id = await client.start_workflow("listed", {})
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "flowcraft", "ui", "aws", "--port", str(port),
+        "--blueprints", str(tmp_path), env=aws.environment(),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        assert process.stdout is not None
+        banner = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
+        assert f"http://127.0.0.1:{port}/ (read-only)" in banner
+
+        def get(path: str) -> Any:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as reply:
+                return json.loads(reply.read())
+
+        for _ in range(50):
+            try:
+                page = await asyncio.to_thread(get, "/api/runs")
+                break
+            except OSError:
+                await asyncio.sleep(0.2)
+        assert [r["run_id"] for r in page["runs"]] == [run_id]
+        view = await asyncio.to_thread(get, f"/api/runs/{run_id}")
+        assert [n["id"] for n in view["graph"]["nodes"]] == ["fetch", "check", "ship"]
+        assert {n["state"] for n in view["nodes"].values()} == {"pending"}  # no worker yet
+    finally:
+        process.terminate()
+        await asyncio.wait_for(process.wait(), 10)
