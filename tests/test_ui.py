@@ -445,3 +445,19 @@ async def test_the_ui_command_serves_the_runs_of_a_backend(aws: Any, tmp_path: A
     finally:
         process.terminate()
         await asyncio.wait_for(process.wait(), 10)
+
+
+async def test_the_server_stops_at_once_with_an_event_stream_open(
+    worker: InProcessAdapter,
+) -> None:
+    run_id = await worker.start_workflow("gated", {})
+    await worker.wait_for_result(run_id, timeout=10)
+    server = TestServer(create_app(AdapterRunSource(worker), poll_seconds=0.05))
+    client = TestClient(server)
+    await client.start_server()
+    response = await client.get(f"/api/runs/{run_id}/events")
+    await _next_event(response)
+    started = asyncio.get_running_loop().time()
+    await server.close()
+    assert asyncio.get_running_loop().time() - started < 5
+    await client.close()

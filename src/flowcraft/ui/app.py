@@ -20,6 +20,7 @@ the view adds no dependency).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Callable
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 SOURCE_KEY = web.AppKey("source", RunSource)
 SETTINGS_KEY = web.AppKey("settings", dict)
+STOPPING_KEY = web.AppKey("stopping", asyncio.Event)
 
 
 def create_app(source: RunSource, *, allow_actions: bool = False,
@@ -46,6 +48,8 @@ def create_app(source: RunSource, *, allow_actions: bool = False,
     app = web.Application(middlewares=[_errors])
     app[SOURCE_KEY] = source
     app[SETTINGS_KEY] = {"allow_actions": allow_actions, "poll_seconds": poll_seconds}
+    app[STOPPING_KEY] = asyncio.Event()
+    app.on_shutdown.append(_stopping)
     app.router.add_get("/", _page)
     app.router.add_get("/runs/{run_id}", _page)
     app.router.add_get("/assets/{name}", _asset)
@@ -92,6 +96,12 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
         return _problem(409, str(exc))
 
 
+async def _stopping(app: web.Application) -> None:
+    # Event streams never end on their own: without this, shutting down waits out their
+    # connections (a minute) before the server stops.
+    app[STOPPING_KEY].set()
+
+
 async def _page(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(ASSETS / "index.html", headers={"Cache-Control": "no-cache"})
 
@@ -136,13 +146,14 @@ async def _events(request: web.Request) -> web.StreamResponse:
     run_id = request.match_info["run_id"]
     source = request.app[SOURCE_KEY]
     poll = request.app[SETTINGS_KEY]["poll_seconds"]
+    stopping = request.app[STOPPING_KEY]
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
     await response.prepare(request)
     last = None
     quiet = 0.0
     try:
-        while True:
+        while not stopping.is_set():
             view = await source.get_run(run_id)
             text = json.dumps(view.to_dict() if view else None, default=str)
             if text != last:
@@ -151,7 +162,8 @@ async def _events(request: web.Request) -> web.StreamResponse:
             elif quiet >= 15:
                 await response.write(b": still here\n\n")
                 quiet = 0.0
-            await asyncio.sleep(poll)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), poll)
             quiet += poll
     except (ConnectionResetError, asyncio.CancelledError):
         pass

@@ -126,9 +126,10 @@ function drawGraph(graph, onSelect) {
     const [d, lx, ly] = edgePath(places[edge.source], places[edge.target], edge.back);
     svg.append(el("svg:g", { class: `edge${edge.back ? " back" : ""}`, "data-source": edge.source,
                              "data-target": edge.target },
+      edge.label ? el("svg:title", {}, edge.label) : null,
       el("svg:path", { d, "marker-end": "url(#arrow)" }),
       edge.label ? el("svg:text", { x: lx, y: ly, "text-anchor": "middle" },
-        el("svg:title", {}, edge.label), edge.label.length > 26 ? `${edge.label.slice(0, 25)}…` : edge.label) : null));
+        edge.label.length > 26 ? `${edge.label.slice(0, 25)}…` : edge.label) : null));
   }
   for (const node of graph.nodes) {
     const label = node.id.length > 18 ? `${node.id.slice(0, 17)}…` : node.id;
