@@ -461,3 +461,41 @@ async def test_the_server_stops_at_once_with_an_event_stream_open(
     await server.close()
     assert asyncio.get_running_loop().time() - started < 5
     await client.close()
+
+
+@pytest.mark.integration
+async def test_the_source_lists_shows_and_cancels_azure_runs(azure: Any) -> None:
+    import azure_helpers
+
+    flow = shop(delay=0.5, flow_id="azure-shop")
+    bp = flow.to_blueprint()
+    async with azure_helpers.workers(azure, [bp], flow.registry()) as (worker,):
+        source = AdapterRunSource(worker)
+        done = await worker.start_workflow(bp, {})
+        await worker.wait_for_result(done, timeout=30)
+        running = await worker.start_workflow(bp, {})
+        assert await source.cancel(running, "not wanted")
+        assert not await source.cancel(done, "too late")  # a finished run keeps its outcome
+        page = await source.list_runs()
+        assert {(r.run_id, r.status) for r in page.runs} == {(done, "completed"),
+                                                             (running, "cancelled")}
+        assert [r.run_id for r in (await source.list_runs(status="cancelled")).runs] == [running]
+        view = await source.get_run(done)
+        assert view is not None
+        assert {n.state for n in view.nodes.values()} == {"done"}
+        assert view.started_at is not None and view.duration_seconds is not None
+
+
+def test_the_pages_assets_ship_in_the_wheel() -> None:
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    from flowcraft.ui.app import ASSETS
+
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]["flowcraft"]
+    assets = [f"ui/assets/{p.name}" for p in ASSETS.iterdir()]
+    assert {"ui/assets/index.html", "ui/assets/app.js", "ui/assets/style.css"} <= set(assets)
+    assert [a for a in assets if not any(fnmatch.fnmatch(a, p) for p in patterns)] == []
