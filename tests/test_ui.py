@@ -499,3 +499,23 @@ def test_the_pages_assets_ship_in_the_wheel() -> None:
     assets = [f"ui/assets/{p.name}" for p in ASSETS.iterdir()]
     assert {"ui/assets/index.html", "ui/assets/app.js", "ui/assets/style.css"} <= set(assets)
     assert [a for a in assets if not any(fnmatch.fnmatch(a, p) for p in patterns)] == []
+
+
+async def test_resume_from_the_page_completes_an_awaiting_run(
+    worker: InProcessAdapter, browser: Any,
+) -> None:
+    run_id = await worker.start_workflow("gated", {})
+    await worker.wait_for_result(run_id, timeout=10)
+    async with run_view_server(worker, allow_actions=True) as url:
+        page = await browser.new_page()
+        await page.goto(f"{url}runs/{run_id}")
+        await page.wait_for_selector(node("approve", "awaiting"))
+        assert await page.input_value("#resume-node") == "approve"
+        await page.fill("#resume-action", "yes")
+        await page.fill("#resume-data", '{"by": "ada"}')
+        await page.click("#resume")
+        await page.wait_for_selector('.summary [data-status="completed"]', timeout=15_000)
+        await page.wait_for_selector(node("done", "done"))
+        await page.click(node("approve"))
+        assert json.loads(await page.text_content("#node-output")) == {"by": "ada"}
+        assert await page.locator("#resume").count() == 0  # nothing awaits any more
