@@ -220,7 +220,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(backend=args.backend, orders=args.orders, workers=args.workers)
+    return run_demo(backend=args.backend, orders=args.orders, workers=args.workers, ui=args.ui)
 
 
 # -- cloud commands ----------------------------------------------------------------------------
@@ -526,6 +526,17 @@ async def _reconcile_every(args: argparse.Namespace, options: Any) -> int:
     return 0
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    from .runtime import RuntimeOptions
+    from .ui.app import run_server
+
+    # Blueprints draw the graphs; the registry is needed only to resume awaiting runs.
+    options = (_runtime_options(args, need_registry=False) if args.blueprints
+               else RuntimeOptions({}, {}, {}))
+    return run_server(lambda: _adapter(args, options), host=args.host, port=args.port,
+                      allow_actions=args.allow_actions)
+
+
 def _reconciler(args: argparse.Namespace, adapter: Any) -> Any:
     if args.backend == "aws":
         from .adapters.aws import create_sqs_reconciler
@@ -613,6 +624,17 @@ def _register_cloud_commands(commands: Any) -> None:
                            help="a running run not updated for this long is stalled (300)")
     reconcile.set_defaults(handler=cmd_reconcile)
 
+    ui = commands.add_parser("ui", help="a live view of runs in the browser")
+    _add_cloud_options(ui)
+    ui.add_argument("--blueprints", metavar="DIR", help="blueprint JSON files (draws graphs)")
+    ui.add_argument("--registry", action="append", default=[], metavar="MODULE:ATTR",
+                    help="node implementations (needed to resume awaiting runs)")
+    ui.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    ui.add_argument("--port", type=int, default=8080, help="port (8080)")
+    ui.add_argument("--allow-actions", action="store_true",
+                    help="let the page cancel and resume runs (read-only without)")
+    ui.set_defaults(handler=cmd_ui)
+
 
 # -- parser ------------------------------------------------------------------------------------
 
@@ -660,6 +682,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--backend", choices=DEMO_BACKENDS, default=DEFAULT_DEMO_BACKEND)
     demo.add_argument("--orders", type=int, default=6, help="how many orders to run")
     demo.add_argument("--workers", type=int, default=3, help="worker processes (distributed)")
+    demo.add_argument("--ui", action="store_true",
+                      help="serve the run view on http://127.0.0.1:8080/ until Ctrl-C")
     demo.set_defaults(handler=cmd_demo)
 
     _register_cloud_commands(commands)

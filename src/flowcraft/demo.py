@@ -12,6 +12,7 @@ and the number of SQS and DynamoDB requests the workers made.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -34,13 +35,18 @@ DEMO_BLUEPRINT = EXAMPLES_DIR / "order_pipeline.json"
 REGISTRY_SPEC = "flowcraft.examples.orders:registry"
 
 
-def run_demo(backend: str = "aws-local", orders: int = 6, workers: int = 3) -> int:
+def run_demo(backend: str = "aws-local", orders: int = 6, workers: int = 3,
+             ui: bool = False) -> int:
     if backend == "memory":
+        if ui:
+            print("flowcraft demo: --ui shows stored runs; use --backend aws-local or azure-local",
+                  file=sys.stderr)
+            return 2
         return asyncio.run(_memory_demo(orders))
     if backend == "aws-local":
-        return _aws_demo(orders, workers)
+        return _aws_demo(orders, workers, ui)
     if backend == "azure-local":
-        return _azure_demo(orders, workers)
+        return _azure_demo(orders, workers, ui)
     raise ValueError(f"unknown demo backend {backend!r}")
 
 
@@ -75,7 +81,7 @@ async def _memory_demo(order_count: int) -> int:
 # -- distributed, on local services --------------------------------------------------------------
 
 
-def _aws_demo(order_count: int, worker_count: int) -> int:
+def _aws_demo(order_count: int, worker_count: int, ui: bool = False) -> int:
     from .backends import AwsSettings, aws_adapter, aws_clients
     from .local_services import moto_server
 
@@ -92,10 +98,10 @@ def _aws_demo(order_count: int, worker_count: int) -> int:
                 return list((await provision_aws(sqs, dynamodb))["created"])
 
         return _distributed_demo("aws", settings, aws_adapter, provision, dict(os.environ),
-                                 order_count, worker_count, Path(scratch))
+                                 order_count, worker_count, Path(scratch), ui)
 
 
-def _azure_demo(order_count: int, worker_count: int) -> int:
+def _azure_demo(order_count: int, worker_count: int, ui: bool = False) -> int:
     from .backends import AzureSettings, azure_adapter, provision_azure
     from .local_services import azure_services
 
@@ -111,12 +117,12 @@ def _azure_demo(order_count: int, worker_count: int) -> int:
             return list((await provision_azure(settings))["created"])
 
         return _distributed_demo("azure", settings, azure_adapter, provision, dict(os.environ),
-                                 order_count, worker_count, Path(scratch))
+                                 order_count, worker_count, Path(scratch), ui)
 
 
 def _distributed_demo(backend: str, settings: Any, adapter_factory: Any, provision: Any,
                       env: dict[str, str], order_count: int, worker_count: int,
-                      scratch: Path) -> int:
+                      scratch: Path, ui: bool = False) -> int:
     from .runtime import FlowRuntime
 
     print(f"  provisioned: {', '.join(asyncio.run(provision())) or 'already there'}",
@@ -125,6 +131,10 @@ def _distributed_demo(backend: str, settings: Any, adapter_factory: Any, provisi
                REGISTRY_SPEC, "--blueprints", str(EXAMPLES_DIR), "--concurrency", "8",
                "--poll-seconds", "5"]  # a stopping worker waits for its open receive
     processes = _start_workers(command, env, worker_count, scratch)
+    if ui:  # the run view, in a process of its own like the workers; stopped last
+        processes.insert(0, subprocess.Popen([sys.executable, "-m", "flowcraft", "ui", backend,
+                                              "--blueprints", str(EXAMPLES_DIR)], env=env))
+        time.sleep(1.5)  # let it print its address before the runs start
     blueprint = load_blueprint(DEMO_BLUEPRINT)
     options = FlowRuntime(blueprints={blueprint.id: blueprint}).options
 
@@ -134,8 +144,10 @@ def _distributed_demo(backend: str, settings: Any, adapter_factory: Any, provisi
 
     try:
         statuses, executed, elapsed = asyncio.run(drive())
-    finally:
+    except BaseException:
         _stop_workers(processes)
+        raise
+    _stop_workers(processes[1:] if ui else processes)
     code = _summary(statuses, executed, elapsed)
     calls = _worker_calls(scratch, worker_count)
     total = sum(calls.values())
@@ -144,6 +156,11 @@ def _distributed_demo(backend: str, settings: Any, adapter_factory: Any, provisi
         print(f"service requests made by the {worker_count} workers: {total} for {executed} "
               f"node executions = {total / executed:.2f} per node (idle polling included)\n"
               f"  ({detail})")
+    if ui:
+        print("\nthe run view stays at http://127.0.0.1:8080/ ; Ctrl-C ends the demo", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            processes[0].wait()
+        _stop_workers(processes[:1])
     return code
 
 

@@ -680,6 +680,14 @@ class BaseDistributedAdapter(abc.ABC):
     async def _execute_claimed(self, context: DistributedContext, base_graph: Graph,
                                blueprint: WorkflowBlueprint, step: _Step) -> _Step | None:
         job, data, owner = step.job, step.data, step.owner
+        run_state = data.get(RUN_STATE_KEY)
+        if isinstance(run_state, Mapping) and run_state.get("status") in FINAL_STATUSES:
+            # A chain continued in this worker sees a cancel or failure only in the context
+            # its last commit returned: stop here as a queued job would.
+            await context.release(job.node_id, owner)
+            logger.info("run %s node %s: run is %s; not continuing", job.run_id, job.node_id,
+                        run_state.get("status"))
+            return None
         graph = graph_for(base_graph, data)
         node = graph.nodes[job.node_id]  # checked by job_misfit, or a successor we routed to
         limit = self.runtime_options.max_node_iterations
@@ -1246,8 +1254,10 @@ class BaseDistributedAdapter(abc.ABC):
         # A conditional create: a taken run id raises RunAlreadyExistsError here, before the
         # status record or any job is written, and the existing run is left untouched.
         await self.create_context(run_id).create(initial)
-        await self._write_status(run_id, {"status": "running", "lastUpdated": now_iso(),
-                                          "blueprintId": bp.id}, only_if_running=False)
+        started = now_iso()  # the run view's start time and duration
+        await self._write_status(run_id, {"status": "running", "lastUpdated": started,
+                                          "startedAt": started, "blueprintId": bp.id},
+                                 only_if_running=False)
         starts = analyze_blueprint(bp).start_node_ids
         with get_tracer().run_span(run_id, bp.id):
             trace = inject()  # the start nodes' spans are children of the run's
