@@ -519,3 +519,40 @@ async def test_resume_from_the_page_completes_an_awaiting_run(
         await page.click(node("approve"))
         assert json.loads(await page.text_content("#node-output")) == {"by": "ada"}
         assert await page.locator("#resume").count() == 0  # nothing awaits any more
+
+
+async def test_the_view_serves_webhook_urls_that_resume_their_node() -> None:
+    """A ``webhook`` node's URL, served under /webhooks by the run view, resumes it once;
+    a wrong token is refused. The token, not --allow-actions, protects it."""
+    flow = (Flow("hooked").node("ask", slow(0, {"amount": 5})).node("cb", "webhook")
+            .node("pay", slow(0, "paid")).edge("ask", "cb").edge("cb", "pay"))
+    runtime = FlowRuntime(blueprints={"hooked": flow.to_blueprint()}, registry=flow.registry())
+    adapter = InProcessAdapter(runtime.options, poll_wait_seconds=0.05, lease_seconds=5)
+    await adapter.start()
+    try:
+        from flowcraft.webhook import DistributedWebhookRuns
+
+        client = TestClient(TestServer(create_app(
+            AdapterRunSource(adapter), webhooks=DistributedWebhookRuns(adapter))))
+        await client.start_server()
+        try:
+            run_id = await adapter.start_workflow("hooked", {})
+            parked = await adapter.wait_for_result(run_id, timeout=10, poll_interval=0.05)
+            assert parked.status == "awaiting"
+            url = parked.context["_awaitingDetails"]["cb"]["url"]
+            token = url.rsplit("/", 1)[1]
+            path = f"/webhooks/{run_id}/cb/"
+            wrong = await client.post(path + "x" * len(token), json={"by": "eve"})
+            assert wrong.status == 403
+            answer = await client.post(path + token, json={"by": "ada"})
+            assert answer.status == 200, await answer.text()
+            assert (await answer.json())["resumed"] == ["cb"]
+            result = await adapter.wait_for_result(run_id, timeout=10, poll_interval=0.05)
+            assert result.status == "completed"
+            assert result.context["_outputs.cb"] == {"by": "ada"}
+            again = await client.post(path + token, json={"by": "ada"})
+            assert again.status == 404
+        finally:
+            await client.close()
+    finally:
+        await adapter.stop(timeout_seconds=5)

@@ -42,10 +42,23 @@ SETTINGS_KEY = web.AppKey("settings", dict)
 STOPPING_KEY = web.AppKey("stopping", asyncio.Event)
 
 
+WEBHOOK_PREFIX = "/webhooks"
+"""Where the view serves ``webhook`` nodes' URLs (``<prefix>/<run id>/<node id>/<token>``)."""
+
+
 def create_app(source: RunSource, *, allow_actions: bool = False,
-               poll_seconds: float = 1.0) -> web.Application:
-    """The web view over ``source``; SSE streams re-read a run every ``poll_seconds``."""
+               poll_seconds: float = 1.0, webhooks: Any = None) -> web.Application:
+    """The web view over ``source``; SSE streams re-read a run every ``poll_seconds``.
+
+    ``webhooks`` (a :class:`~flowcraft.webhook.WebhookRuns`) also serves the URLs of
+    ``webhook`` nodes under ``/webhooks/``: a POST resumes the node with its body. They are
+    protected by each node's token, not by ``allow_actions``."""
     app = web.Application(middlewares=[_errors])
+    if webhooks is not None:
+        from ..webhook import webhook_app
+
+        bridge = _asgi_handler(webhook_app(resume=webhooks), WEBHOOK_PREFIX)
+        app.router.add_route("*", WEBHOOK_PREFIX + "/{tail:.*}", bridge)
     app[SOURCE_KEY] = source
     app[SETTINGS_KEY] = {"allow_actions": allow_actions, "poll_seconds": poll_seconds}
     app[STOPPING_KEY] = asyncio.Event()
@@ -62,11 +75,51 @@ def create_app(source: RunSource, *, allow_actions: bool = False,
     return app
 
 
+def _asgi_handler(asgi_app: Any, prefix: str) -> Any:
+    """An aiohttp handler running an ASGI app mounted at ``prefix`` (one request, buffered)."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        raw_path = request.raw_path.split("?", 1)[0]
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+            "method": request.method, "scheme": request.scheme,
+            "path": request.path, "raw_path": raw_path.encode("latin-1"),
+            "root_path": prefix, "query_string": request.query_string.encode("latin-1"),
+            "headers": [(k.lower().encode("latin-1"), v.encode("latin-1"))
+                        for k, v in request.headers.items()],
+        }
+        sent = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal sent
+            if sent:
+                return {"type": "http.disconnect"}
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        answer: dict[str, Any] = {"status": 500, "headers": [], "body": b""}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                answer["status"] = message["status"]
+                answer["headers"] = message.get("headers", [])
+            elif message["type"] == "http.response.body":
+                answer["body"] += message.get("body", b"")
+
+        await asgi_app(scope, receive, send)
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in answer["headers"]
+                   if k.lower() != b"content-length"}
+        return web.Response(status=answer["status"], body=answer["body"], headers=headers)
+
+    return handler
+
+
 async def serve(source: RunSource, *, host: str = "127.0.0.1", port: int = 8080,
                 allow_actions: bool = False, ready: asyncio.Event | None = None,
-                stop: asyncio.Event | None = None) -> None:
+                stop: asyncio.Event | None = None, webhooks: Any = None) -> None:
     """Serve until ``stop`` is set (or forever); ``ready`` is set once listening."""
-    runner = web.AppRunner(create_app(source, allow_actions=allow_actions))
+    runner = web.AppRunner(create_app(source, allow_actions=allow_actions, webhooks=webhooks))
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)
@@ -224,8 +277,10 @@ def run_server(open_adapter: Callable[[], Any], *, host: str = "127.0.0.1", port
             if allow_actions and host not in ("127.0.0.1", "localhost", "::1"):
                 print(f"flowcraft ui: warning: anyone who can reach {host}:{port} can cancel "
                       "and resume runs; put it behind authentication", flush=True)
+            from ..webhook import DistributedWebhookRuns
+
             await serve(AdapterRunSource(adapter), host=host, port=port,
-                        allow_actions=allow_actions)
+                        allow_actions=allow_actions, webhooks=DistributedWebhookRuns(adapter))
 
     try:
         asyncio.run(main())
