@@ -85,7 +85,7 @@ class DynamoDbContext(StoredContextMethods):
         return {KEY: {"S": self.run_id}}
 
     @staticmethod
-    def _is_seed_item(item: Mapping[str, Any] | None) -> bool:
+    def _is_client_item(item: Mapping[str, Any] | None) -> bool:
         """An item written by the TypeScript client: ``{runId, context: {...}}``, no marker."""
         return (item is not None and FLAT_MARKER not in item
                 and "M" in (item.get(NESTED_CONTEXT) or {}))
@@ -93,18 +93,18 @@ class DynamoDbContext(StoredContextMethods):
     def _data(self, item: Mapping[str, Any] | None) -> dict[str, Any] | None:
         if item is None:
             return None
-        seed_layout = self._is_seed_item(item)
+        client_layout = self._is_client_item(item)
         raw = from_item(item)
         raw.pop(KEY, None)
         raw.pop(FLAT_MARKER, None)
         data = {context_key(attribute): value for attribute, value in raw.items()}
-        if seed_layout:
+        if client_layout:
             # The TypeScript client writes {runId, context: initialContext}.
             nested = data.pop(NESTED_CONTEXT)
             data = {**nested, **data}
         return data
 
-    async def _flatten_seed_item(self, item: Mapping[str, Any]) -> dict[str, Any] | None:
+    async def _flatten_client_item(self, item: Mapping[str, Any]) -> dict[str, Any] | None:
         """Move a TypeScript-client item's nested ``context`` to top-level attributes (keys already
         written at the top level win), once: of racing workers one does it."""
         nested = from_item(item)[NESTED_CONTEXT]
@@ -224,7 +224,7 @@ class DynamoDbContext(StoredContextMethods):
             add_to={attempts_key(node_id): 1} if count_attempt else None,
         )
         if item is not None:
-            data = (await self._flatten_seed_item(item) if self._is_seed_item(item)
+            data = (await self._flatten_client_item(item) if self._is_client_item(item)
                     else self._data(item))
             return Claim(ClaimStatus.CLAIMED, data, owner)
         current = await self.load()  # why the condition failed
@@ -275,8 +275,8 @@ class DynamoDbContext(StoredContextMethods):
             # A key of a TypeScript-client item may live in its nested context: flatten it first.
             response = await self.client.get_item(TableName=self.table_name, Key=self._key(),
                                                   ConsistentRead=True)
-            if self._is_seed_item(response.get("Item")):
-                await self._flatten_seed_item(response["Item"])
+            if self._is_client_item(response.get("Item")):
+                await self._flatten_client_item(response["Item"])
         expression = Expression()
         return await self._update(operations, condition=f"attribute_exists({expression.name(KEY)})",
                                   expression=expression,

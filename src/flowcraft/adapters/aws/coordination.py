@@ -1,6 +1,6 @@
 """``DynamoDbCoordinationStore``: the coordination operations on a DynamoDB table.
 
-Works on the table the seed documentation creates: partition key ``key``
+Works on the table the AWS guide creates: partition key ``key``
 (string) and TTL on the ``ttl`` attribute (epoch seconds). DynamoDB deletes
 expired items lazily (up to days later), so every read treats an item whose
 ``ttl`` has passed as absent, and every write starts such an item afresh (an

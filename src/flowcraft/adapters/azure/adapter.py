@@ -4,7 +4,7 @@ The job algorithm is :class:`~flowcraft.distributed.adapter.BaseDistributedAdapt
 this module only speaks the two services:
 
 * messages are base64 of the job JSON (what Azure Functions' queue trigger
-  expects); plain JSON text, as the seed's client sends it, is accepted too;
+  expects); plain JSON text, as the TypeScript library's client sends it, is accepted too;
 * receive: up to 32 messages per call; Queue Storage has no long polling,
   so an empty queue is polled with a backoff of up to ``max_poll_interval``; a
   stopping worker lets a GET that is on the wire finish and puts back (visibility
