@@ -1042,9 +1042,9 @@ def _number_text(value: str, helper: str) -> str:
 
 def _helper_int(budget: _Budget, value: Any) -> int:
     if isinstance(value, int | float):
-        return _check_int(int(value))
+        return int(_check_int(int(value)))
     if isinstance(value, str):
-        return _check_int(int(_number_text(value, "int")))
+        return int(_check_int(int(_number_text(value, "int"))))
     raise _EvalFailure(f"int() needs a number or a string, not {_type_name(value)}")
 
 

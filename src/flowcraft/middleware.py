@@ -66,7 +66,7 @@ def _hook(middleware: Any, name: str) -> Callable[..., Any] | None:
     # The base class's no-ops cost an await per node each: skip them.
     if getattr(type(middleware), name, None) is getattr(Middleware, name):
         return None
-    return hook
+    return hook if callable(hook) else None
 
 
 async def run_with_middleware(

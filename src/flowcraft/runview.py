@@ -77,7 +77,7 @@ class NodeView:
     awaiting: Mapping[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return _json_ready(asdict(self))
+        return dict(_json_ready(asdict(self)))
 
 
 @dataclass(frozen=True, slots=True)

@@ -739,8 +739,8 @@ class BaseDistributedAdapter(abc.ABC):
             await self._touch_status(job.run_id, job.blueprint_id)
             operations = list(tracked.deltas)
             if outcome.awaiting is not None:
-                return await self._park(context, graph, job, owner, operations,
-                                        outcome.awaiting)
+                await self._park(context, graph, job, owner, operations, outcome.awaiting)
+                return None
             if outcome.error is not None:
                 await self._fail_node(context, graph, job, owner, operations,
                                       outcome.error.message, outcome.error.to_dict())

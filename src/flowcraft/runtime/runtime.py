@@ -162,6 +162,7 @@ class RunContext(TrackedContext):
     write to it, so writes the store cannot hold are undone instead of left in the run."""
 
     __slots__ = ("_before",)
+    _before: dict[str, Any]
 
     def _remember(self, key: str) -> None:
         try:

@@ -142,7 +142,8 @@ def _problem(status: int, message: str) -> web.Response:
 @web.middleware
 async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
     try:
-        return await handler(request)
+        response: web.StreamResponse = await handler(request)
+        return response
     except BadRequest as exc:
         return _problem(400, str(exc))
     except FlowcraftError as exc:

@@ -47,7 +47,7 @@ class DynamoDbCoordinationStore:
         ttl = int(item.get(self.ttl_attribute, {}).get("N", "0"))
         if ttl and ttl <= int(time.time()):
             return None
-        return item
+        return dict(item)
 
     def _expired_condition(self, expression: Expression) -> str:
         ttl = expression.name(self.ttl_attribute)
@@ -133,7 +133,8 @@ class DynamoDbCoordinationStore:
         if item is None or "value" not in item:
             return None
         attribute = item["value"]
-        return attribute.get("S") if "S" in attribute else attribute.get("N")
+        value = attribute.get("S") if "S" in attribute else attribute.get("N")
+        return None if value is None else str(value)
 
     async def join_add(self, key: str, member: str, ttl_seconds: int) -> int:
         for _ in range(5):

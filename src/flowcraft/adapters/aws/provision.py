@@ -40,10 +40,10 @@ async def provision_aws(sqs: Any, dynamodb: Any, names: AwsNames | None = None) 
 
 async def _queue(sqs: Any, name: str, created: list[str]) -> str:
     try:
-        return (await sqs.get_queue_url(QueueName=name))["QueueUrl"]
+        return str((await sqs.get_queue_url(QueueName=name))["QueueUrl"])
     except sqs.exceptions.QueueDoesNotExist:
         pass
-    url = (await sqs.create_queue(QueueName=name))["QueueUrl"]
+    url = str((await sqs.create_queue(QueueName=name))["QueueUrl"])
     created.append(f"queue {name}")
     return url
 

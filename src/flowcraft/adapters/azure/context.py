@@ -134,8 +134,9 @@ class CosmosDbContext(StoredContextMethods):
         return len(json.dumps(item, separators=(",", ":"), ensure_ascii=False,
                               default=str).encode("utf-8"))
 
-    def _remember(self, item: Any) -> Any:
+    def _remember(self, item: Mapping[str, Any] | None) -> dict[str, Any] | None:
         if item is not None:
+            item = dict(item)
             self._size = self._measure(item)
             if "runId" in item and not self._is_nested(item):
                 self._top_level = True
@@ -289,7 +290,8 @@ class CosmosDbContext(StoredContextMethods):
                     if self._is_nested(current):
                         return await self._replace(operations, check, increments)
                     self._refused = self._data(current)
-                    if check is not None and not check(self._refused):
+                    if check is not None and (self._refused is None
+                                              or not check(self._refused)):
                         return None
                     return await self._patch(operations, where=where, check=check,
                                              add_to=increments)
