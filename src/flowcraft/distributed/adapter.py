@@ -291,6 +291,10 @@ class BaseDistributedAdapter(abc.ABC):
     max_delay_seconds: float = 900.0
     """The longest delay the queue accepts on a message (longer sleeps are chained)."""
 
+    receive_gather_seconds: float = 0.05
+    """How long a busy worker waits for more of its jobs to finish before it receives, so
+    one receive fetches several messages."""
+
     def __init__(
         self,
         runtime_options: RuntimeOptions,
@@ -409,11 +413,7 @@ class BaseDistributedAdapter(abc.ABC):
 
     async def _poll(self) -> None:
         while not self._stopping.is_set():
-            await self._slots.acquire()
-            free = 1
-            while free < self.batch_size and self._slots._value > 0:
-                await self._slots.acquire()
-                free += 1
+            free = await self._take_slots()
             try:
                 messages = await self._receive(free, self.poll_wait_seconds)
             except asyncio.CancelledError:
@@ -432,6 +432,39 @@ class BaseDistributedAdapter(abc.ABC):
                 task = asyncio.get_running_loop().create_task(self._process_message(message))
                 self._active.add(task)
                 task.add_done_callback(self._job_done)
+
+    async def _take_slots(self) -> int:
+        """Take one free job slot, then more up to ``batch_size``: those free now, and those
+        that running jobs give back within ``receive_gather_seconds``, so a busy worker asks
+        the queue for several messages at once instead of one per finished job."""
+        await self._slots.acquire()
+        free = 1
+        want = min(self.batch_size, self.concurrency)
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None
+        try:
+            while free < want:
+                if not self._slots.locked():
+                    await self._slots.acquire()
+                    free += 1
+                    continue
+                if not self._active or self._stopping.is_set():
+                    break  # nothing running will give a slot back
+                if deadline is None:
+                    deadline = loop.time() + self.receive_gather_seconds
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    await asyncio.wait_for(self._slots.acquire(), remaining)
+                except TimeoutError:
+                    break
+                free += 1
+        except asyncio.CancelledError:
+            for _ in range(free):
+                self._slots.release()
+            raise
+        return free
 
     def _job_done(self, task: asyncio.Task[None]) -> None:
         self._active.discard(task)
