@@ -110,10 +110,33 @@ _RECORD_CACHE: dict[int, tuple[Any, NodeRecord]] = {}
 _RECORD_CACHE_LIMIT = 100_000
 
 
+class StoredRecord(dict[str, Any]):
+    """A record value this process wrote, carrying its parsed form: a plain dict to JSON and
+    to every reader, but read back without parsing (runs read each record many times)."""
+
+    __slots__ = ("parsed",)
+
+    parsed: NodeRecord
+
+    def __reduce__(self) -> Any:  # copies and pickles are plain dicts: parsed when read
+        return (dict, (dict(self),))
+
+
+def _stored(value: dict[str, Any]) -> StoredRecord:
+    stored = StoredRecord(value)
+    taken = tuple(value.get("taken", ()))
+    stored.parsed = NodeRecord(count=value["n"], skipped=value.get("skipped", False),
+                               taken=taken, action=value.get("action"),
+                               failed=value.get("failed", False), taken_set=frozenset(taken))
+    return stored
+
+
 def read_record(data: Mapping[str, Any], node_id: str) -> NodeRecord | None:
     value = data.get(RECORD_PREFIX + node_id)
     if value is None:
         return None
+    if type(value) is StoredRecord:
+        return value.parsed
     cached = _RECORD_CACHE.get(id(value))
     if cached is not None and cached[0] is value:
         return cached[1]
@@ -137,15 +160,15 @@ def completed_record(
     value: dict[str, Any] = {"n": previous_count + 1, "taken": taken}
     if action is not None:
         value["action"] = action
-    return value
+    return _stored(value)
 
 
 def skipped_record(previous_count: int) -> dict[str, Any]:
-    return {"n": previous_count + 1, "skipped": True}
+    return _stored({"n": previous_count + 1, "skipped": True})
 
 
 def failed_record(previous_count: int, message: str) -> dict[str, Any]:
-    return {"n": previous_count + 1, "failed": True, "error": message}
+    return _stored({"n": previous_count + 1, "failed": True, "error": message})
 
 
 # -- routing ---------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ nodes run, ``FlowRuntime.run`` never raises: every failure is in the result.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -488,6 +489,9 @@ def _initial_data(initial_context: Mapping[str, Any] | str | None) -> dict[str, 
 
 
 class _InMemoryRun:
+    inline_successors = True
+    """A node's task runs the first successor it makes ready (off for a gated run)."""
+
     def __init__(
         self,
         engine: NodeEngine,
@@ -512,6 +516,8 @@ class _InMemoryRun:
         self.idle = asyncio.Event()
         self.limit = asyncio.Semaphore(concurrency) if concurrency else None
         self.first_arrival: dict[str, str] = {}
+        # Set while a node's result is routed: where _schedule hands the next node over.
+        self.handoff: list[tuple[str, int, dict[str, Any] | None]] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -643,28 +649,51 @@ class _InMemoryRun:
         if first_arrival is not None:
             self.first_arrival[node_id] = first_arrival
         self.running += 1
+        if self.handoff is not None and not self.handoff:
+            # The finishing node's task runs this one next: no task of its own.
+            self.handoff.append((node_id, generation, resume))
+            return
+        self._spawn(node_id, generation, resume)
+
+    def _spawn(self, node_id: str, generation: int, resume: dict[str, Any] | None) -> None:
         task = asyncio.get_running_loop().create_task(self._execute(node_id, generation, resume))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
     async def _execute(self, node_id: str, generation: int,
                        resume: dict[str, Any] | None) -> None:
-        try:
-            if self.limit is not None:
-                async with self.limit:
-                    await self._execute_node(node_id, generation, resume)
-            else:
-                await self._execute_node(node_id, generation, resume)
-        except Exception as exc:  # a bug or a bad expression: fail the run, not the loop
-            logger.exception("run %s node %s: engine error", self.run_id, node_id)
-            self.errors.append(NodeError(node_id, str(exc), 0, type(exc).__name__, self.run_id))
-        finally:
-            self.running -= 1
-            if self.running == 0:
-                self.idle.set()
+        job: tuple[str, int, dict[str, Any] | None] | None = (node_id, generation, resume)
+        while job is not None:
+            node_id, generation, resume = job
+            job = None
+            handoff: list[tuple[str, int, dict[str, Any] | None]] = []
+            try:
+                if self.limit is not None or not self.inline_successors:
+                    async with self.limit or contextlib.nullcontext():
+                        await self._execute_node(node_id, generation, resume, None)
+                else:
+                    await self._execute_node(node_id, generation, resume, handoff)
+                    if handoff:
+                        job = handoff.pop()
+            except asyncio.CancelledError:
+                self.running -= len(handoff)  # the run is torn down: they never run
+                handoff.clear()
+                raise
+            except Exception as exc:  # a bug or a bad expression: fail the run, not the loop
+                logger.exception("run %s node %s: engine error", self.run_id, node_id)
+                self.errors.append(NodeError(node_id, str(exc), 0, type(exc).__name__,
+                                             self.run_id))
+            finally:
+                for left in handoff:  # not taken over (an error, a cancellation): its own task
+                    self._spawn(*left)
+                self.running -= 1
+                if self.running == 0 and job is None:
+                    self.idle.set()
 
-    async def _execute_node(self, node_id: str, generation: int,
-                            resume: dict[str, Any] | None) -> None:
+    async def _execute_node(self, node_id: str, generation: int, resume: dict[str, Any] | None,
+                            handoff: list[Any] | None) -> None:
+        """Run one node and route its result; with ``handoff``, the first node that result
+        makes ready is put there for the caller to run next instead of in a task."""
         if self.signal.is_set():
             return
         node = self.graph.nodes[node_id]
@@ -700,6 +729,7 @@ class _InMemoryRun:
             await self._emit("node:error", nodeId=node_id, error=outcome.error.to_dict())
             return
         assert outcome.result is not None
+        self.handoff = handoff
         try:
             events = self._complete(node_id, generation, outcome.result, tracked.deltas)
         except ExpressionError as exc:  # a condition on its outgoing edges: final, as a failure
@@ -708,6 +738,8 @@ class _InMemoryRun:
             self._fail(error)
             await self._emit("node:error", nodeId=node_id, error=error.to_dict())
             return
+        finally:
+            self.handoff = None
         if self.bus is not None:
             await self._emit("node:finish", nodeId=node_id, output=outcome.result.output,
                              action=outcome.result.action)
