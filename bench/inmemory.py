@@ -607,8 +607,9 @@ def main(argv: list[str] | None = None) -> int:
                 ref_results[(shape, n)] = ref
             rows.append((shape, n, py, ref))
 
-    print()
-    print_table(rows)
+    if rows:
+        print()
+        print_table(rows)
     failures = [(who, shape, n, r) for who, results in (("python", py_results),
                                                         ("reference", ref_results))
                 for (shape, n), r in results.items() if not r.ok]

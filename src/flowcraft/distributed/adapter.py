@@ -291,9 +291,10 @@ class BaseDistributedAdapter(abc.ABC):
     max_delay_seconds: float = 900.0
     """The longest delay the queue accepts on a message (longer sleeps are chained)."""
 
-    receive_gather_seconds: float = 0.05
-    """How long a busy worker waits for more of its jobs to finish before it receives, so
-    one receive fetches several messages."""
+    receive_gather_seconds: float = 2.0
+    """The longest a busy worker waits for more of its jobs to finish before it receives (so
+    one receive fetches several messages); it waits at most half the recent mean job time,
+    so a free slot idles for a fraction of a job at worst."""
 
     def __init__(
         self,
@@ -334,6 +335,8 @@ class BaseDistributedAdapter(abc.ABC):
         self._poll_task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._slots = asyncio.Semaphore(concurrency)
+        self._job_started: dict[asyncio.Task[None], float] = {}
+        self._mean_job_seconds = 0.0
 
     # ==========================================================================================
     # Primitives a backend supplies
@@ -431,11 +434,12 @@ class BaseDistributedAdapter(abc.ABC):
             for message in messages:
                 task = asyncio.get_running_loop().create_task(self._process_message(message))
                 self._active.add(task)
+                self._job_started[task] = time.monotonic()
                 task.add_done_callback(self._job_done)
 
     async def _take_slots(self) -> int:
         """Take one free job slot, then more up to ``batch_size``: those free now, and those
-        that running jobs give back within ``receive_gather_seconds``, so a busy worker asks
+        that running jobs give back soon (see ``receive_gather_seconds``), so a busy worker asks
         the queue for several messages at once instead of one per finished job."""
         await self._slots.acquire()
         free = 1
@@ -451,7 +455,8 @@ class BaseDistributedAdapter(abc.ABC):
                 if not self._active or self._stopping.is_set():
                     break  # nothing running will give a slot back
                 if deadline is None:
-                    deadline = loop.time() + self.receive_gather_seconds
+                    deadline = loop.time() + min(self.receive_gather_seconds,
+                                                 0.5 * self._mean_job_seconds)
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
@@ -468,6 +473,9 @@ class BaseDistributedAdapter(abc.ABC):
 
     def _job_done(self, task: asyncio.Task[None]) -> None:
         self._active.discard(task)
+        started = self._job_started.pop(task, None)
+        if started is not None:  # a moving mean of how long jobs take, for _take_slots
+            self._mean_job_seconds += 0.2 * (time.monotonic() - started - self._mean_job_seconds)
         self._slots.release()
 
     async def _process_message(self, message: QueueMessage) -> None:
