@@ -122,12 +122,22 @@ class StoredRecord(dict[str, Any]):
         return (dict, (dict(self),))
 
 
+# The few shapes of ``taken`` (mostly ``(0,)``) shared by every record: large runs hold
+# one record per node.
+_TAKEN_SETS: dict[tuple[int, ...], tuple[tuple[int, ...], frozenset[int]]] = {}
+
+
 def _stored(value: dict[str, Any]) -> StoredRecord:
     stored = StoredRecord(value)
     taken = tuple(value.get("taken", ()))
+    shared = _TAKEN_SETS.get(taken)
+    if shared is None:
+        shared = (taken, frozenset(taken))
+        if len(taken) <= 4 and len(_TAKEN_SETS) < 1024:
+            _TAKEN_SETS[taken] = shared
     stored.parsed = NodeRecord(count=value["n"], skipped=value.get("skipped", False),
-                               taken=taken, action=value.get("action"),
-                               failed=value.get("failed", False), taken_set=frozenset(taken))
+                               taken=shared[0], action=value.get("action"),
+                               failed=value.get("failed", False), taken_set=shared[1])
     return stored
 
 

@@ -514,6 +514,7 @@ class _InMemoryRun:
         self.tasks: set[asyncio.Task[None]] = set()
         self.running = 0
         self.idle = asyncio.Event()
+        self.idle_waiter: asyncio.Future[None] | None = None
         self.limit = asyncio.Semaphore(concurrency) if concurrency else None
         self.first_arrival: dict[str, str] = {}
         # Set while a node's result is routed: where _schedule hands the next node over.
@@ -600,18 +601,33 @@ class _InMemoryRun:
 
     async def _wait_until_idle(self) -> None:
         """Wait for the running nodes; when the run is cancelled, cancel them instead."""
-        idle = asyncio.ensure_future(self.idle.wait())
-        cancelled = asyncio.ensure_future(self.signal.wait())
+        # One future, woken by the last node or by the signal: no tasks to wait with.
+        loop = asyncio.get_running_loop()
+        woken: asyncio.Future[None] = loop.create_future()
+        self.idle_waiter = woken
+
+        def wake_from_any_thread() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop may be closed by now
+                loop.call_soon_threadsafe(_wake, woken)
+
+        self.signal.add_callback(wake_from_any_thread)
         try:
-            await asyncio.wait((idle, cancelled), return_when=asyncio.FIRST_COMPLETED)
+            if not self.idle.is_set():
+                await woken
         finally:
-            stop = self.signal.is_set() or not idle.done()  # cancelled, or we were
-            idle.cancel()
-            cancelled.cancel()
+            self.idle_waiter = None
+            self.signal.remove_callback(wake_from_any_thread)
+            stop = self.signal.is_set() or not self.idle.is_set()  # cancelled, or we were
             tasks = list(self.tasks) if stop else []
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(idle, cancelled, *tasks, return_exceptions=True)
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _now_idle(self) -> None:
+        self.idle.set()
+        if self.idle_waiter is not None:
+            _wake(self.idle_waiter)
 
     def _status(self) -> RunStatus:
         if self.signal.is_set():
@@ -688,7 +704,7 @@ class _InMemoryRun:
                     self._spawn(*left)
                 self.running -= 1
                 if self.running == 0 and job is None:
-                    self.idle.set()
+                    self._now_idle()
 
     async def _execute_node(self, node_id: str, generation: int, resume: dict[str, Any] | None,
                             handoff: list[Any] | None) -> None:
@@ -872,6 +888,11 @@ class _InMemoryRun:
     async def _emit(self, event_type: str, **payload: Any) -> None:
         if self.bus is not None:
             await safe_emit(self.bus, FlowcraftEvent(event_type, {"runId": self.run_id, **payload}))
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class _RunServices:

@@ -64,7 +64,7 @@ class _GatedRun(_InMemoryRun):
             # Cancelled before its turn (the run was cancelled): it never ran.
             self.running -= 1
             if self.running == 0:
-                self.idle.set()
+                self._now_idle()
             raise
         try:
             await super()._execute(node_id, generation, resume)
