@@ -65,6 +65,39 @@ def build_blueprint(shape: str, n: int) -> dict[str, Any]:
     return {"id": f"bench-{shape}-{n}", "nodes": nodes, "edges": edges}
 
 
+def build_small_blueprint(shape: str) -> dict[str, Any]:
+    """The small-run shapes (the same ids as bench/reference/inmemory.mjs):
+
+    * ``diamond`` (5 nodes): n0 -> {n1, n2, n3} -> n4, an ``all`` join.
+    * ``gate20`` (20 nodes): n0 -> {n1 .. n6} -> n7 (``all`` join); n7 -> n8 if
+      ``result.output`` (taken) and n7 -> n14 if ``result.missing`` (not taken;
+      the reference evaluates property paths only);
+      n8 -> ... -> n13 and n14 -> ... -> n18 (skipped); both reach n19, an ``any`` join.
+      15 nodes run.
+    """
+    if shape == "diamond":
+        nodes = [{"id": f"n{i}", "uses": "step"} for i in range(5)]
+        edges = [{"source": "n0", "target": f"n{i}"} for i in (1, 2, 3)]
+        edges += [{"source": f"n{i}", "target": "n4"} for i in (1, 2, 3)]
+    elif shape == "gate20":
+        nodes = [{"id": f"n{i}", "uses": "step"} for i in range(19)]
+        nodes.append({"id": "n19", "uses": "step", "config": {"joinStrategy": "any"}})
+        edges = [{"source": "n0", "target": f"n{i}"} for i in range(1, 7)]
+        edges += [{"source": f"n{i}", "target": "n7"} for i in range(1, 7)]
+        edges += [{"source": "n7", "target": "n8", "condition": "result.output"},
+                  {"source": "n7", "target": "n14", "condition": "result.missing"}]
+        edges += [{"source": f"n{i}", "target": f"n{i + 1}"} for i in range(8, 13)]
+        edges += [{"source": f"n{i}", "target": f"n{i + 1}"} for i in range(14, 18)]
+        edges += [{"source": "n13", "target": "n19"}, {"source": "n18", "target": "n19"}]
+    else:
+        raise ValueError(f"unknown small shape {shape!r}")
+    return {"id": f"bench-{shape}", "nodes": nodes, "edges": edges}
+
+
+# shape: (nodes that run, the sink's output)
+SMALL_EXPECTED = {"diamond": (5, 6), "gate20": (15, 19)}
+
+
 def expected_sink_output(shape: str, n: int) -> int:
     # chain: n0 gets no input and returns 1, each next node adds 1.
     # fan: n0 -> 1, each middle -> 2, the sink sums the mapping of N-2 twos.
@@ -126,6 +159,116 @@ def run_python_worker(shape: str, n: int) -> dict[str, Any]:
     if problems:
         record["error"] = "; ".join(problems)
     return record
+
+
+def run_python_small_worker(shape: str, runs: int) -> dict[str, Any]:
+    """``runs`` runs of a small shape one after another, then ``runs`` started at once.
+    Rates are per CPU second of this process (the machine may be shared)."""
+    import asyncio
+
+    from flowcraft import FlowRuntime, WorkflowBlueprint
+
+    async def step(ctx: Any) -> Any:
+        x = ctx.input
+        if isinstance(x, Mapping):
+            return sum(x.values())
+        return (x or 0) + 1
+
+    blueprint = WorkflowBlueprint.model_validate(build_small_blueprint(shape))
+    executed, sink_value = SMALL_EXPECTED[shape]
+    problems: list[str] = []
+
+    def check(result: Any) -> None:
+        outputs = sum(1 for key in result.context if key.startswith("_outputs."))
+        sink = result.context.get(f"_outputs.n{len(blueprint.nodes) - 1}")
+        if result.status != "completed" or outputs != executed or sink != sink_value:
+            problems.append(f"status {result.status}, {outputs} outputs, sink {sink!r}")
+
+    async def main() -> dict[str, float]:
+        runtime = FlowRuntime(registry={"step": step})
+        for _ in range(20):  # warm-up: caches, the blueprint's graph
+            check(await runtime.run(blueprint, {}))
+        timings: dict[str, float] = {}
+        cpu, wall = time.process_time(), time.perf_counter()
+        for _ in range(runs):
+            check(await runtime.run(blueprint, {}))
+        timings["sequentialCpu"] = time.process_time() - cpu
+        timings["sequentialWall"] = time.perf_counter() - wall
+        cpu, wall = time.process_time(), time.perf_counter()
+        for result in await asyncio.gather(*(runtime.run(blueprint, {}) for _ in range(runs))):
+            check(result)
+        timings["concurrentCpu"] = time.process_time() - cpu
+        timings["concurrentWall"] = time.perf_counter() - wall
+        return timings
+
+    timings = asyncio.run(main())
+    record: dict[str, Any] = {"ok": not problems, "shape": shape, "runs": runs, **timings}
+    if problems:
+        record["error"] = f"{len(problems)} bad runs, first: {problems[0]}"
+    return record
+
+
+SMALL_SHAPES = ("diamond", "gate20")
+SMALL_MODES = (("sequential", "one after another"), ("concurrent", "all at once"))
+
+
+def run_small(shapes: list[str], runs: int, repeat: int, timeout: float, node: str | None,
+              run_reference: bool) -> list[dict[str, Any]]:
+    """Small runs: the median over ``repeat`` fresh-process pairs, Python and reference
+    interleaved so both see the same load."""
+    rows = []
+    for shape in shapes:
+        samples: dict[str, dict[str, list[float]]] = {"python": {}, "reference": {}}
+        failures: dict[str, str] = {}
+        for _ in range(repeat):
+            cmds = {"python": [sys.executable, str(Path(__file__).resolve()), "--worker-small",
+                               shape, str(runs)]}
+            if run_reference:
+                cmds["reference"] = [node, str(REFERENCE_SCRIPT), "small", shape, str(runs)]  # type: ignore[list-item]
+            for who, cmd in cmds.items():
+                record, _, code, timed_out, stderr = run_process(cmd, timeout)
+                if timed_out or record is None or not record.get("ok") or code != 0:
+                    why = "TIMEOUT" if timed_out else ((record or {}).get("error")
+                                                       or _tail(stderr) or f"exit {code}")
+                    failures[who] = str(why)
+                    continue
+                for mode, _label in SMALL_MODES:
+                    samples[who].setdefault(mode, []).append(runs / record[f"{mode}Cpu"])
+                    samples[who].setdefault(mode + "Wall", []).append(
+                        runs / record[f"{mode}Wall"])
+        for mode, label in SMALL_MODES:
+            row: dict[str, Any] = {"shape": shape, "mode": label}
+            for who in ("python", "reference"):
+                values = sorted(samples[who].get(mode, []))
+                walls = sorted(samples[who].get(mode + "Wall", []))
+                row[who] = values[len(values) // 2] if values else None
+                row[who + "Wall"] = walls[len(walls) // 2] if walls else None
+                row[who + "Failure"] = failures.get(who)
+            rows.append(row)
+            py, ref = row["python"], row["reference"]
+            ratio = f"{py / ref:.2f}x" if py and ref else "-"
+            print(f"  {shape:8} {label:18} python {_fmt(py, row['pythonFailure'])} runs/CPU-s "
+                  f"(wall {_fmt(row['pythonWall'], None)}), reference "
+                  f"{_fmt(ref, row['referenceFailure'])} (wall {_fmt(row['referenceWall'], None)})"
+                  f", ratio {ratio}", flush=True)
+    return rows
+
+
+def _fmt(value: float | None, failure: str | None) -> str:
+    if failure and value is None:
+        return f"FAIL ({failure[:120]})"
+    return f"{value:,.0f}" if value else "-"
+
+
+def print_small_targets(rows: list[dict[str, Any]]) -> None:
+    for row in rows:
+        label = f"(d) {row['shape']} {row['mode']}: python >= 2x reference runs per CPU second"
+        py, ref = row["python"], row["reference"]
+        if not py or not ref:
+            print(f"  [N/A ] {label}: needs both sides")
+        else:
+            state = "PASS" if py / ref >= 2 else "MISS"
+            print(f"  [{state:4}] {label}: {py:,.0f} vs {ref:,.0f} = {py / ref:.2f}x")
 
 
 # -- driver --------------------------------------------------------------------------------
@@ -371,8 +514,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--node-heap-mb", type=int, default=8192,
                         help="node --max-old-space-size for the reference (default %(default)s)")
     parser.add_argument("--json", metavar="PATH", help="also write every result as JSON here")
+    parser.add_argument("--small-shapes", default="diamond,gate20",
+                        help="small-run shapes (diamond, gate20; empty: none); "
+                             "default %(default)s")
+    parser.add_argument("--small-runs", type=int, default=3000,
+                        help="runs per small-run case, each way (default %(default)s)")
+    parser.add_argument("--small-repeat", type=int, default=3,
+                        help="fresh-process pairs per small shape; the median is reported "
+                             "(default %(default)s)")
     parser.add_argument("--worker", nargs=2, metavar=("SHAPE", "N"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker-small", nargs=2, metavar=("SHAPE", "RUNS"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+
+    if args.worker_small:
+        shape, runs_text = args.worker_small
+        try:
+            record = run_python_small_worker(shape, int(runs_text))
+        except Exception as exc:  # report, let the driver show it as FAIL
+            record = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        print(json.dumps(record), flush=True)
+        return 0 if record.get("ok") else 1
 
     if args.worker:
         shape, n_text = args.worker
@@ -385,6 +547,10 @@ def main(argv: list[str] | None = None) -> int:
 
     sizes = [parse_size(s) for s in parse_list(args.sizes)]
     shapes = parse_list(args.shapes)
+    small_shapes = parse_list(args.small_shapes)
+    for shape in small_shapes:
+        if shape not in SMALL_SHAPES:
+            parser.error(f"unknown small shape {shape!r} (choose from {', '.join(SMALL_SHAPES)})")
     for shape in shapes:
         if shape not in SHAPES:
             parser.error(f"unknown shape {shape!r} (choose from {', '.join(SHAPES)})")
@@ -413,6 +579,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"each case: fresh process, best of {repeat}, time limit {args.timeout:g} s; "
           "timed: run() only; peak RSS: ru_maxrss of the case process (wait4)\n", flush=True)
 
+    small_rows: list[dict[str, Any]] = []
+    if small_shapes:
+        print(f"small runs: {args.small_runs:,} runs each way, median of "
+              f"{args.small_repeat} fresh processes per side; rates per CPU second")
+        small_rows = run_small(small_shapes, args.small_runs, max(1, args.small_repeat),
+                               args.timeout, node, run_reference)
+        print()
+
     py_results: dict[tuple[str, int], CaseResult] = {}
     ref_results: dict[tuple[str, int], CaseResult] = {}
     rows: list[tuple[str, int, CaseResult | None, CaseResult | None]] = []
@@ -433,8 +607,9 @@ def main(argv: list[str] | None = None) -> int:
                 ref_results[(shape, n)] = ref
             rows.append((shape, n, py, ref))
 
-    print()
-    print_table(rows)
+    if rows:
+        print()
+        print_table(rows)
     failures = [(who, shape, n, r) for who, results in (("python", py_results),
                                                         ("reference", ref_results))
                 for (shape, n), r in results.items() if not r.ok]
@@ -443,6 +618,7 @@ def main(argv: list[str] | None = None) -> int:
         for who, shape, n, r in failures:
             print(f"  {who} {shape} {n:,}: {r.failure}: {r.detail}")
     print_targets(shapes, py_results, ref_results, not run_reference)
+    print_small_targets(small_rows)
 
     if args.json:
         def dump(results: dict[tuple[str, int], CaseResult]) -> list[dict[str, Any]]:
@@ -451,7 +627,8 @@ def main(argv: list[str] | None = None) -> int:
                      "failure": r.failure, "detail": r.detail, "runs": r.runs}
                     for (s, n), r in results.items()]
         Path(args.json).write_text(json.dumps({"python": dump(py_results),
-                                               "reference": dump(ref_results)}, indent=2),
+                                               "reference": dump(ref_results),
+                                               "small": small_rows}, indent=2),
                                    encoding="utf-8")
     return 0
 

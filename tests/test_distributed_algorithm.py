@@ -644,3 +644,31 @@ async def test_reconcile_needs_no_node_implementations() -> None:
         await cluster.start()
         result = await cluster.client.wait_for_result(run_id, timeout=10, poll_interval=0.02)
     assert result.status == "completed"
+
+
+async def test_busy_worker_receives_several_messages_at_once() -> None:
+    """A worker whose slots are all busy waits briefly for more to free up, so a fan-out
+    is received in batches instead of one message per finished branch."""
+    finished = itertools.count()
+
+    async def slow(ctx: Any) -> int:
+        await asyncio.sleep(0.005 * (next(finished) % 7 + 1))  # branches finish one by one
+        return 1
+
+    bp = fan_in("fan40", 40)
+    async with Cluster([bp], {"step": slow}, workers=1, concurrency=8) as cluster:
+        worker = cluster.workers[0]
+        batches: list[int] = []
+        receive = worker._receive
+
+        async def counted(max_messages: int, wait_seconds: float) -> list[Any]:
+            messages = await receive(max_messages, wait_seconds)
+            if messages:
+                batches.append(len(messages))
+            return messages
+
+        worker._receive = counted  # type: ignore[method-assign]
+        result = await cluster.run(bp, run_id="batched")
+    assert result.status == "completed"
+    assert sum(batches) >= 40
+    assert sum(batches) / len(batches) >= 3, batches

@@ -26,6 +26,68 @@ function buildBlueprint(shape, n) {
 	return { id: `bench-${shape}-${n}`, nodes, edges }
 }
 
+// The small-run shapes, the same as build_small_blueprint in bench/inmemory.py.
+function buildSmallBlueprint(shape) {
+	const nodes = []
+	const edges = []
+	if (shape === 'diamond') {
+		for (let i = 0; i < 5; i++) nodes.push({ id: `n${i}`, uses: 'step' })
+		for (const i of [1, 2, 3]) edges.push({ source: 'n0', target: `n${i}` })
+		for (const i of [1, 2, 3]) edges.push({ source: `n${i}`, target: 'n4' })
+	} else if (shape === 'gate20') {
+		for (let i = 0; i < 19; i++) nodes.push({ id: `n${i}`, uses: 'step' })
+		nodes.push({ id: 'n19', uses: 'step', config: { joinStrategy: 'any' } })
+		for (let i = 1; i < 7; i++) edges.push({ source: 'n0', target: `n${i}` })
+		for (let i = 1; i < 7; i++) edges.push({ source: `n${i}`, target: 'n7' })
+		edges.push({ source: 'n7', target: 'n8', condition: 'result.output' })
+		edges.push({ source: 'n7', target: 'n14', condition: 'result.missing' })
+		for (let i = 8; i < 13; i++) edges.push({ source: `n${i}`, target: `n${i + 1}` })
+		for (let i = 14; i < 18; i++) edges.push({ source: `n${i}`, target: `n${i + 1}` })
+		edges.push({ source: 'n13', target: 'n19' })
+		edges.push({ source: 'n18', target: 'n19' })
+	} else {
+		throw new Error(`unknown small shape '${shape}'`)
+	}
+	return { id: `bench-${shape}`, nodes, edges }
+}
+
+// `runs` runs one after another, then `runs` started at once; CPU seconds of this process.
+// Checked: status completed and a numeric sink output (the reference's joins hand over a
+// single input, so the value itself differs from Python's).
+async function small(shape, runs) {
+	const blueprint = buildSmallBlueprint(shape)
+	const runtime = new FlowRuntime({ registry: { step }, logger: new NullLogger() })
+	const sink = `n${blueprint.nodes.length - 1}`
+	const problems = []
+	const check = (result) => {
+		const out = result.context?.[`_outputs.${sink}`]
+		if (result.status !== 'completed' || typeof out !== 'number') {
+			problems.push(`status ${result.status}, sink ${out}`)
+		}
+	}
+	for (let i = 0; i < 20; i++) check(await runtime.run(blueprint, {}))
+	const cpu = () => {
+		const u = process.cpuUsage()
+		return (u.user + u.system) / 1e6
+	}
+	const record = { shape, runs }
+	let c = cpu()
+	let w = performance.now()
+	for (let i = 0; i < runs; i++) check(await runtime.run(blueprint, {}))
+	record.sequentialCpu = cpu() - c
+	record.sequentialWall = (performance.now() - w) / 1000
+	c = cpu()
+	w = performance.now()
+	const all = []
+	for (let i = 0; i < runs; i++) all.push(runtime.run(blueprint, {}))
+	for (const result of await Promise.all(all)) check(result)
+	record.concurrentCpu = cpu() - c
+	record.concurrentWall = (performance.now() - w) / 1000
+	record.ok = problems.length === 0
+	if (problems.length) record.error = `${problems.length} bad runs, first: ${problems[0]}`
+	emit(record)
+}
+
 // input + 1; a join that hands over a mapping gets the sum of its values.
 async function step(ctx) {
 	const x = ctx.input
@@ -42,6 +104,10 @@ function emit(record) {
 }
 
 async function main() {
+	if (process.argv[2] === 'small') {
+		await small(process.argv[3], Number.parseInt(process.argv[4], 10))
+		return
+	}
 	const [shape, nText] = process.argv.slice(2)
 	const n = Number.parseInt(nText, 10)
 	if (!shape || !(n >= 3)) {

@@ -294,6 +294,11 @@ class BaseDistributedAdapter(abc.ABC):
     max_delay_seconds: float = 900.0
     """The longest delay the queue accepts on a message (longer sleeps are chained)."""
 
+    receive_gather_seconds: float = 2.0
+    """The longest a busy worker waits for more of its jobs to finish before it receives (so
+    one receive fetches several messages); it waits at most half the recent mean job time,
+    so a free slot idles for a fraction of a job at worst."""
+
     def __init__(
         self,
         runtime_options: RuntimeOptions,
@@ -333,6 +338,8 @@ class BaseDistributedAdapter(abc.ABC):
         self._poll_task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._slots = asyncio.Semaphore(concurrency)
+        self._job_started: dict[asyncio.Task[None], float] = {}
+        self._mean_job_seconds = 0.0
 
     # ==========================================================================================
     # Primitives a backend supplies
@@ -412,11 +419,7 @@ class BaseDistributedAdapter(abc.ABC):
 
     async def _poll(self) -> None:
         while not self._stopping.is_set():
-            await self._slots.acquire()
-            free = 1
-            while free < self.batch_size and self._slots._value > 0:
-                await self._slots.acquire()
-                free += 1
+            free = await self._take_slots()
             try:
                 messages = await self._receive(free, self.poll_wait_seconds)
             except asyncio.CancelledError:
@@ -435,11 +438,49 @@ class BaseDistributedAdapter(abc.ABC):
             for message in messages:
                 task = asyncio.get_running_loop().create_task(self._process_message(message))
                 self._active.add(task)
+                self._job_started[task] = time.monotonic()
                 task.add_done_callback(self._job_done)
+
+    async def _take_slots(self) -> int:
+        """Take one free job slot, then more up to ``batch_size``: those free now, and those
+        that running jobs give back soon (see ``receive_gather_seconds``), so a busy worker asks
+        the queue for several messages at once instead of one per finished job."""
+        await self._slots.acquire()
+        free = 1
+        want = min(self.batch_size, self.concurrency)
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None
+        try:
+            while free < want:
+                if not self._slots.locked():
+                    await self._slots.acquire()
+                    free += 1
+                    continue
+                if not self._active or self._stopping.is_set():
+                    break  # nothing running will give a slot back
+                if deadline is None:
+                    deadline = loop.time() + min(self.receive_gather_seconds,
+                                                 0.5 * self._mean_job_seconds)
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    await asyncio.wait_for(self._slots.acquire(), remaining)
+                except TimeoutError:
+                    break
+                free += 1
+        except asyncio.CancelledError:
+            for _ in range(free):
+                self._slots.release()
+            raise
+        return free
 
     def _job_done(self, task: asyncio.Task[None]) -> None:
         heartbeat()
         self._active.discard(task)
+        started = self._job_started.pop(task, None)
+        if started is not None:  # a moving mean of how long jobs take, for _take_slots
+            self._mean_job_seconds += 0.2 * (time.monotonic() - started - self._mean_job_seconds)
         self._slots.release()
 
     async def _process_message(self, message: QueueMessage) -> None:

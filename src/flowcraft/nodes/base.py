@@ -56,34 +56,40 @@ class CancellationSignal:
     loops.
     """
 
-    __slots__ = ("__weakref__", "_callbacks", "_children", "_event", "_lock")
+    __slots__ = ("__weakref__", "_callbacks", "_children", "_is_set", "_lock")
 
     def __init__(self, parent: CancellationSignal | None = None) -> None:
-        self._event = threading.Event()
+        # A flag under a lock, not a threading.Event: one signal is made per node attempt,
+        # and nobody blocks on it (waiters register callbacks).
+        self._is_set = False
         self._lock = threading.Lock()
         self._callbacks: list[Callable[[], None]] = []
-        # Weak, so the attempts of a long run do not pile up in the run's signal.
-        self._children: weakref.WeakSet[CancellationSignal] = weakref.WeakSet()
+        # Weak (and made on first use), so the attempts of a long run do not pile up in
+        # the run's signal.
+        self._children: weakref.WeakSet[CancellationSignal] | None = None
         if parent is not None:
             parent._adopt(self)
 
     def _adopt(self, child: CancellationSignal) -> None:
         with self._lock:
-            if not self._event.is_set():
+            if not self._is_set:
+                if self._children is None:
+                    self._children = weakref.WeakSet()
                 self._children.add(child)
                 return
         child.set()
 
     def is_set(self) -> bool:
-        return self._event.is_set()
+        return self._is_set
 
     def set(self) -> None:
         with self._lock:
-            if self._event.is_set():
+            if self._is_set:
                 return
-            self._event.set()
-            children, callbacks = list(self._children), list(self._callbacks)
-            self._children.clear()
+            self._is_set = True
+            children = list(self._children) if self._children is not None else []
+            callbacks = list(self._callbacks)
+            self._children = None
         for child in children:
             child.set()
         for callback in callbacks:
@@ -93,7 +99,7 @@ class CancellationSignal:
         """Call ``callback`` (from the thread that sets the signal) once it is set; at once
         if it already is."""
         with self._lock:
-            if not self._event.is_set():
+            if not self._is_set:
                 self._callbacks.append(callback)
                 return
         callback()

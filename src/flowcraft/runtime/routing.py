@@ -110,10 +110,43 @@ _RECORD_CACHE: dict[int, tuple[Any, NodeRecord]] = {}
 _RECORD_CACHE_LIMIT = 100_000
 
 
+class StoredRecord(dict[str, Any]):
+    """A record value this process wrote, carrying its parsed form: a plain dict to JSON and
+    to every reader, but read back without parsing (runs read each record many times)."""
+
+    __slots__ = ("parsed",)
+
+    parsed: NodeRecord
+
+    def __reduce__(self) -> Any:  # copies and pickles are plain dicts: parsed when read
+        return (dict, (dict(self),))
+
+
+# The few shapes of ``taken`` (mostly ``(0,)``) shared by every record: large runs hold
+# one record per node.
+_TAKEN_SETS: dict[tuple[int, ...], tuple[tuple[int, ...], frozenset[int]]] = {}
+
+
+def _stored(value: dict[str, Any]) -> StoredRecord:
+    stored = StoredRecord(value)
+    taken = tuple(value.get("taken", ()))
+    shared = _TAKEN_SETS.get(taken)
+    if shared is None:
+        shared = (taken, frozenset(taken))
+        if len(taken) <= 4 and len(_TAKEN_SETS) < 1024:
+            _TAKEN_SETS[taken] = shared
+    stored.parsed = NodeRecord(count=value["n"], skipped=value.get("skipped", False),
+                               taken=shared[0], action=value.get("action"),
+                               failed=value.get("failed", False), taken_set=shared[1])
+    return stored
+
+
 def read_record(data: Mapping[str, Any], node_id: str) -> NodeRecord | None:
     value = data.get(RECORD_PREFIX + node_id)
     if value is None:
         return None
+    if type(value) is StoredRecord:
+        return value.parsed
     cached = _RECORD_CACHE.get(id(value))
     if cached is not None and cached[0] is value:
         return cached[1]
@@ -137,11 +170,11 @@ def completed_record(
     value: dict[str, Any] = {"n": previous_count + 1, "taken": taken}
     if action is not None:
         value["action"] = action
-    return value
+    return _stored(value)
 
 
 def skipped_record(previous_count: int) -> dict[str, Any]:
-    return {"n": previous_count + 1, "skipped": True}
+    return _stored({"n": previous_count + 1, "skipped": True})
 
 
 def failed_record(previous_count: int, message: str,
@@ -151,7 +184,7 @@ def failed_record(previous_count: int, message: str,
     if details:
         record.update({key: details[key] for key in ("errorType", "traceback", "attempt")
                        if details.get(key) is not None})
-    return record
+    return _stored(record)
 
 
 # -- routing ---------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ nodes run, ``FlowRuntime.run`` never raises: every failure is in the result.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -515,6 +516,9 @@ def _initial_data(initial_context: Mapping[str, Any] | str | None) -> dict[str, 
 
 
 class _InMemoryRun:
+    inline_successors = True
+    """A node's task runs the first successor it makes ready (off for a gated run)."""
+
     def __init__(
         self,
         engine: NodeEngine,
@@ -537,8 +541,11 @@ class _InMemoryRun:
         self.tasks: set[asyncio.Task[None]] = set()
         self.running = 0
         self.idle = asyncio.Event()
+        self.idle_waiter: asyncio.Future[None] | None = None
         self.limit = asyncio.Semaphore(concurrency) if concurrency else None
         self.first_arrival: dict[str, str] = {}
+        # Set while a node's result is routed: where _schedule hands the next node over.
+        self.handoff: list[tuple[str, int, dict[str, Any] | None]] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -627,18 +634,33 @@ class _InMemoryRun:
 
     async def _wait_until_idle(self) -> None:
         """Wait for the running nodes; when the run is cancelled, cancel them instead."""
-        idle = asyncio.ensure_future(self.idle.wait())
-        cancelled = asyncio.ensure_future(self.signal.wait())
+        # One future, woken by the last node or by the signal: no tasks to wait with.
+        loop = asyncio.get_running_loop()
+        woken: asyncio.Future[None] = loop.create_future()
+        self.idle_waiter = woken
+
+        def wake_from_any_thread() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop may be closed by now
+                loop.call_soon_threadsafe(_wake, woken)
+
+        self.signal.add_callback(wake_from_any_thread)
         try:
-            await asyncio.wait((idle, cancelled), return_when=asyncio.FIRST_COMPLETED)
+            if not self.idle.is_set():
+                await woken
         finally:
-            stop = self.signal.is_set() or not idle.done()  # cancelled, or we were
-            idle.cancel()
-            cancelled.cancel()
+            self.idle_waiter = None
+            self.signal.remove_callback(wake_from_any_thread)
+            stop = self.signal.is_set() or not self.idle.is_set()  # cancelled, or we were
             tasks = list(self.tasks) if stop else []
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(idle, cancelled, *tasks, return_exceptions=True)
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _now_idle(self) -> None:
+        self.idle.set()
+        if self.idle_waiter is not None:
+            _wake(self.idle_waiter)
 
     def _status(self) -> RunStatus:
         if self.signal.is_set():
@@ -676,28 +698,51 @@ class _InMemoryRun:
         if first_arrival is not None:
             self.first_arrival[node_id] = first_arrival
         self.running += 1
+        if self.handoff is not None and not self.handoff:
+            # The finishing node's task runs this one next: no task of its own.
+            self.handoff.append((node_id, generation, resume))
+            return
+        self._spawn(node_id, generation, resume)
+
+    def _spawn(self, node_id: str, generation: int, resume: dict[str, Any] | None) -> None:
         task = asyncio.get_running_loop().create_task(self._execute(node_id, generation, resume))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
     async def _execute(self, node_id: str, generation: int,
                        resume: dict[str, Any] | None) -> None:
-        try:
-            if self.limit is not None:
-                async with self.limit:
-                    await self._execute_node(node_id, generation, resume)
-            else:
-                await self._execute_node(node_id, generation, resume)
-        except Exception as exc:  # a bug or a bad expression: fail the run, not the loop
-            logger.exception("run %s node %s: engine error", self.run_id, node_id)
-            self.errors.append(NodeError(node_id, str(exc), 0, type(exc).__name__, self.run_id))
-        finally:
-            self.running -= 1
-            if self.running == 0:
-                self.idle.set()
+        job: tuple[str, int, dict[str, Any] | None] | None = (node_id, generation, resume)
+        while job is not None:
+            node_id, generation, resume = job
+            job = None
+            handoff: list[tuple[str, int, dict[str, Any] | None]] = []
+            try:
+                if self.limit is not None or not self.inline_successors:
+                    async with self.limit or contextlib.nullcontext():
+                        await self._execute_node(node_id, generation, resume, None)
+                else:
+                    await self._execute_node(node_id, generation, resume, handoff)
+                    if handoff:
+                        job = handoff.pop()
+            except asyncio.CancelledError:
+                self.running -= len(handoff)  # the run is torn down: they never run
+                handoff.clear()
+                raise
+            except Exception as exc:  # a bug or a bad expression: fail the run, not the loop
+                logger.exception("run %s node %s: engine error", self.run_id, node_id)
+                self.errors.append(NodeError(node_id, str(exc), 0, type(exc).__name__,
+                                             self.run_id))
+            finally:
+                for left in handoff:  # not taken over (an error, a cancellation): its own task
+                    self._spawn(*left)
+                self.running -= 1
+                if self.running == 0 and job is None:
+                    self._now_idle()
 
-    async def _execute_node(self, node_id: str, generation: int,
-                            resume: dict[str, Any] | None) -> None:
+    async def _execute_node(self, node_id: str, generation: int, resume: dict[str, Any] | None,
+                            handoff: list[Any] | None) -> None:
+        """Run one node and route its result; with ``handoff``, the first node that result
+        makes ready is put there for the caller to run next instead of in a task."""
         if self.signal.is_set():
             return
         node = self.graph.nodes[node_id]
@@ -733,6 +778,7 @@ class _InMemoryRun:
             await self._emit("node:error", nodeId=node_id, error=outcome.error.to_dict())
             return
         assert outcome.result is not None
+        self.handoff = handoff
         try:
             events = self._complete(node_id, generation, outcome.result, tracked.deltas)
         except ExpressionError as exc:  # a condition on its outgoing edges: final, as a failure
@@ -741,6 +787,8 @@ class _InMemoryRun:
             self._fail(error)
             await self._emit("node:error", nodeId=node_id, error=error.to_dict())
             return
+        finally:
+            self.handoff = None
         if self.bus is not None:
             await self._emit("node:finish", nodeId=node_id, output=outcome.result.output,
                              action=outcome.result.action)
@@ -873,6 +921,11 @@ class _InMemoryRun:
     async def _emit(self, event_type: str, **payload: Any) -> None:
         if self.bus is not None:
             await safe_emit(self.bus, FlowcraftEvent(event_type, {"runId": self.run_id, **payload}))
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class _RunServices:

@@ -40,6 +40,8 @@ class Step:
 class _GatedRun(_InMemoryRun):
     """An in-memory run whose scheduled nodes wait for their turn at a gate."""
 
+    inline_successors = False  # every node waits at the gate in its own task
+
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self.waiting: list[tuple[str, asyncio.Future[None]]] = []
@@ -62,7 +64,7 @@ class _GatedRun(_InMemoryRun):
             # Cancelled before its turn (the run was cancelled): it never ran.
             self.running -= 1
             if self.running == 0:
-                self.idle.set()
+                self._now_idle()
             raise
         try:
             await super()._execute(node_id, generation, resume)
