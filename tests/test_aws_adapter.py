@@ -94,6 +94,8 @@ async def test_provision_creates_exactly_the_seed_resources_and_is_idempotent(mo
         assert sorted(first["created"]) == sorted([
             "queue flowcraft-jobs", "table flowcraft-contexts", "table flowcraft-statuses",
             "table flowcraft-coordination", "ttl flowcraft-coordination.ttl",
+            "index flowcraft-statuses.status-lastUpdated", "ttl flowcraft-statuses.ttl",
+            "ttl flowcraft-contexts._flowcraft.ttl",
         ])
         assert first["queueUrl"].endswith("/flowcraft-jobs")
 
@@ -105,15 +107,24 @@ async def test_provision_creates_exactly_the_seed_resources_and_is_idempotent(mo
                            ("flowcraft-coordination", "key")):
             description = (await dynamodb.describe_table(TableName=table))["Table"]
             assert description["KeySchema"] == [{"AttributeName": key, "KeyType": "HASH"}]
-            assert description["AttributeDefinitions"] == [
-                {"AttributeName": key, "AttributeType": "S"}]
+            assert {"AttributeName": key, "AttributeType": "S"} in description[
+                "AttributeDefinitions"]
             assert description["BillingModeSummary"]["BillingMode"] == "PAY_PER_REQUEST"
         ttl = (await dynamodb.describe_time_to_live(TableName="flowcraft-coordination"))
         assert ttl["TimeToLiveDescription"] == {"TimeToLiveStatus": "ENABLED",
                                                 "AttributeName": "ttl"}
-        for table in ("flowcraft-contexts", "flowcraft-statuses"):
+        # Finished runs expire: TTL on the statuses' ttl and the contexts' _flowcraft.ttl.
+        for table, attribute in (("flowcraft-contexts", "_flowcraft.ttl"),
+                                 ("flowcraft-statuses", "ttl")):
             status = (await dynamodb.describe_time_to_live(TableName=table))
-            assert status["TimeToLiveDescription"]["TimeToLiveStatus"] == "DISABLED"
+            assert status["TimeToLiveDescription"] == {"TimeToLiveStatus": "ENABLED",
+                                                       "AttributeName": attribute}
+        # Runs are listed through an index on status + lastUpdated, never a scan.
+        indexes = (await dynamodb.describe_table(TableName="flowcraft-statuses"))["Table"][
+            "GlobalSecondaryIndexes"]
+        assert [(i["IndexName"], i["KeySchema"]) for i in indexes] == [
+            ("status-lastUpdated", [{"AttributeName": "status", "KeyType": "HASH"},
+                                    {"AttributeName": "lastUpdated", "KeyType": "RANGE"}])]
 
         again = await provision_aws(sqs, dynamodb, AwsNames())
         assert again == {"queueUrl": first["queueUrl"], "created": []}

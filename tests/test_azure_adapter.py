@@ -81,6 +81,7 @@ async def test_provision_creates_queue_database_and_containers_idempotently(azur
         for container in ("ctx", "sts"):
             properties = await database.get_container_client(container).read()
             assert properties["partitionKey"]["paths"] == ["/runId"]
+            assert properties["defaultTtl"] == -1  # items with a ttl (finished runs) expire
         again = await provision_azure(azure.queue_service, azure.cosmos, names)
         assert again["created"] == []
         assert again["queue"] == names.queue_name and again["database"] == names.database
