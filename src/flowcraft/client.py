@@ -227,24 +227,30 @@ class Client:
         from . import backends
 
         if cloud == "aws":
-            aws = backends.AwsSettings.resolve(**settings)
+            return cls.from_settings(backends.AwsSettings.resolve(**settings),
+                                     blueprints=blueprints)
+        if cloud == "azure":
+            return cls.from_settings(backends.AzureSettings.resolve(**settings),
+                                     blueprints=blueprints)
+        raise FlowcraftError(f"unknown cloud {cloud!r}: use 'aws' or 'azure'")
 
-            async def open_aws(stack: contextlib.AsyncExitStack) -> Any:
-                return await stack.enter_async_context(
-                    backends.aws_adapter(aws, _options(cls_blueprints())))
-            client = cls(open_aws, "aws", blueprints)
-        elif cloud == "azure":
-            azure = backends.AzureSettings.resolve(**settings)
+    @classmethod
+    def from_settings(cls, settings: Any, *, blueprints: Any = None) -> Client:
+        """A client on resolved :class:`~flowcraft.backends.AwsSettings` or
+        :class:`~flowcraft.backends.AzureSettings`; it opens (and closes) its SDK clients."""
+        from . import backends
 
-            async def open_azure(stack: contextlib.AsyncExitStack) -> Any:
-                return await stack.enter_async_context(
-                    backends.azure_adapter(azure, _options(cls_blueprints())))
-            client = cls(open_azure, "azure", blueprints)
+        client: Client
+        if isinstance(settings, backends.AwsSettings):
+            def open_adapter(stack: contextlib.AsyncExitStack) -> Awaitable[Any]:
+                return stack.enter_async_context(
+                    backends.aws_adapter(settings, _options(client.blueprints)))
+            client = cls(open_adapter, "aws", blueprints)
         else:
-            raise FlowcraftError(f"unknown cloud {cloud!r}: use 'aws' or 'azure'")
-
-        def cls_blueprints() -> dict[str, WorkflowBlueprint]:
-            return client.blueprints
+            def open_adapter(stack: contextlib.AsyncExitStack) -> Awaitable[Any]:
+                return stack.enter_async_context(
+                    backends.azure_adapter(settings, _options(client.blueprints)))
+            client = cls(open_adapter, "azure", blueprints)
         return client
 
     @classmethod
