@@ -316,3 +316,35 @@ def test_sync_client(aws: Any, monkeypatch: pytest.MonkeyPatch) -> None:
         assert [r.run_id for r in client.list_runs(status="running").items] == [run_id]
         assert client.cancel(run_id) is True
         assert client.result(run_id, timeout=5).status == "cancelled"
+
+
+async def test_a_node_that_finishes_after_cancel_routes_nowhere(cloud: str,
+                                                                 services: Any) -> None:
+    runs = Executions()
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    async def stubborn(ctx: NodeContext) -> Any:
+        runs.record(ctx)
+        started.set()
+        await release.wait()  # ignores ctx.signal
+        return "finished anyway"
+
+    flow = (Flow("stubborn").node("a", stubborn).node("b", runs.node(lambda ctx: 1))
+            .node("c", runs.node(lambda ctx: 1)).edge("a", "b").edge("b", "c"))
+    bp = flow.to_blueprint()
+    async with workers(cloud, services, [bp], flow.registry()), client_for(
+            cloud, services, [bp]) as client:
+        run_id = await client.start("stubborn")
+        await asyncio.wait_for(started.wait(), 20)
+        assert await client.cancel(run_id) is True
+        release.set()
+        for _ in range(100):
+            if (await client.status(run_id)).nodes["a"] == "done":
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.5)  # time for b and c, if they were wrongly scheduled
+        status = await client.status(run_id)
+    assert runs.counts == {"a": 1}
+    assert status.status == "cancelled"
+    assert status.nodes == {"a": "done", "b": "pending", "c": "pending"}
