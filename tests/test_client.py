@@ -302,6 +302,9 @@ async def test_finished_runs_carry_a_time_to_live(cloud: str, services: Any) -> 
                 services.database).get_container_client(services.context_container)
             item = await contexts.read_item(run_id, partition_key=run_id)
             assert record["ttl"] == item["ttl"] == 30 * 86400
+        # The expiry is the store's, not a context key.
+        context = (await client.result(run_id)).context
+        assert not [key for key in context if "ttl" in key], context
 
 
 def test_sync_client(aws: Any, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -60,7 +60,7 @@ from ._cosmos import (
     with_throttling_retries,
 )
 
-RESERVED = frozenset({"id", "runId", CONTEXT_PROPERTY})
+RESERVED = frozenset({"id", "runId", CONTEXT_PROPERTY, "ttl"})  # ttl: a finished run's expiry
 LARGE_WRITE_BYTES = 64 * 1024
 """A write this large, by a context that has not seen its item yet, reads it first to check
 the item limit (``_etag`` path)."""
