@@ -81,6 +81,7 @@ async def test_provision_creates_queue_database_and_containers_idempotently(azur
         for container in ("ctx", "sts"):
             properties = await database.get_container_client(container).read()
             assert properties["partitionKey"]["paths"] == ["/runId"]
+            assert properties["defaultTtl"] == -1  # items with a ttl (finished runs) expire
         again = await provision_azure(azure.queue_service, azure.cosmos, names)
         assert again["created"] == []
         assert again["queue"] == names.queue_name and again["database"] == names.database
@@ -775,7 +776,8 @@ async def test_reconciler_resumes_a_run_whose_messages_were_lost(azure: Any) -> 
     patient = create_azure_reconciler(client, azure.cosmos, azure.database,
                                       azure.status_container, stalled_threshold_seconds=3600)
     stats = await patient.run()
-    assert stats.scanned_items == 1 and stats.stalled_runs == 0
+    # The query returns only runs not updated within the threshold: none yet.
+    assert stats.scanned_items == 0 and stats.stalled_runs == 0
     reconciler = create_azure_reconciler(client, azure.cosmos, azure.database,
                                          azure.status_container, stalled_threshold_seconds=0)
     stats = await reconciler.run()

@@ -147,7 +147,8 @@ async def test_a_completed_run_is_stored_at_the_top_level(azure: Any) -> None:
     assert item["id"] == run_id and item["runId"] == run_id
     assert item["_outputs.first"] == {"n": 1} and item["_outputs.second"] == 2
     assert item["user"] == "ada" and item["~id"] == "mine" and item["~ttl"] == 5
-    assert "ttl" not in item and "context" not in item
+    # The item's own ttl is the finished run's expiry (retention), never the user's key.
+    assert item.get("ttl") == worker.retention_seconds and "context" not in item
 
 
 # -- keys that collide with the item's own properties ----------------------------------------
@@ -191,11 +192,13 @@ async def test_a_key_named_context_is_not_taken_for_the_nested_layout(azure: Any
 
 async def test_an_item_with_unescaped_colliding_keys_from_another_client(azure: Any) -> None:
     """Another client (the TypeScript library) writes every key as it is: its ``context``
-    object is a key, not the nested layout, and its first write by a worker escapes it."""
+    object is a key, not the nested layout, and its first write by a worker escapes it. A
+    top-level ``ttl`` is what Cosmos DB makes of it, the item's expiry: not a context key,
+    left as it is; a context key named ``ttl`` is stored as ``~ttl``."""
     run_id = str(uuid.uuid4())
     await containers(azure)[0].create_item({"id": run_id, "runId": run_id, "user": "ada",
-                                            "context": {"a": 1}, "ttl": 5})
-    expected = {"user": "ada", "context": {"a": 1}, "ttl": 5}
+                                            "context": {"a": 1}, "ttl": 500})
+    expected = {"user": "ada", "context": {"a": 1}}
     assert await context_of(azure, run_id).load() == expected
     assert (await context_of(azure, run_id).claim("n", 0, "w1", 60)).status \
         is ClaimStatus.CLAIMED
@@ -204,7 +207,7 @@ async def test_an_item_with_unescaped_colliding_keys_from_another_client(azure: 
         PatchOperation("set", "ttl", 6)])
     assert data == {**expected, "ttl": 6}
     item = await raw_item(azure, run_id)
-    assert "context" not in item and "ttl" not in item
+    assert "context" not in item and item["ttl"] == 500
     assert item["~context"] == {"a": 1} and item["~ttl"] == 6
     assert await context_of(azure, run_id).load() == {**expected, "ttl": 6}
 

@@ -406,7 +406,8 @@ def test_aws_worker_client_and_reconciler(aws_env: dict[str, str], in_tmp_dir: P
     assert [json.loads(m["Body"])["nodeId"] for m in lost] == ["validate"]
 
     _, printed = call(reconciler.reconcile)
-    assert printed == "Scanned 1 items, reconciled 0 runs.\n"  # updated just now: not stalled
+    # Updated just now: the status index returns only runs older than the threshold.
+    assert printed == "Scanned 0 items, reconciled 0 runs.\n"
     asyncio.run(backdate_aws_status(run_id, minutes=10))
     _, printed = call(reconciler.reconcile)
     assert printed == "Scanned 1 items, reconciled 1 runs.\n"
@@ -694,6 +695,11 @@ def test_cli_aws_commands(aws_env: dict[str, str]) -> None:
     assert {k: record[k] for k in ("runId", "status", "blueprintId", "finalStatus")} == {
         "runId": "ord-7", "status": "completed", "blueprintId": "order-pipeline",
         "finalStatus": "completed"}
+
+    runs = flowcraft("flowcraft runs aws --status completed")
+    assert runs.returncode == 0, runs.stderr
+    assert same_text(documented_output("flowcraft runs aws --status completed") or "",
+                     runs.stdout), runs.stdout
 
     reconcile_command = ("flowcraft reconcile aws --blueprints src/flowcraft/examples "
                          "--registry flowcraft.examples.orders:registry")

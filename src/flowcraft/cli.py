@@ -423,10 +423,11 @@ def cmd_start(args: argparse.Namespace) -> int:
                          f"{', '.join(sorted(options.blueprints))})")
 
     async def start() -> int:
-        async with _adapter(args, options) as adapter:
+        from .client import Client
+
+        async with Client.from_settings(_settings(args), blueprints=options.blueprints) as client:
             try:
-                run_id = await adapter.start_workflow(args.blueprint_id, initial_context,
-                                                      run_id=args.run_id)
+                run_id = await client.start(args.blueprint_id, initial_context, args.run_id)
             except RunAlreadyExistsError:
                 raise UsageError(
                     f"run '{args.run_id}' already exists and was left as it is; choose another "
@@ -434,11 +435,40 @@ def cmd_start(args: argparse.Namespace) -> int:
             print(run_id, flush=True)
             if not args.wait:
                 return 0
-            result = await adapter.wait_for_result(run_id, timeout=args.timeout)
+            if sys.stdout.isatty():
+                await show_progress(client, run_id, args.timeout, sys.stdout)
+            result = await client.adapter.wait_for_result(run_id, timeout=args.timeout)
             print_json(result.to_dict())
             return 0 if result.status == "completed" else 1
 
     return asyncio.run(start())
+
+
+async def show_progress(client: Any, run_id: str, timeout: float, out: Any) -> None:
+    """One line, rewritten in place, while the run goes: ``3/7 nodes done (running)``."""
+    import time
+
+    from .distributed.adapter import RESTING_STATUSES
+
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    width = 0
+    try:
+        while True:
+            status = await client.status(run_id)
+            done, total = status.progress()
+            line = f"{done}/{total} nodes done ({status.status})"
+            out.write("\r" + line.ljust(width))
+            out.flush()
+            width = len(line)
+            if status.status in RESTING_STATUSES or time.monotonic() >= deadline:
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+    finally:
+        if width:
+            out.write("\n")
+            out.flush()
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -459,6 +489,79 @@ def cmd_status(args: argparse.Namespace) -> int:
             return 0
 
     return asyncio.run(status())
+
+
+def _client(args: argparse.Namespace, *, blueprints: Any = None) -> Any:
+    from .client import Client
+
+    return Client.from_settings(_settings(args), blueprints=blueprints)
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from .client import RUN_STATES
+
+    if args.status is not None and args.status not in RUN_STATES:
+        raise UsageError(f"--status {args.status}: use one of {', '.join(RUN_STATES)}")
+    _check_number("--limit", args.limit, least=1, greatest=1000)
+
+    async def runs() -> int:
+        async with _client(args) as client:
+            page = await client.list_runs(status=args.status, blueprint_id=args.blueprint,
+                                          since=args.since, limit=args.limit,
+                                          cursor=args.cursor)
+        if args.json:
+            print_json({"runs": [{"runId": r.run_id, "status": r.status,
+                                  "blueprintId": r.blueprint_id,
+                                  "lastUpdated": r.updated_at.isoformat() if r.updated_at
+                                  else None} for r in page.items],
+                        "nextCursor": page.next_cursor})
+            return 0
+        rows = [(r.run_id, r.status, r.blueprint_id or "-",
+                 r.updated_at.isoformat(timespec="seconds") if r.updated_at else "-")
+                for r in page.items]
+        header = ("RUN ID", "STATUS", "BLUEPRINT", "LAST UPDATED")
+        widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(4)]
+        for row in [header, *rows]:
+            print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+        if page.next_cursor:
+            print(f"more: --cursor {page.next_cursor}")
+        return 0
+
+    return asyncio.run(runs())
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    async def cancel() -> int:
+        async with _client(args) as client:
+            if await client.cancel(args.run_id, args.reason):
+                print(f"run {args.run_id} cancelled")
+                return 0
+            status = await client.status(args.run_id)
+            print(f"flowcraft: run {args.run_id} is {status.status} already; left as it is",
+                  file=sys.stderr)
+            return 1
+
+    return asyncio.run(cancel())
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    data = None
+    if args.data is not None:
+        try:
+            data = json.loads(args.data)
+        except ValueError:
+            raise UsageError(f"--data {args.data[:40]!r} is not JSON; quote it, e.g. "
+                             "--data '{\"approved\": true}' or --data '\"yes\"'") from None
+    options = _runtime_options(args, need_registry=False)
+
+    async def resume() -> int:
+        async with _client(args, blueprints=options.blueprints) as client:
+            await client.resume(args.run_id, args.node_id, action=args.action, data=data)
+        print(f"run {args.run_id}: node {args.node_id} resumed"
+              + (f" with action {args.action!r}" if args.action else ""))
+        return 0
+
+    return asyncio.run(resume())
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
@@ -614,6 +717,32 @@ def _register_cloud_commands(commands: Any) -> None:
     status.add_argument("--context", action="store_true", help="also print the run's context")
     status.set_defaults(handler=cmd_status)
 
+    runs = commands.add_parser("runs", help="list runs, newest first (through the status "
+                                             "index)")
+    _add_cloud_options(runs)
+    runs.add_argument("--status", help="running, awaiting, completed, failed or cancelled")
+    runs.add_argument("--blueprint", help="only runs of this blueprint id")
+    runs.add_argument("--since", metavar="ISO_TIME", help="only runs updated since then")
+    runs.add_argument("--limit", type=int, default=50, help="runs per page (50)")
+    runs.add_argument("--cursor", help="the next page (printed after a full page)")
+    runs.add_argument("--json", action="store_true", help="print JSON")
+    runs.set_defaults(handler=cmd_runs)
+
+    cancel = commands.add_parser("cancel", help="cancel a running or awaiting run")
+    _add_cloud_options(cancel)
+    cancel.add_argument("run_id")
+    cancel.add_argument("--reason", default="cancelled from the command line")
+    cancel.set_defaults(handler=cmd_cancel)
+
+    resume = commands.add_parser("resume", help="resume a wait node of an awaiting run")
+    _add_cloud_options(resume)
+    resume.add_argument("run_id")
+    resume.add_argument("node_id")
+    resume.add_argument("--blueprints", metavar="DIR", help="directory of blueprint JSON files")
+    resume.add_argument("--action", help="the action to route from the node")
+    resume.add_argument("--data", metavar="JSON", help="the node's output, as JSON")
+    resume.set_defaults(handler=cmd_resume)
+
     reconcile = commands.add_parser("reconcile", help="resume stalled runs")
     _add_cloud_options(reconcile)
     reconcile.add_argument("--blueprints", metavar="DIR", help="directory of blueprint JSON files")
@@ -644,6 +773,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="flowcraft",
         description="Run declarative workflow graphs in memory or over AWS / Azure services.",
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"flowcraft {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="log more (-v info, -vv debug)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -154,7 +154,7 @@ from ..errors import (
     UnstorableValueError,
 )
 from ..events import EventBus, FlowcraftEvent, safe_emit
-from ..nodes.base import NodeContext, NodeResult
+from ..nodes.base import CancellationSignal, NodeContext, NodeResult
 from ..observability import get_metrics, get_tracer, heartbeat, inject, log_context, service_call
 from ..runtime.graph import Graph
 from ..runtime.routing import (
@@ -750,14 +750,15 @@ class BaseDistributedAdapter(abc.ABC):
             tracked.set_now(INPUTS_PREFIX + node.id, resolved.value)
         services = _WorkerServices(self)
         await self._emit("node:start", runId=job.run_id, nodeId=node.id, input=resolved.value)
+        cancelled = CancellationSignal()  # set by the renewal when the run is cancelled
         renewer = asyncio.get_running_loop().create_task(
-            self._renew_lease(context, node.id, owner))
+            self._renew_lease(context, node.id, owner, cancelled))
         try:
             await self._checkpoint("before_run", job)
             started = time.perf_counter()
             outcome = await self.engine.run_node(
                 graph, node, tracked, resolved.value, run_id=job.run_id,
-                iteration=job.iteration, services=services,
+                iteration=job.iteration, services=services, signal=cancelled,
             )
         except BaseException as exc:
             renewer.cancel()
@@ -777,6 +778,10 @@ class BaseDistributedAdapter(abc.ABC):
                               error=outcome.error.message if outcome.error else None)
         try:
             await self._checkpoint("after_run", job)
+            if cancelled.is_set() and outcome.error is not None:
+                # Stopped by its run's cancellation: not a failure of the node.
+                await context.release(node.id, owner)
+                return None
             await self._touch_status(job.run_id, job.blueprint_id)
             operations = list(tracked.deltas)
             if outcome.awaiting is not None:
@@ -866,6 +871,13 @@ class BaseDistributedAdapter(abc.ABC):
         await self._emit("node:finish", runId=job.run_id, nodeId=node_id, output=result.output,
                          action=result.action)
         await self._checkpoint("after_commit", job)
+        if _cancelled(committed):
+            # Cancelled while the node ran: its result is kept, nothing after it runs.
+            logger.info("run %s node %s: run cancelled; not advancing", job.run_id, node_id)
+            if continuation is not None:
+                await context.release(continuation[0], owner,
+                                      attempts=attempts(committed, continuation[0]) - 1)
+            return None
         advance = await self._advance(context, graph, blueprint, [node_id, *certain_skips],
                                       committed, continued=continuation)
         next_step = None
@@ -1032,7 +1044,7 @@ class BaseDistributedAdapter(abc.ABC):
     async def _maybe_complete(self, run_id: str, graph: Graph, data: Mapping[str, Any]) -> None:
         """Declare the run ``completed`` (or ``awaiting``) once nothing else can run in it."""
         run_state = data.get(RUN_STATE_KEY)
-        if isinstance(run_state, Mapping) and run_state.get("status") == "failed":
+        if isinstance(run_state, Mapping) and run_state.get("status") in ("failed", "cancelled"):
             return
         awaiting = list(data.get(AWAITING_IDS_KEY) or [])
         if not awaiting:
@@ -1222,11 +1234,18 @@ class BaseDistributedAdapter(abc.ABC):
             await self._emit("workflow:finish", runId=run_id, status="failed", error=reason)
             await self._emit("job:failed", runId=run_id, nodeId=node_id, error=reason)
 
-    async def _renew_lease(self, context: DistributedContext, node_id: str, owner: str) -> None:
+    async def _renew_lease(self, context: DistributedContext, node_id: str, owner: str,
+                           cancelled: CancellationSignal | None = None) -> None:
         interval = self._renew_interval()
         while True:
             await asyncio.sleep(interval)
             try:
+                if cancelled is not None and not cancelled.is_set() and _cancelled(
+                        await context.load() or {}):
+                    # The run was cancelled: the node sees ctx.signal (one read per renewal).
+                    logger.info("run %s node %s: run cancelled; signalling the node",
+                                context.run_id, node_id)
+                    cancelled.set()
                 if not await context.renew(node_id, owner, self.lease_seconds):
                     # Committed meanwhile (the commit removes the lease), or taken over: the
                     # commit, conditioned on the lease, tells which and logs a takeover.
@@ -1415,7 +1434,7 @@ class BaseDistributedAdapter(abc.ABC):
         blueprint = self.engine.blueprint(
             blueprint_id or status.get("blueprintId") or data.get(BLUEPRINT_KEY)
             or self._infer_blueprint_id(data))
-        graph = graph_for(self.engine.graph(blueprint), data)
+        graph = graph_for(self._routing_graph(blueprint), data)  # a client has no registry
         iteration = int((data.get(AWAITING_DETAILS_KEY) or {}).get(target, {}).get(
             "iteration", resolution_count(data, target)))
         owner = self._lease_owner()
@@ -1456,6 +1475,11 @@ class BaseDistributedAdapter(abc.ABC):
 _COORDINATION_TTL = 7 * 24 * 3600
 _AWAITING_LOCK = "_flowcraft:awaiting"
 """A pseudo node whose lease serialises changes of the run's awaiting list."""
+
+
+def _cancelled(data: Mapping[str, Any]) -> bool:
+    run_state = data.get(RUN_STATE_KEY)
+    return isinstance(run_state, Mapping) and run_state.get("status") == "cancelled"
 
 
 def _wake_up_at(graph: Graph, data: Mapping[str, Any], node_id: str) -> float | None:

@@ -21,9 +21,11 @@ this module only speaks SQS and DynamoDB:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Unpack
 
@@ -36,6 +38,7 @@ from ...runtime.runtime import RuntimeOptions
 from .._worker import InFlightReceives, check_worker_options
 from ._dynamo import Expression, from_item
 from .context import DynamoDbContext
+from .provision import CONTEXT_TTL_ATTRIBUTE, STATUS_INDEX
 
 logger = logging.getLogger("flowcraft.aws")
 
@@ -51,6 +54,9 @@ class SqsAdapter(BaseDistributedAdapter):
 
     max_delay_seconds = 900.0
     max_visibility_seconds = 43_200.0
+    retention_seconds: float | None = 30 * 24 * 3600.0
+    """How long a finished run's context and status items are kept (DynamoDB TTL on the
+    status item's ``ttl`` and the context item's ``_flowcraft.ttl``); ``None`` keeps them."""
 
     def __init__(
         self,
@@ -226,6 +232,9 @@ class SqsAdapter(BaseDistributedAdapter):
 
     async def _write_status(self, run_id: str, fields: Mapping[str, Any], *,
                             only_if_running: bool) -> bool:
+        expire = self._expiry(fields)
+        if expire is not None:
+            fields = {**fields, "ttl": expire}
         expression = Expression()
         sets = ", ".join(f"{expression.name(k)} = {expression.value(v)}"
                          for k, v in fields.items() if k != "runId")
@@ -242,7 +251,22 @@ class SqsAdapter(BaseDistributedAdapter):
             await self.dynamodb.update_item(**arguments)
         except self.dynamodb.exceptions.ConditionalCheckFailedException:
             return False
+        if expire is not None:
+            # The context expires with its status record (one more write per finished run).
+            with contextlib.suppress(self.dynamodb.exceptions.ConditionalCheckFailedException):
+                await self.dynamodb.update_item(
+                    TableName=self.context_table_name, Key={"runId": {"S": run_id}},
+                    UpdateExpression="SET #ttl = :ttl",
+                    ConditionExpression="attribute_exists(runId)",
+                    ExpressionAttributeNames={"#ttl": CONTEXT_TTL_ATTRIBUTE},
+                    ExpressionAttributeValues={":ttl": {"N": str(expire)}})
         return True
+
+    def _expiry(self, fields: Mapping[str, Any]) -> int | None:
+        if self.retention_seconds is None or fields.get("status") not in (
+                "completed", "failed", "cancelled"):
+            return None
+        return int(time.time() + self.retention_seconds)
 
     async def _read_status(self, run_id: str) -> dict[str, Any] | None:
         response = await self.dynamodb.get_item(TableName=self.status_table_name,
@@ -253,6 +277,19 @@ class SqsAdapter(BaseDistributedAdapter):
 
     def _scan_statuses(self, status: str) -> AsyncIterator[dict[str, Any]]:
         return scan_status_table(self.dynamodb, self.status_table_name, status)
+
+    async def list_statuses(self, statuses: Sequence[str], *, blueprint_id: str | None = None,
+                            since: str | None = None, limit: int = 50,
+                            cursor: str | None = None) -> Any:
+        """A :class:`~flowcraft.client.RunPage` through the status index (never a scan)."""
+        from ...client import RunPage, RunSummary, _timestamp
+
+        items, next_cursor = await query_status_index(
+            self.dynamodb, self.status_table_name, statuses, blueprint_id=blueprint_id,
+            since=since, limit=limit, cursor=cursor)
+        return RunPage([RunSummary(str(i["runId"]), str(i.get("status")), i.get("blueprintId"),
+                                   _timestamp(i.get("lastUpdated"))) for i in items],
+                       next_cursor)
 
 
 async def scan_status_table(client: Any, table_name: str,
@@ -278,3 +315,47 @@ def _sent_at(message: Mapping[str, Any]) -> float | None:
     """When SQS accepted the message (epoch seconds), for the queue-lag metric."""
     sent = message.get("Attributes", {}).get("SentTimestamp")
     return int(sent) / 1000.0 if sent and str(sent).isdigit() else None
+
+
+async def query_status_index(client: Any, table_name: str, statuses: Sequence[str], *,
+                             blueprint_id: str | None = None, since: str | None = None,
+                             before: str | None = None, limit: int = 50,
+                             cursor: str | None = None) -> tuple[list[dict[str, Any]],
+                                                                 str | None]:
+    """A page of status items through the status index (newest ``lastUpdated`` first within
+    each status, the statuses one after another) and the cursor of the next page."""
+    from ...client import decode_cursor, encode_cursor
+
+    position = decode_cursor(cursor) if cursor else {"s": 0}
+    index, start_key = int(position.get("s", 0)), position.get("k")
+    items: list[dict[str, Any]] = []
+    while index < len(statuses) and len(items) < limit:
+        expression = Expression()
+        condition = f"{expression.name('status')} = {expression.value(statuses[index])}"
+        updated = expression.name("lastUpdated") if since or before else ""
+        if since and before:
+            condition += (f" AND {updated} BETWEEN {expression.value(since)} AND "
+                          f"{expression.value(before)}")
+        elif since:
+            condition += f" AND {updated} >= {expression.value(since)}"
+        elif before:
+            condition += f" AND {updated} < {expression.value(before)}"
+        arguments: dict[str, Any] = {
+            "TableName": table_name, "IndexName": STATUS_INDEX,
+            "KeyConditionExpression": condition, "ScanIndexForward": False,
+            "Limit": limit - len(items),
+        }
+        if blueprint_id:
+            arguments["FilterExpression"] = (
+                f"{expression.name('blueprintId')} = {expression.value(blueprint_id)}")
+        arguments.update(expression.arguments())
+        if start_key:
+            arguments["ExclusiveStartKey"] = start_key
+        response = await client.query(**arguments)
+        items += [from_item(item) for item in response.get("Items", [])]
+        start_key = response.get("LastEvaluatedKey")
+        if not start_key:
+            index += 1
+    if index >= len(statuses):
+        return items, None
+    return items, encode_cursor({"s": index, **({"k": start_key} if start_key else {})})

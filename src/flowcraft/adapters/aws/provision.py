@@ -1,9 +1,13 @@
 """``flowcraft provision aws``: the queue and the three tables of the setup guide, idempotently.
 
 Creates (when missing) the SQS queue, the context and status tables (key
-``runId``), the coordination table (key ``key``) with TTL on ``ttl``. Running
-it again changes nothing. Works against real AWS or any endpoint
-(``AWS_ENDPOINT_URL``), e.g. a local moto server.
+``runId``), the coordination table (key ``key``) with TTL on ``ttl``. The
+status table gets the global secondary index ``status-lastUpdated`` that runs
+are listed through (added with ``UpdateTable`` to a table created without
+it); statuses get TTL on ``ttl``, contexts on ``_flowcraft.ttl`` (a context's
+own keys are attributes: ``ttl`` may be a user's key), both written when a run
+finishes, so finished runs expire. Running it again changes nothing. Works
+against real AWS or any endpoint (``AWS_ENDPOINT_URL``), e.g. a local moto server.
 """
 
 from __future__ import annotations
@@ -34,7 +38,10 @@ async def provision_aws(sqs: Any, dynamodb: Any, names: AwsNames | None = None) 
     for table, key in ((names.context_table, "runId"), (names.status_table, "runId"),
                        (names.coordination_table, "key")):
         await _table(dynamodb, table, key, created)
-    await _ttl(dynamodb, names.coordination_table, "ttl", created)
+    await _status_index(dynamodb, names.status_table, created)
+    for table, attribute in ((names.coordination_table, "ttl"), (names.status_table, "ttl"),
+                             (names.context_table, CONTEXT_TTL_ATTRIBUTE)):
+        await _ttl(dynamodb, table, attribute, created)
     return {"queueUrl": queue_url, "created": created}
 
 
@@ -85,3 +92,36 @@ async def _ttl(dynamodb: Any, table: str, attribute: str, created: list[str]) ->
     await dynamodb.update_time_to_live(
         TableName=table, TimeToLiveSpecification={"Enabled": True, "AttributeName": attribute})
     created.append(f"ttl {table}.{attribute}")
+
+
+STATUS_INDEX = "status-lastUpdated"
+CONTEXT_TTL_ATTRIBUTE = "_flowcraft.ttl"
+
+
+async def _status_index(dynamodb: Any, table: str, created: list[str]) -> None:
+    """The index ``flowcraft runs`` and the reconciler query: ``status`` + ``lastUpdated``."""
+    description = (await dynamodb.describe_table(TableName=table))["Table"]
+    if any(index["IndexName"] == STATUS_INDEX
+           for index in description.get("GlobalSecondaryIndexes", [])):
+        return
+    # The table's own definitions are repeated: some implementations replace the list.
+    definitions = {d["AttributeName"]: d for d in description["AttributeDefinitions"]}
+    definitions.update({name: {"AttributeName": name, "AttributeType": "S"}
+                        for name in ("status", "lastUpdated")})
+    await dynamodb.update_table(
+        TableName=table,
+        AttributeDefinitions=list(definitions.values()),
+        GlobalSecondaryIndexUpdates=[{"Create": {
+            "IndexName": STATUS_INDEX,
+            "KeySchema": [{"AttributeName": "status", "KeyType": "HASH"},
+                          {"AttributeName": "lastUpdated", "KeyType": "RANGE"}],
+            "Projection": {"ProjectionType": "ALL"},
+        }}],
+    )
+    for _ in range(300):
+        indexes = (await dynamodb.describe_table(TableName=table))["Table"].get(
+            "GlobalSecondaryIndexes", [])
+        if all(index.get("IndexStatus", "ACTIVE") == "ACTIVE" for index in indexes):
+            break
+        await asyncio.sleep(1)
+    created.append(f"index {table}.{STATUS_INDEX}")

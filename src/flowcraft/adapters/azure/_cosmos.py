@@ -20,8 +20,9 @@ THROTTLED = frozenset({429, 503})
 T = TypeVar("T")
 
 
-ITEM_PROPERTIES = frozenset({"id", "runId"}) | SYSTEM_PROPERTIES
-"""Properties of a context item that are not context keys."""
+ITEM_PROPERTIES = frozenset({"id", "runId", "ttl"}) | SYSTEM_PROPERTIES
+"""Properties of a context item that are not context keys (``ttl``: a finished run's expiry,
+set by the adapter's retention)."""
 
 LEGACY_PROPERTY = "context"
 """Items written before context keys moved to the top level hold them in this object."""
@@ -29,7 +30,7 @@ LEGACY_PROPERTY = "context"
 ESCAPE = "~"
 """Prefix of a context key stored under another name (see :func:`stored_name`)."""
 
-COLLIDING = ITEM_PROPERTIES | {"ttl", LEGACY_PROPERTY}
+COLLIDING = ITEM_PROPERTIES | {LEGACY_PROPERTY}
 """Context keys that cannot be item properties as they are: the item's identity, Cosmos DB's
 own properties, ``ttl`` (per-item expiry) and the nested layout's object."""
 

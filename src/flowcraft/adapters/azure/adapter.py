@@ -48,6 +48,9 @@ class AzureQueueAdapter(BaseDistributedAdapter):
     """
 
     max_delay_seconds = 7 * 24 * 3600.0
+    retention_seconds: float | None = 30 * 24 * 3600.0
+    """How long a finished run's status and context items are kept (Cosmos per-item
+    ``ttl``); ``None`` keeps them."""
     max_visibility_seconds = 7 * 24 * 3600.0
 
     def __init__(
@@ -194,6 +197,9 @@ class AzureQueueAdapter(BaseDistributedAdapter):
                             only_if_running: bool) -> bool:
         from azure.cosmos.exceptions import CosmosHttpResponseError
 
+        expire = self._expiry(fields)
+        if expire is not None:
+            fields = {**fields, "ttl": expire}
         patch = [{"op": "set", "path": pointer(k), "value": v}
                  for k, v in fields.items() if k not in ("id", "runId")]
         arguments: dict[str, Any] = {"partition_key": run_id, "patch_operations": patch}
@@ -211,7 +217,29 @@ class AzureQueueAdapter(BaseDistributedAdapter):
             return await self._create_status(run_id, fields, only_if_running)
         if "runId" not in item:
             await self._adopt_status(run_id)
+        if expire is not None:
+            await self._expire_context(run_id, expire)
         return True
+
+    def _expiry(self, fields: Mapping[str, Any]) -> int | None:
+        if self.retention_seconds is None or fields.get("status") not in (
+                "completed", "failed", "cancelled"):
+            return None
+        return max(1, int(self.retention_seconds))
+
+    async def _expire_context(self, run_id: str, seconds: int) -> None:
+        """The context expires with its status record (Cosmos ``ttl``: seconds after the
+        item's last write; the container's default ttl of -1 enables it)."""
+        from azure.cosmos.exceptions import CosmosHttpResponseError
+
+        contexts = self.cosmos_client.get_database_client(
+            self.cosmos_database_name).get_container_client(self.context_container_name)
+        try:
+            await contexts.patch_item(run_id, partition_key=run_id, patch_operations=[
+                {"op": "set", "path": "/ttl", "value": seconds}])
+        except CosmosHttpResponseError as exc:
+            if status_code(exc) not in (404, 500):  # no context in its partition: nothing
+                raise
 
     async def _create_status(self, run_id: str, fields: Mapping[str, Any],
                              only_if_running: bool) -> bool:
@@ -308,6 +336,20 @@ class AzureQueueAdapter(BaseDistributedAdapter):
     def _scan_statuses(self, status: str) -> AsyncIterator[dict[str, Any]]:
         return scan_status_container(self._statuses, status)
 
+    async def list_statuses(self, statuses: Sequence[str], *, blueprint_id: str | None = None,
+                            since: str | None = None, limit: int = 50,
+                            cursor: str | None = None) -> Any:
+        """A :class:`~flowcraft.client.RunPage`: a query across partitions ordered by
+        ``lastUpdated`` (newest first), paged with the server's continuation token."""
+        from ...client import RunPage, RunSummary, _timestamp, decode_cursor, encode_cursor
+
+        items, token = await query_status_container(
+            self._statuses, statuses, blueprint_id=blueprint_id, since=since, limit=limit,
+            continuation=decode_cursor(cursor).get("c") if cursor else None)
+        return RunPage([RunSummary(str(i.get("runId") or i.get("id")), str(i.get("status")),
+                                   i.get("blueprintId"), _timestamp(i.get("lastUpdated")))
+                        for i in items], encode_cursor({"c": token}) if token else None)
+
 
 async def scan_status_container(container: Any,
                                 status: str | None = "running") -> AsyncIterator[dict[str, Any]]:
@@ -321,3 +363,32 @@ async def scan_status_container(container: Any,
         record = strip_system(item)
         record.setdefault("runId", record.get("id"))
         yield record
+
+
+async def query_status_container(container: Any, statuses: Sequence[str], *,
+                                 blueprint_id: str | None = None, since: str | None = None,
+                                 before: str | None = None, limit: int = 50,
+                                 continuation: str | None = None,
+                                 ) -> tuple[list[dict[str, Any]], str | None]:
+    """One page of status items with one of ``statuses``, newest ``lastUpdated`` first, and
+    the continuation token of the next page (``None`` at the end)."""
+    conditions = [f"c.status IN ({', '.join(f'@s{i}' for i in range(len(statuses)))})"]
+    parameters: list[dict[str, Any]] = [{"name": f"@s{i}", "value": status}
+                                        for i, status in enumerate(statuses)]
+    for value, condition in ((blueprint_id, "c.blueprintId = @blueprint"),
+                             (since, "c.lastUpdated >= @since"),
+                             (before, "c.lastUpdated < @before")):
+        if value:
+            conditions.append(condition)
+            parameters.append({"name": condition.rsplit(" ", 1)[1], "value": value})
+    query = f"SELECT * FROM c WHERE {' AND '.join(conditions)} ORDER BY c.lastUpdated DESC"
+    pages = container.query_items(query, parameters=parameters, max_item_count=limit).by_page(
+        continuation)
+    items: list[dict[str, Any]] = []
+    async for page in pages:
+        async for item in page:
+            record = strip_system(item)
+            record.setdefault("runId", record.get("id"))
+            items.append(record)
+        break
+    return items, pages.continuation_token

@@ -124,10 +124,15 @@ class CosmosDbContext(StoredContextMethods):
         """A top-level item with a colliding key written as it is, by another client."""
         return any(k in COLLIDING and k not in ITEM_PROPERTIES for k in item)
 
-    def _item(self, data: Mapping[str, Any]) -> dict[str, Any]:
-        """The item storing a context, in the top-level layout."""
-        return {"id": self.run_id, "runId": self.run_id,
+    def _item(self, data: Mapping[str, Any],
+              current: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The item storing a context, in the top-level layout; a replacement of ``current``
+        keeps its expiry (``ttl``)."""
+        item = {"id": self.run_id, "runId": self.run_id,
                 **{stored_name(k): v for k, v in data.items()}}
+        if current is not None and "ttl" in current:
+            item["ttl"] = current["ttl"]
+        return item
 
     @staticmethod
     def _measure(item: Mapping[str, Any]) -> int:
@@ -189,7 +194,7 @@ class CosmosDbContext(StoredContextMethods):
             if orphan is None:
                 return next((item for item in found if item.get("runId") == self.run_id),
                             None)
-            adopted = self._item(self._data(orphan) or {})
+            adopted = self._item(self._data(orphan) or {}, orphan)
             try:
                 created = await self.container.create_item(adopted)
             except CosmosHttpResponseError as exc:
@@ -326,7 +331,7 @@ class CosmosDbContext(StoredContextMethods):
             for key, amount in (add_to or {}).items():
                 current = data.get(key)
                 data[key] = (current if isinstance(current, int | float) else 0) + amount
-            replacement = self._item(data)
+            replacement = self._item(data, item)
             self._check_size(replacement)
             def replace(body: dict[str, Any] = replacement, etag: str = item["_etag"]) -> Any:
                 return self.container.replace_item(

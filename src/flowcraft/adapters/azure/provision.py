@@ -1,7 +1,9 @@
 """``flowcraft provision azure``: the queue, database and containers, idempotently.
 
 Creates (when missing) the storage queue and its ``-poison`` queue, the Cosmos
-database, and the context and status containers partitioned on ``/runId``.
+database, and the context and status containers partitioned on ``/runId``
+with time to live enabled (default ttl -1: an item expires only when it has a
+``ttl``, which finished runs' items get), also on containers created before.
 """
 
 from __future__ import annotations
@@ -45,11 +47,16 @@ async def provision_azure(queue_service: Any, cosmos_client: Any,
             properties = await client.read()
         except CosmosResourceNotFoundError:
             await database.create_container_if_not_exists(
-                container, partition_key=PartitionKey(path="/runId"))
+                container, partition_key=PartitionKey(path="/runId"), default_ttl=-1)
             created.append(f"container {names.database}/{container}")
             continue
         paths = properties.get("partitionKey", {}).get("paths", [])
         if paths != ["/runId"]:
             raise RuntimeError(f"container {container} is partitioned on {paths}; flowcraft "
                                "needs /runId")
+        if properties.get("defaultTtl") is None:
+            # -1: nothing expires unless an item says so (finished runs carry a ttl).
+            await database.replace_container(
+                client, partition_key=PartitionKey(path="/runId"), default_ttl=-1)
+            created.append(f"ttl {names.database}/{container}")
     return {"created": created, "queue": names.queue_name, "database": names.database}
