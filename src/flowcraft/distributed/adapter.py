@@ -1240,18 +1240,19 @@ class BaseDistributedAdapter(abc.ABC):
         while True:
             await asyncio.sleep(interval)
             try:
-                if cancelled is not None and not cancelled.is_set() and _cancelled(
-                        await context.load() or {}):
-                    # The run was cancelled: the node sees ctx.signal (one read per renewal).
-                    logger.info("run %s node %s: run cancelled; signalling the node",
-                                context.run_id, node_id)
-                    cancelled.set()
+                # Renew first: a slow read must never delay the lease past its expiry.
                 if not await context.renew(node_id, owner, self.lease_seconds):
                     # Committed meanwhile (the commit removes the lease), or taken over: the
                     # commit, conditioned on the lease, tells which and logs a takeover.
                     logger.debug("run %s node %s: lease no longer held", context.run_id,
                                  node_id)
                     return
+                if cancelled is not None and not cancelled.is_set() and _cancelled(
+                        await context.load() or {}):
+                    # The run was cancelled: the node sees ctx.signal (one read per renewal).
+                    logger.info("run %s node %s: run cancelled; signalling the node",
+                                context.run_id, node_id)
+                    cancelled.set()
             except Exception as exc:
                 logger.warning("run %s node %s: lease renewal failed: %s", context.run_id,
                                node_id, exc)
