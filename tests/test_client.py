@@ -140,6 +140,8 @@ async def test_failed_run_reports_the_error_type_and_message(cloud: str, service
     assert [(e.node_id, e.type, e.message) for e in result.errors] == [
         ("b", "ValueError", "ValueError: bad order")]
     assert status.nodes == {"a": "done", "b": "failed"}
+    [error] = status.errors
+    assert error.traceback is not None and "in boom" in error.traceback
 
 
 async def test_result_returns_soon_after_the_run_ends(cloud: str, services: Any) -> None:
