@@ -186,6 +186,7 @@ from ..runtime.runtime import (
     serialize_context,
     terminal_ids,
 )
+from ..runview import parse_time
 from .context import (
     BLUEPRINT_KEY,
     RUN_STATE_KEY,
@@ -242,28 +243,9 @@ def now_iso() -> str:
 
 
 def parse_timestamp(value: Any) -> float | None:
-    """``lastUpdated`` as epoch seconds: numbers as they are, ISO-8601 strings parsed."""
-    if value is None or isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        number = float(value)
-        return number / 1000.0 if number > 1e11 else number  # epoch milliseconds
-    if hasattr(value, "__float__") and not isinstance(value, str):
-        return float(value)
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            return parse_timestamp(float(text))
-        except ValueError:
-            pass
-        try:
-            parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
-        except ValueError:
-            return None
-        if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=UTC)
-        return parsed.timestamp()
-    return None
+    """``lastUpdated`` as epoch seconds: numbers (seconds or milliseconds) as they are,
+    ISO-8601 strings parsed (what the TypeScript library's client writes)."""
+    return parse_time(value)
 
 
 class BaseDistributedAdapter(abc.ABC):
