@@ -213,7 +213,8 @@ async def test_the_proxy_is_bounded_and_stops_itself(proxy_factory: Any) -> None
     with pytest.raises(ValueError, match="loopback"):
         FaultProxy(80, target_host="10.1.2.3")
     async with echo_server() as (port, _):
-        proxy = proxy_factory(port, max_connections=2, lifetime_seconds=1.0)
+        # A lifetime long enough for the checks below on a busy machine, then it must end.
+        proxy = proxy_factory(port, max_connections=2, lifetime_seconds=4.0)
         kept = [await connect(proxy) for _ in range(2)]
         for reader, writer in kept:
             await round_trip(reader, writer, b"ok")
