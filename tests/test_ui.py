@@ -556,3 +556,24 @@ async def test_the_view_serves_webhook_urls_that_resume_their_node() -> None:
             await client.close()
     finally:
         await adapter.stop(timeout_seconds=5)
+
+
+async def test_the_runs_page_lists_cloud_runs_through_the_status_index(aws: Any) -> None:
+    """On a cloud backend the list is the Client's index query, never a table scan."""
+    flow = shop()
+    adapter = make_adapter(aws, [flow.to_blueprint()], flow.registry())
+
+    def no_scan(status: str) -> Any:
+        raise AssertionError("the run list scanned the status table")
+
+    adapter._scan_statuses = no_scan
+    run_ids = [await adapter.start_workflow("shop", {}) for _ in range(3)]
+    source = AdapterRunSource(adapter)
+    first = await source.list_runs(status="running", limit=2)
+    assert len(first.runs) == 2 and first.next_cursor
+    rest = await source.list_runs(status="running", limit=2, cursor=first.next_cursor)
+    listed = [r.run_id for r in first.runs + rest.runs]
+    assert sorted(listed) == sorted(run_ids)
+    assert all(r.started_at is not None and r.blueprint_id == "shop"
+               for r in first.runs + rest.runs)
+    assert (await source.list_runs(status="completed")).runs == []

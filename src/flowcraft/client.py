@@ -118,6 +118,8 @@ class RunSummary:
     status: str
     blueprint_id: str | None
     updated_at: datetime | None
+    record: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    """The status record as stored (start time, error, ...), for views that show more."""
 
 
 @dataclass(frozen=True)

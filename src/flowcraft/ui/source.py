@@ -85,7 +85,14 @@ class AdapterRunSource:
             raise BadRequest(f"unknown status '{status}' (one of: {', '.join(RUN_STATUSES)})")
         if not 1 <= limit <= MAX_PAGE_SIZE:
             raise BadRequest(f"limit must be between 1 and {MAX_PAGE_SIZE}, not {limit}")
-        offset = _offset(cursor)
+        lister = getattr(self.adapter, "list_statuses", None)
+        if lister is not None:  # the status index, as the Client lists runs
+            statuses = [status] if status else list(RUN_STATUSES)
+            indexed = await lister(statuses, blueprint_id=blueprint_id, limit=limit,
+                                   cursor=cursor)
+            return RunPage([run_summary({"runId": s.run_id, **s.record}) for s in indexed.items],
+                           indexed.next_cursor)
+        offset = _offset(cursor)  # a backend without an index: read every status record
         records: list[dict[str, Any]] = []
         for wanted in [status] if status else RUN_STATUSES:
             async for record in self.adapter._scan_statuses(wanted):

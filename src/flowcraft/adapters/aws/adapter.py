@@ -288,7 +288,7 @@ class SqsAdapter(BaseDistributedAdapter):
             self.dynamodb, self.status_table_name, statuses, blueprint_id=blueprint_id,
             since=since, limit=limit, cursor=cursor)
         return RunPage([RunSummary(str(i["runId"]), str(i.get("status")), i.get("blueprintId"),
-                                   _timestamp(i.get("lastUpdated"))) for i in items],
+                                   _timestamp(i.get("lastUpdated")), i) for i in items],
                        next_cursor)
 
 

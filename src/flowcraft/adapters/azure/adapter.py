@@ -347,7 +347,8 @@ class AzureQueueAdapter(BaseDistributedAdapter):
             self._statuses, statuses, blueprint_id=blueprint_id, since=since, limit=limit,
             continuation=decode_cursor(cursor).get("c") if cursor else None)
         return RunPage([RunSummary(str(i.get("runId") or i.get("id")), str(i.get("status")),
-                                   i.get("blueprintId"), _timestamp(i.get("lastUpdated")))
+                                   i.get("blueprintId"), _timestamp(i.get("lastUpdated")),
+                                   strip_system(i))
                         for i in items], encode_cursor({"c": token}) if token else None)
 
 
