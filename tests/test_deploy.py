@@ -407,8 +407,20 @@ async def test_aws_module_matches_what_provision_creates(aws: Any) -> None:
         ttl = ttl["TimeToLiveDescription"]
         if ttl.get("TimeToLiveStatus") == "ENABLED":  # provision sets it where it is used
             assert table["ttl"] == [{"attribute_name": ttl["AttributeName"], "enabled": True}]
-    # Every table expires through the same attribute; a dead-letter queue takes poison.
-    assert {t["ttl"][0]["attribute_name"] for t in tables.values()} == {"ttl"}
+    # Expiry: contexts through their own attribute (a context's keys are attributes), the
+    # rest through `ttl`; the status index as provision creates it; a DLQ takes poison.
+    from flowcraft.adapters.aws.provision import CONTEXT_TTL_ATTRIBUTE, STATUS_INDEX
+
+    assert tables["contexts"]["ttl"][0]["attribute_name"] == CONTEXT_TTL_ATTRIBUTE
+    assert {tables[t]["ttl"][0]["attribute_name"] for t in ("statuses", "coordination")} == {
+        "ttl"}
+    described = (await aws.dynamodb.describe_table(TableName=aws.status_table))["Table"]
+    (index,) = described["GlobalSecondaryIndexes"]
+    (declared,) = tables["statuses"]["global_secondary_index"]
+    keys = {k["KeyType"]: k["AttributeName"] for k in index["KeySchema"]}
+    assert (declared["name"], declared["hash_key"], declared["range_key"],
+            declared["projection_type"]) == (STATUS_INDEX, keys["HASH"], keys["RANGE"],
+                                             index["Projection"]["ProjectionType"])
     assert "deadLetterTargetArn = aws_sqs_queue.dead_letter.arn" in queues["jobs"][
         "redrive_policy"]
 

@@ -51,9 +51,10 @@ resource "aws_dynamodb_table" "contexts" {
     name = "runId"
     type = "S"
   }
-  # Items expire only once they carry a `ttl` (epoch seconds); nothing writes one today.
+  # A finished run's context expires with its status record (retention, 30 days by
+  # default). Not `ttl`: a context's keys are its attributes, and `ttl` may be a user's key.
   ttl {
-    attribute_name = "ttl"
+    attribute_name = "_flowcraft.ttl"
     enabled        = true
   }
   point_in_time_recovery {
@@ -62,7 +63,8 @@ resource "aws_dynamodb_table" "contexts" {
   tags = var.tags
 }
 
-# One status record per run; the reconciler scans it.
+# One status record per run. The index lists runs by status, newest first (the Client's
+# list_runs, and the reconciler's query for stalled runs); finished runs expire via `ttl`.
 resource "aws_dynamodb_table" "statuses" {
   name         = var.status_table_name
   billing_mode = "PAY_PER_REQUEST"
@@ -70,6 +72,20 @@ resource "aws_dynamodb_table" "statuses" {
   attribute {
     name = "runId"
     type = "S"
+  }
+  attribute {
+    name = "status"
+    type = "S"
+  }
+  attribute {
+    name = "lastUpdated"
+    type = "S"
+  }
+  global_secondary_index {
+    name            = "status-lastUpdated"
+    hash_key        = "status"
+    range_key       = "lastUpdated"
+    projection_type = "ALL"
   }
   ttl {
     attribute_name = "ttl"
@@ -137,6 +153,12 @@ data "aws_iam_policy_document" "worker" {
     sid       = "ReconcilerScan"
     actions   = ["dynamodb:Scan"]
     resources = [aws_dynamodb_table.statuses.arn]
+  }
+
+  statement {
+    sid       = "StatusIndex"
+    actions   = ["dynamodb:Query"]
+    resources = ["${aws_dynamodb_table.statuses.arn}/index/status-lastUpdated"]
   }
 }
 
