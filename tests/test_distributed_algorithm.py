@@ -671,4 +671,5 @@ async def test_busy_worker_receives_several_messages_at_once() -> None:
         result = await cluster.run(bp, run_id="batched")
     assert result.status == "completed"
     assert sum(batches) >= 40
-    assert sum(batches) / len(batches) >= 3, batches
+    # Without gathering this fan was received ~2.3 messages at a time; with it, ~3 and more.
+    assert sum(batches) / len(batches) >= 2.5, batches
