@@ -604,25 +604,16 @@ class BaseDistributedAdapter(abc.ABC):
         except UnknownBlueprintError as exc:
             return await self._unknown_blueprint(job, exc.message, message_id, message)
         except FlowcraftError as exc:
-            logger.error("run %s node %s: message %s removed: %s", job.run_id, job.node_id,
-                         message_id, exc.message)
-            if message is not None:
-                await self._dead_letter(message, exc.message)
-            await self._fail_run(job.run_id, exc.message, node_id=job.node_id)
-            return "dropped", 0.0
+            return await self._remove(job, message_id, message, exc.message)
         context = self.create_context(job.run_id)
         await self._checkpoint("before_claim", job)
         owner = self._lease_owner()
         with service_call("claim"):
             claim = await context.claim(job.node_id, job.iteration, owner, self.lease_seconds)
         if claim.status is ClaimStatus.MISSING:
-            reason = f"no context is stored for run '{job.run_id}'; was it started?"
-            logger.error("run %s node %s: message %s removed: %s", job.run_id, job.node_id,
-                         message_id, reason)
-            if message is not None:
-                await self._dead_letter(message, reason)
-            await self._fail_run(job.run_id, reason, node_id=job.node_id)
-            return "dropped", 0.0
+            return await self._remove(
+                job, message_id, message,
+                f"no context is stored for run '{job.run_id}'; was it started?")
         assert claim.data is not None
         if claim.status is ClaimStatus.LOCKED:
             if job.node_id in (claim.data.get(AWAITING_IDS_KEY) or ()):
@@ -1167,11 +1158,7 @@ class BaseDistributedAdapter(abc.ABC):
         elif isinstance(run_state, Mapping) and run_state.get("status") in FINAL_STATUSES:
             drop = f"{reason}, and the run is {run_state.get('status')}"
         if drop is not None:
-            logger.error("run %s node %s: message %s removed: %s", job.run_id, job.node_id,
-                         message_id, drop)
-            if message is not None:
-                await self._dead_letter(message, drop)
-            return "dropped", 0.0
+            return await self._remove(job, message_id, message, drop, fail_run=False)
         now = time.time()
         key = f"flowcraft:unknown-blueprint:{job.run_id}:{job.blueprint_id}"
         await self.coordination_store.set_if_not_exist(key, repr(now), _COORDINATION_TTL)
@@ -1183,12 +1170,21 @@ class BaseDistributedAdapter(abc.ABC):
                            "that has it (waited %.0fs of %.0fs)", job.run_id, job.node_id,
                            reason, waited, grace)
             return "deferred", max(1.0, min(grace - waited, 60.0, self.max_delay_seconds))
-        reason = f"{reason}; no worker that has it took the job within {grace:g}s"
+        return await self._remove(
+            job, message_id, message,
+            f"{reason}; no worker that has it took the job within {grace:g}s")
+
+    async def _remove(self, job: JobPayload, message_id: str | None,
+                      message: QueueMessage | None, reason: str, *,
+                      fail_run: bool = True) -> tuple[JobOutcome, float]:
+        """Remove a job that can never run (dead-lettered where possible), logged with its
+        message id; the run, unless ``fail_run`` is false, is marked failed with the reason."""
         logger.error("run %s node %s: message %s removed: %s", job.run_id, job.node_id,
                      message_id, reason)
         if message is not None:
             await self._dead_letter(message, reason)
-        await self._fail_run(job.run_id, reason, node_id=job.node_id)
+        if fail_run:
+            await self._fail_run(job.run_id, reason, node_id=job.node_id)
         return "dropped", 0.0
 
     async def _fail_run(self, run_id: str, reason: str, *, node_id: str | None = None,
