@@ -17,12 +17,12 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from flowcraft import FlowRuntime, InMemoryEventBus, NodeContext, NodeResult, WorkflowBlueprint
+from flowcraft.core.results import WorkflowResult
 from flowcraft.distributed.adapter import RESTING_STATUSES
 from flowcraft.distributed.context import InMemoryDistributedContext, InMemoryRunStore
 from flowcraft.distributed.coordination import InMemoryCoordinationStore
 from flowcraft.distributed.inprocess import InProcessAdapter, InProcessQueue
 from flowcraft.distributed.job import JobPayload
-from flowcraft.runtime.runtime import WorkflowResult
 
 STEPS = ("before_run", "after_run", "before_commit", "after_commit", "after_enqueue")
 """The crash points of the job algorithm, in order (``before_claim`` is before any effect)."""

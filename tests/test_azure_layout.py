@@ -29,8 +29,8 @@ from flowcraft.adapters.azure._cosmos import (
     context_pointer,
     stored_name,
 )
+from flowcraft.core.routing import RECORD_PREFIX
 from flowcraft.distributed.context import ClaimStatus, attempts_key, lock_key
-from flowcraft.runtime.routing import RECORD_PREFIX
 
 SYSTEM = ("_rid", "_self", "_etag", "_attachments", "_ts")
 

@@ -18,7 +18,7 @@ from flowcraft import (
     WorkflowBlueprint,
     WorkflowResult,
 )
-from flowcraft.runtime.executor import retry_delay_seconds
+from flowcraft.core.executor import retry_delay_seconds
 
 
 class Declined(NonRetryableError):

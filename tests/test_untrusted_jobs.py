@@ -608,9 +608,9 @@ async def test_commit_refused_for_a_lost_lease_still_discards_the_result() -> No
 
 
 def test_job_misfit_rule() -> None:
+    from flowcraft.core.graph import Graph
+    from flowcraft.core.routing import completed_record, record_key
     from flowcraft.distributed.adapter import job_misfit
-    from flowcraft.runtime.graph import Graph
-    from flowcraft.runtime.routing import completed_record, record_key
 
     graph = Graph(blueprint("loop", ["s", "a", "b"], [("s", "a"), ("a", "b"), ("b", "a")]))
     fresh: dict[str, Any] = {}

@@ -34,11 +34,11 @@ from typing import Any, Literal
 
 from .blueprint import WorkflowBlueprint, load_blueprints
 from .context import PatchOperation, public_view
+from .core.options import RuntimeOptions
+from .core.routing import AWAITING_IDS_KEY, RECORD_PREFIX, read_record
 from .distributed.adapter import FINAL_STATUSES, RESTING_STATUSES, now_iso
 from .distributed.context import BLUEPRINT_KEY, RUN_STATE_KEY, live_lease
 from .errors import FlowcraftError
-from .runtime.routing import AWAITING_IDS_KEY, RECORD_PREFIX, read_record
-from .runtime.runtime import RuntimeOptions
 
 RunState = Literal["running", "awaiting", "completed", "failed", "cancelled"]
 NodeState = Literal["pending", "running", "done", "skipped", "failed", "awaiting"]

@@ -25,14 +25,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .context import INTERNAL_PREFIX, public_view
-from .events import FlowcraftEvent, event_from_dict, event_to_dict
-from .runtime.routing import (
+from .core.routing import (
     AWAITING_DETAILS_KEY,
     AWAITING_IDS_KEY,
     INPUTS_PREFIX,
     OUTPUTS_PREFIX,
     RECORD_PREFIX,
 )
+from .events import FlowcraftEvent, event_from_dict, event_to_dict
 
 NodeState = str
 

@@ -2,7 +2,7 @@
 
 The one place that reads a run's stored records for display. Workers store a
 run as one context dict (see :mod:`flowcraft.distributed.context` and
-:mod:`flowcraft.runtime.routing`) plus a status record; these pure functions
+:mod:`flowcraft.core.routing`) plus a status record; these pure functions
 turn the two into typed views:
 
 * :func:`node_states` — each node's state, derived in this order of precedence:
@@ -34,10 +34,10 @@ from typing import Any, Literal
 
 from .blueprint import EdgeDefinition, NodeDefinition, WorkflowBlueprint
 from .context import INTERNAL_PREFIX
-from .runtime.routing import (
+from .core.graph import DYNAMIC_PREFIX
+from .core.routing import (
     AWAITING_DETAILS_KEY,
     AWAITING_IDS_KEY,
-    DYNAMIC_PREFIX,
     INPUTS_PREFIX,
     OUTPUTS_PREFIX,
     RECORD_PREFIX,

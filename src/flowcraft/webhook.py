@@ -32,8 +32,8 @@ from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any, Protocol
 from urllib.parse import parse_qs, unquote
 
+from .core.routing import AWAITING_DETAILS_KEY, AWAITING_IDS_KEY
 from .errors import FlowcraftError
-from .runtime.routing import AWAITING_DETAILS_KEY, AWAITING_IDS_KEY
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]

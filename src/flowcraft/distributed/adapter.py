@@ -90,7 +90,7 @@ says why repeating it is safe.
    a chain costs no queue round trip per node), counting its attempt.
 
 6. **Advance.** From the context the commit returned, decide each
-   successor's join with :mod:`flowcraft.runtime.routing` — the same code the
+   successor's join with :mod:`flowcraft.core.routing` — the same code the
    in-memory runtime uses. All commits of a run hit one item, so of a join's
    predecessors exactly the last to commit sees them all and starts the
    join; redelivered jobs repeat this step with the fresh context and find
@@ -145,22 +145,13 @@ from ..context import (
     public_view,
     validate_initial_context,
 )
-from ..errors import (
-    BlueprintValidationError,
-    ContextTooLargeError,
-    FlowcraftError,
-    InvalidJobError,
-    UnknownBlueprintError,
-    UnstorableValueError,
-)
-from ..events import EventBus, FlowcraftEvent, safe_emit
-from ..nodes.base import CancellationSignal, NodeContext, NodeResult
-from ..observability import get_metrics, get_tracer, heartbeat, inject, log_context, service_call
-from ..runtime.graph import Graph
-from ..runtime.routing import (
+from ..core.engine import NodeEngine
+from ..core.graph import DYNAMIC_PREFIX, Graph, dynamic_addition, graph_for, terminal_ids
+from ..core.options import RuntimeOptions
+from ..core.results import WorkflowResult, serialize_context
+from ..core.routing import (
     AWAITING_DETAILS_KEY,
     AWAITING_IDS_KEY,
-    DYNAMIC_PREFIX,
     INPUTS_PREFIX,
     JoinDecision,
     completed_record,
@@ -176,16 +167,18 @@ from ..runtime.routing import (
     route,
     skipped_record,
 )
-from ..runtime.runtime import (
-    NodeEngine,
-    RuntimeOptions,
-    WorkflowResult,
-    dynamic_addition,
-    graph_for,
-    run_subflow,
-    serialize_context,
-    terminal_ids,
+from ..errors import (
+    BlueprintValidationError,
+    ContextTooLargeError,
+    FlowcraftError,
+    InvalidJobError,
+    UnknownBlueprintError,
+    UnstorableValueError,
 )
+from ..events import EventBus, FlowcraftEvent, safe_emit
+from ..nodes.base import CancellationSignal, NodeContext, NodeResult
+from ..observability import get_metrics, get_tracer, heartbeat, inject, log_context, service_call
+from ..runtime.runtime import run_subflow
 from ..runview import parse_time
 from .context import (
     BLUEPRINT_KEY,
@@ -1325,7 +1318,7 @@ class BaseDistributedAdapter(abc.ABC):
         data = await self.create_context(run_id).load() or {}
         errors = []
         if status.get("error"):
-            from ..runtime.executor import NodeError
+            from ..core.executor import NodeError
 
             error = (data.get(RUN_STATE_KEY) or {}).get("error") or {}
             errors.append(NodeError(

@@ -49,8 +49,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..context import INTERNAL_PREFIX, PatchOperation, apply_patch
+from ..core.routing import RECORD_PREFIX
 from ..errors import RunAlreadyExistsError
-from ..runtime.routing import RECORD_PREFIX
 
 LOCK_PREFIX = f"{INTERNAL_PREFIX}lock."
 ATTEMPTS_PREFIX = f"{INTERNAL_PREFIX}attempts."

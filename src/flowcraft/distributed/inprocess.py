@@ -20,8 +20,8 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Unpack
 
+from ..core.options import RuntimeOptions
 from ..events import EventBus
-from ..runtime.runtime import RuntimeOptions
 from .adapter import BaseDistributedAdapter, QueueMessage
 from .context import InMemoryRunStore
 from .coordination import CoordinationStore, InMemoryCoordinationStore

@@ -1,19 +1,14 @@
 """``FlowRuntime``: runs blueprints in this process.
 
-A run is a set of asyncio tasks, one per node execution. When a node
-finishes, its output, context writes and routing record land in the run's
-context dict, and :mod:`flowcraft.runtime.routing` decides which successors
-run, which are skipped, and which keep waiting at a join. All decisions are
-made synchronously between awaits, so concurrent nodes never race on the
-bookkeeping.
-
-The same :class:`NodeEngine` (registry lookup, node contexts, sleep and
-subflow services) serves the distributed workers. It also refuses, in one
-place for every engine, what no store can hold: ``NodeEngine.graph`` checks
-a blueprint's expressions and registry before any node runs, and
-``NodeEngine.run_node`` fails a node (once: no retry, no fallback) whose
-output or context writes are not plain JSON, dropping those writes. Once
-nodes run, ``FlowRuntime.run`` never raises: every failure is in the result.
+A run is a set of asyncio tasks, one per node execution (a node's task runs
+the first successor it makes ready). When a node finishes, its output, context
+writes and routing record land in the run's context dict, and
+:func:`flowcraft.core.successors.decide` — the function the distributed
+workers use too — says which successors run, which are skipped, and which
+keep waiting at a join. All decisions are made synchronously between awaits,
+so concurrent nodes never race on the bookkeeping. Single nodes are run by
+the shared :class:`~flowcraft.core.engine.NodeEngine`. Once nodes run,
+``FlowRuntime.run`` never raises: every failure is in the result.
 """
 
 from __future__ import annotations
@@ -22,39 +17,22 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from ..analysis import start_node_ids
-from ..blueprint import NodeDefinition, WorkflowBlueprint, check_blueprint
-from ..context import (
-    TrackedContext,
-    check_storable,
-    public_view,
-    squash,
-    validate_initial_context,
-)
-from ..errors import (
-    ExpressionError,
-    FlowcraftError,
-    InvalidContextError,
-    InvalidOptionError,
-    UnknownBlueprintError,
-    UnstorableValueError,
-)
-from ..events import EventBus, EventStore, FlowcraftEvent, RecordingBus, safe_emit
-from ..nodes.base import AwaitingSignal, CancellationSignal, NodeContext, NodeResult
-from ..nodes.builtins import BUILTIN_NODES
-from .executor import NodeError, NodeOutcome, execute_node
-from .graph import Graph
-from .routing import (
+from ..blueprint import WorkflowBlueprint
+from ..context import TrackedContext, check_storable, public_view, validate_initial_context
+from ..core.engine import NodeEngine, RunContext
+from ..core.executor import NodeError
+from ..core.graph import DYNAMIC_PREFIX, dynamic_addition, graph_for, terminal_ids
+from ..core.options import RuntimeOptions
+from ..core.results import RunStatus, WorkflowResult
+from ..core.routing import (
     AWAITING_DETAILS_KEY,
     AWAITING_IDS_KEY,
-    DYNAMIC_PREFIX,
     INPUTS_PREFIX,
     OUTPUTS_PREFIX,
     JoinDecision,
@@ -71,288 +49,24 @@ from .routing import (
     route,
     skipped_record,
 )
+from ..errors import (
+    ExpressionError,
+    FlowcraftError,
+    InvalidContextError,
+    InvalidOptionError,
+    UnstorableValueError,
+)
+from ..events import EventBus, EventStore, FlowcraftEvent, RecordingBus, safe_emit
+from ..nodes.base import AwaitingSignal, CancellationSignal, NodeContext, NodeResult
 
 if TYPE_CHECKING:
     from .stepper import Stepper
 
 logger = logging.getLogger("flowcraft.runtime")
 
-RunStatus = Literal["completed", "failed", "awaiting", "cancelled", "stalled"]
-
-
-@dataclass
-class WorkflowResult:
-    """How a run ended. ``context`` hides the engine's ``_flowcraft.*`` bookkeeping;
-    ``serialized_context`` is the complete state, as ``resume`` needs it."""
-
-    status: RunStatus
-    context: dict[str, Any]
-    serialized_context: str
-    errors: list[NodeError] = field(default_factory=list)
-    run_id: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "runId": self.run_id,
-            "status": self.status,
-            "context": self.context,
-            "errors": [error.to_dict() for error in self.errors],
-        }
-
-
-@dataclass
-class RuntimeOptions:
-    """What a runtime carries to a distributed adapter: blueprints, registry, dependencies."""
-
-    blueprints: dict[str, WorkflowBlueprint]
-    registry: dict[str, Any]
-    dependencies: dict[str, Any]
-    event_bus: EventBus | None = None
-    max_inline_sleep_seconds: float = 300.0
-    max_node_iterations: int = 1000
-    middleware: list[Any] = field(default_factory=list)
-
-
-def serialize_context(data: Mapping[str, Any]) -> str:
-    return json.dumps(data, default=_json_default, separators=(",", ":"))
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, set | frozenset | tuple):
-        return list(value)
-    if hasattr(value, "model_dump"):
-        return value.model_dump(mode="json")
-    raise TypeError(f"context value of type {type(value).__name__} is not JSON serializable")
-
-
-def dynamic_additions(data: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    return [value for key, value in data.items() if key.startswith(DYNAMIC_PREFIX)]
-
-
-def graph_for(base: Graph, data: Mapping[str, Any]) -> Graph:
-    additions = dynamic_additions(data)
-    return base.extended(additions) if additions else base
-
-
-def dynamic_addition(graph: Graph, node_id: str, nodes: Any) -> dict[str, Any]:
-    """Dynamic nodes sit between their producer and the producer's forward successors."""
-    successors = graph.forward_successors(node_id)
-    definitions = [
-        n.to_dict() if isinstance(n, NodeDefinition) else NodeDefinition.model_validate(n).to_dict()
-        for n in nodes
-    ]
-    edges = [{"source": node_id, "target": d["id"]} for d in definitions]
-    edges += [{"source": d["id"], "target": s} for d in definitions for s in successors]
-    return {"nodes": definitions, "edges": edges}
-
-
-def terminal_ids(graph: Graph) -> list[str]:
-    return [
-        node_id for node_id, edges in graph.outgoing.items()
-        if not edges and node_id not in graph.fallback_only
-    ]
-
-
 _MISSING = object()
 
-
-class RunContext(TrackedContext):
-    """A :class:`TrackedContext` that remembers each key's value from before the node's first
-    write to it, so writes the store cannot hold are undone instead of left in the run."""
-
-    __slots__ = ("_before",)
-    _before: dict[str, Any]
-
-    def _remember(self, key: str) -> None:
-        try:
-            before = self._before
-        except AttributeError:  # created on the first write: most nodes never write
-            before = self._before = {}
-        if key not in before:
-            before[key] = self.data.get(key, _MISSING)
-
-    def set_now(self, key: str, value: Any) -> None:
-        self._remember(key)
-        super().set_now(key, value)
-
-    def delete_now(self, key: str) -> bool:
-        self._remember(key)
-        return super().delete_now(key)
-
-    def undo(self, key: str, written: Any) -> None:
-        if self.data.get(key, _MISSING) is not written:
-            return  # another node wrote the key since: keep its value
-        before = getattr(self, "_before", {}).get(key, _MISSING)
-        if before is _MISSING:
-            self.data.pop(key, None)
-        else:
-            self.data[key] = before
-
-
-def _write_name(node_id: str, key: str) -> str:
-    return f"context key '{key}' written by node '{node_id}'"
-
-
-def _plain_scalar(value: Any) -> bool:
-    """The common case, decided without a call: a storable scalar."""
-    kind = type(value)
-    return kind in _PLAIN_SCALARS or (kind is float and math.isfinite(value))
-
-
-_PLAIN_SCALARS = frozenset({str, int, bool, type(None)})
-
-
-def refuse_unstorable(node: NodeDefinition, tracked: TrackedContext, outcome: NodeOutcome | None,
-                      run_id: str, first_write: int = 0) -> NodeOutcome | None:
-    """A failed outcome if the node's output, its awaiting details or its context writes
-    (``tracked.deltas`` from ``first_write``) hold a value the store cannot hold; else None.
-
-    Refused writes are removed from ``tracked.deltas`` (so a worker never commits them) and
-    undone in ``tracked.data``. The failure is final: the node ran, so a retry or fallback
-    would repeat its side effects for the same unstorable result. A node that failed on its
-    own keeps its own error; only its unstorable writes are dropped.
-    """
-    problems: list[str] = []
-    refused: dict[str, Any] = {}
-    writes = tracked.deltas[first_write:]
-    for operation in writes if len(writes) <= 1 else squash(writes):
-        if not isinstance(operation.key, str):
-            problems.append(f"node '{node.id}' wrote context key {operation.key!r} of type "
-                            f"{type(operation.key).__name__}; context keys are strings")
-            refused[operation.key] = operation.value
-            continue
-        if operation.op != "set" or _plain_scalar(operation.value):
-            continue
-        try:
-            check_storable(operation.value, _write_name(node.id, operation.key))
-        except UnstorableValueError as exc:
-            problems.append(exc.message)
-            refused[operation.key] = operation.value
-    if outcome is not None and outcome.result is not None:
-        if not _plain_scalar(outcome.result.output):
-            try:
-                check_storable(outcome.result.output, f"the output of node '{node.id}'")
-            except UnstorableValueError as exc:
-                problems.append(exc.message)
-    elif outcome is not None and outcome.awaiting is not None:
-        try:
-            check_storable(outcome.awaiting, f"the awaiting details of node '{node.id}'")
-        except UnstorableValueError as exc:
-            problems.append(exc.message)
-    if not problems:
-        return None
-    if refused:
-        kept = tracked.deltas[:first_write] + [
-            d for d in tracked.deltas[first_write:] if d.key not in refused
-        ]
-        tracked.deltas[:] = kept
-        for key, value in refused.items():
-            if isinstance(tracked, RunContext):
-                tracked.undo(key, value)
-            else:
-                tracked.data.pop(key, None)
-    attempts = outcome.attempts if outcome is not None else 0
-    message = "; ".join(problems)
-    if outcome is not None and outcome.error is not None:
-        logger.warning("run %s node %s: writes refused: %s", run_id, node.id, message)
-        return outcome
-    return NodeOutcome(error=NodeError(node.id, message, attempts, "UnstorableValueError",
-                                       run_id or None), attempts=attempts)
-
-
-class NodeEngine:
-    """Looks up implementations and runs single nodes; shared by every runtime and worker."""
-
-    def __init__(self, options: RuntimeOptions, registry: Mapping[str, Any] | None = None) -> None:
-        self.options = options
-        self.registry: dict[str, Any] = {**BUILTIN_NODES, **options.registry, **(registry or {})}
-        self._graphs: dict[str, Graph] = {}
-
-    def blueprint(self, blueprint_id: str) -> WorkflowBlueprint:
-        try:
-            return self.options.blueprints[blueprint_id]
-        except KeyError:
-            known = ", ".join(sorted(self.options.blueprints)) or "none"
-            raise UnknownBlueprintError(
-                f"unknown blueprint id '{blueprint_id}' (known: {known}); register it with "
-                "FlowRuntime(blueprints=...) or the worker's --blueprints directory"
-            ) from None
-
-    def graph(self, blueprint: WorkflowBlueprint) -> Graph:
-        cached = self._graphs.get(blueprint.id)
-        if cached is None or cached.blueprint is not blueprint:
-            check_blueprint(blueprint, self.registry)
-            cached = Graph(blueprint)
-            self._graphs[blueprint.id] = cached
-        return cached
-
-    def fallback_for(self, graph: Graph, node: NodeDefinition) -> tuple[Any, Any]:
-        name = node.config.fallback if node.config else None
-        if not name:
-            return None, None
-        # A node id first: that node is fallback-only (never runs on its own), as the
-        # reference's docs use it; otherwise a uses key.
-        target = graph.nodes.get(name)
-        if target is not None and target.uses in self.registry:
-            return self.registry[target.uses], target.params or {}
-        if name in self.registry:
-            return self.registry[name], None
-        return None, None
-
-    async def run_node(
-        self,
-        graph: Graph,
-        node: NodeDefinition,
-        tracked: TrackedContext,
-        node_input: Any,
-        *,
-        run_id: str,
-        iteration: int,
-        services: Any,
-        signal: CancellationSignal | None = None,
-    ) -> NodeOutcome:
-        implementation = self.registry.get(node.uses)
-        if implementation is None:
-            return NodeOutcome(error=NodeError(
-                node.id, f"no implementation registered for uses '{node.uses}'", 0,
-                "BlueprintValidationError", run_id,
-            ))
-        engine_writes = len(tracked.deltas)  # the delivered input: checked by routing
-        fallback, fallback_params = self.fallback_for(graph, node)
-        params = node.params or {}
-
-        def make_context(attempt: int) -> NodeContext:
-            # Each attempt gets its own signal: a timeout cancels that attempt only, while
-            # cancelling ``signal`` (the run) reaches every attempt.
-            return NodeContext(
-                context=tracked, input=node_input, params=params,
-                dependencies=self.options.dependencies, run_id=run_id, node_id=node.id,
-                blueprint_id=graph.blueprint.id, attempt=attempt, iteration=iteration,
-                signal=CancellationSignal(signal), engine=services,
-            )
-
-        if self.options.middleware:
-            from ..middleware import run_with_middleware  # it builds on this package
-
-            outcome = await run_with_middleware(
-                self.options.middleware, tracked, node.id, run_id,
-                lambda: execute_node(
-                    node, implementation, make_context, fallback=fallback,
-                    fallback_params=fallback_params, event_bus=self.options.event_bus,
-                    run_id=run_id))
-        else:
-            outcome = await execute_node(
-                node, implementation, make_context, fallback=fallback,
-                fallback_params=fallback_params, event_bus=self.options.event_bus,
-                run_id=run_id,
-            )
-        result = outcome.result
-        if (result is not None and len(tracked.deltas) == engine_writes
-                and type(result.output) in _PLAIN_SCALARS):
-            return outcome  # the common case, decided without a call
-        return refuse_unstorable(node, tracked, outcome, run_id, engine_writes) or outcome
+__all__ = ["FlowRuntime", "NodeEngine", "RuntimeOptions", "WorkflowResult", "run_subflow"]
 
 
 class FlowRuntime:

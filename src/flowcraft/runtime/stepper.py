@@ -17,10 +17,12 @@ from typing import Any
 
 from ..blueprint import WorkflowBlueprint
 from ..context import public_view
+from ..core.engine import NodeEngine
+from ..core.executor import NodeError
+from ..core.results import WorkflowResult
+from ..core.routing import AWAITING_DETAILS_KEY, output_key, read_record
 from ..nodes.base import CancellationSignal
-from .executor import NodeError
-from .routing import AWAITING_DETAILS_KEY, output_key, read_record
-from .runtime import NodeEngine, WorkflowResult, _InMemoryRun
+from .runtime import _InMemoryRun
 
 __all__ = ["Step", "Stepper"]
 

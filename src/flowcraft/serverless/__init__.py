@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
+from ..core.options import RuntimeOptions
 from ..distributed.adapter import BaseDistributedAdapter
-from ..runtime.runtime import RuntimeOptions
 from ..worker import DependencyFactory, Hook, open_dependencies, run_hooks
 
 

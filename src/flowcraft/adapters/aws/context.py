@@ -36,6 +36,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from ...context import PatchOperation
+from ...core.routing import RECORD_PREFIX
 from ...distributed.context import (
     Claim,
     ClaimStatus,
@@ -49,7 +50,6 @@ from ...distributed.context import (
     run_exists_error,
 )
 from ...errors import ContextTooLargeError, UnstorableValueError
-from ...runtime.routing import RECORD_PREFIX
 from ._dynamo import ITEM_LIMIT_BYTES, Expression, approximate_size, from_item, to_item
 
 KEY = "runId"

@@ -26,12 +26,12 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Unpack
 
+from ...core.options import RuntimeOptions
 from ...distributed.adapter import BaseDistributedAdapter, QueueMessage
 from ...distributed.coordination import CoordinationStore
 from ...distributed.job import JobPayload
 from ...distributed.options import WorkerOptions, check_option_names
 from ...events import EventBus
-from ...runtime.runtime import RuntimeOptions
 from .._worker import InFlightReceives, check_worker_options
 from ._cosmos import literal, pointer, status_code, strip_system, with_throttling_retries
 from .context import CosmosDbContext

@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from ...context import PatchOperation, apply_patch, squash
+from ...core.routing import RECORD_PREFIX
 from ...distributed.context import (
     Claim,
     ClaimStatus,
@@ -54,7 +55,6 @@ from ...distributed.context import (
     run_exists_error,
 )
 from ...errors import ContextTooLargeError, FlowcraftError
-from ...runtime.routing import RECORD_PREFIX
 from ._cosmos import (
     COLLIDING,
     ITEM_LIMIT_BYTES,

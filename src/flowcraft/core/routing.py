@@ -51,7 +51,6 @@ from ..expressions import evaluate
 from .graph import Graph
 
 RECORD_PREFIX = f"{INTERNAL_PREFIX}node."
-DYNAMIC_PREFIX = f"{INTERNAL_PREFIX}dynamic."
 OUTPUTS_PREFIX = "_outputs."
 INPUTS_PREFIX = "_inputs."
 AWAITING_IDS_KEY = "_awaitingNodeIds"

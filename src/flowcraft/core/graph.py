@@ -240,3 +240,37 @@ def _strongly_connected_components(outgoing: Mapping[str, list[EdgeDefinition]])
                         result[member] = component
                     component += 1
     return result
+
+
+# -- dynamic nodes and terminals ----------------------------------------------------------------
+
+DYNAMIC_PREFIX = "_flowcraft.dynamic."
+"""Context keys holding the nodes a node added at run time (see :func:`dynamic_addition`)."""
+
+
+def dynamic_additions(data: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    return [value for key, value in data.items() if key.startswith(DYNAMIC_PREFIX)]
+
+
+def graph_for(base: Graph, data: Mapping[str, Any]) -> Graph:
+    additions = dynamic_additions(data)
+    return base.extended(additions) if additions else base
+
+
+def dynamic_addition(graph: Graph, node_id: str, nodes: Any) -> dict[str, Any]:
+    """Dynamic nodes sit between their producer and the producer's forward successors."""
+    successors = graph.forward_successors(node_id)
+    definitions = [
+        n.to_dict() if isinstance(n, NodeDefinition) else NodeDefinition.model_validate(n).to_dict()
+        for n in nodes
+    ]
+    edges = [{"source": node_id, "target": d["id"]} for d in definitions]
+    edges += [{"source": d["id"], "target": s} for d in definitions for s in successors]
+    return {"nodes": definitions, "edges": edges}
+
+
+def terminal_ids(graph: Graph) -> list[str]:
+    return [
+        node_id for node_id, edges in graph.outgoing.items()
+        if not edges and node_id not in graph.fallback_only
+    ]
