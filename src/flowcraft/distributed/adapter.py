@@ -153,20 +153,19 @@ from ..core.routing import (
     AWAITING_DETAILS_KEY,
     AWAITING_IDS_KEY,
     INPUTS_PREFIX,
-    JoinDecision,
     completed_record,
     deliveries,
-    evaluate_join,
     failed_record,
     output_key,
     read_record,
-    ready_frontier,
     record_key,
     resolution_count,
     resolve_input,
     route,
     skipped_record,
 )
+from ..core.successors import JoinDecision, frontier
+from ..core.successors import evaluate as evaluate_join
 from ..errors import (
     BlueprintValidationError,
     ContextTooLargeError,
@@ -1018,8 +1017,8 @@ class BaseDistributedAdapter(abc.ABC):
                 record = read_record(data, terminal)
                 if record is None or record.failed:
                     return
-        ready, skip = ready_frontier(graph, data)
-        if ready or skip or revivable(graph, data):
+        pending = frontier(graph, data)
+        if pending.ready or pending.skip:
             # Something can still run (or is running), e.g. a late predecessor of an ``any``
             # join whose terminal already finished, or a branch beside a waiting node: the
             # run rests when it has finished, as in memory.
@@ -1347,8 +1346,8 @@ class BaseDistributedAdapter(abc.ABC):
             blueprint_id = data.get(BLUEPRINT_KEY) or self._infer_blueprint_id(data)
         blueprint = self.engine.blueprint(blueprint_id)
         graph = graph_for(self._routing_graph(blueprint), data)
-        ready, skip = ready_frontier(graph, data)
-        ready += revivable(graph, data)
+        pending = frontier(graph, data)
+        ready, skip = [r.node_id for r in pending.ready], pending.skip
         if skip:
             data = await context.apply([
                 PatchOperation("set", record_key(t), skipped_record(resolution_count(data, t)))
