@@ -304,3 +304,94 @@ def validate_initial_context(initial: Mapping[str, Any] | None) -> dict[str, Any
     if problems:
         raise InvalidContextError("cannot start the run: " + "; ".join(problems))
     return dict(initial)
+
+
+# -- the context as expressions see it ------------------------------------------------------
+
+OUTPUTS_PREFIX = "_outputs."
+"""Where a node's output is stored: ``_outputs.<node id>``."""
+
+
+class ContextNames(Mapping[str, Any]):
+    """The context as expressions see it: a key, else the output of the node of that id.
+
+    The TypeScript library also stores each node's output under its bare id, so its
+    blueprints read ``route.total`` or ``context["route"]`` for node ``route``'s output.
+    Outputs are stored once (``_outputs.<id>``); this view resolves the bare id instead.
+    Iteration and length cover the stored keys only.
+    """
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping[str, Any]) -> None:
+        self._data = data
+
+    def __getitem__(self, name: str) -> Any:
+        try:
+            return self._data[name]
+        except KeyError:
+            if isinstance(name, str) and not name.startswith("_"):
+                return self._data[OUTPUTS_PREFIX + name]
+            raise
+
+    def get(self, name: str, default: Any = None) -> Any:
+        try:
+            return self[name]
+        except (KeyError, TypeError):
+            return default
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._data or (
+            isinstance(name, str) and not name.startswith("_")
+            and OUTPUTS_PREFIX + name in self._data
+        )
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+class ExpressionNames(Mapping[str, Any]):
+    """The names an expression sees: a few fixed ones (``result``, or ``input``), ``context``,
+    and every identifier context key, or node id (its output) where no key has that name.
+
+    Lazy, so evaluating an expression costs nothing per context key.
+    """
+
+    __slots__ = ("_context", "_fixed")
+
+    def __init__(self, data: Mapping[str, Any], fixed: Mapping[str, Any]) -> None:
+        self._context = ContextNames(data)
+        self._fixed = {**fixed, "context": self._context}
+
+    def __getitem__(self, name: str) -> Any:
+        if name in self._fixed:
+            return self._fixed[name]
+        return self._context[name]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            return default
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._fixed or name in self._context
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._fixed
+        yield from (k for k in self._context if k.isidentifier() and k not in self._fixed)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+class ConditionNames(ExpressionNames):
+    """What an edge condition (or a loop condition) sees: ``result``, ``context``, names."""
+
+    __slots__ = ()
+
+    def __init__(self, data: Mapping[str, Any], result: Mapping[str, Any]) -> None:
+        super().__init__(data, {"result": result})

@@ -206,7 +206,7 @@ class NodeEngine:
             )
 
         if self.options.middleware:
-            from ..middleware import run_with_middleware  # it builds on this package
+            from .middleware import run_with_middleware
 
             outcome = await run_with_middleware(
                 self.options.middleware, tracked, node.id, run_id,

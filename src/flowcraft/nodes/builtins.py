@@ -138,7 +138,7 @@ async def loop_controller_node(ctx: NodeContext) -> NodeResult:
     max_iterations = ctx.params.get("maxIterations")
     if max_iterations is not None and ctx.iteration + 1 >= int(max_iterations):
         return NodeResult(output=ctx.input, action="break")
-    from ..core.routing import ConditionNames
+    from ..context import ConditionNames
 
     names = ConditionNames(ctx.context.data, {"output": ctx.input, "iteration": ctx.iteration})
     verdict = evaluate(condition, names)

@@ -71,7 +71,7 @@ class FlowRuntime:
     ``FlowRuntime(blueprints={...}, registry={...}, dependencies={...})``;
     ``await runtime.run(blueprint, {"initial": "context"})`` returns a
     :class:`WorkflowResult`. ``middleware=[...]`` wraps every node (see
-    :mod:`flowcraft.middleware`); ``event_store=`` keeps each run's events for replay.
+    :mod:`flowcraft.core.middleware`); ``event_store=`` keeps each run's events for replay.
     """
 
     def __init__(
