@@ -353,6 +353,15 @@ def resolve_input(
         return ResolvedInput(
             {name: read_reference(data, ref) for name, ref in node.inputs.items()}, False
         )
+    incoming = graph.incoming.get(node.id, ())
+    if len(incoming) == 1 and not incoming[0].transform:
+        # One way in (chains, fan-out branches): the common case, without the general search.
+        edge = incoming[0]
+        record = fresh_record(graph, data, edge.source, node.id, resolution_count(data, node.id),
+                              graph.is_back_edge(edge.source, node.id))
+        if record is not None and record.delivered_to(graph, edge.source, node.id) is not None:
+            return ResolvedInput(data.get(OUTPUTS_PREFIX + edge.source), True)
+        return ResolvedInput(data.get(INPUTS_PREFIX + node.id), False)
     found = deliveries(graph, data, node.id)
     if not found:
         # Start nodes (and subflow children) may be handed an input by whoever started them.

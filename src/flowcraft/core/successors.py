@@ -202,7 +202,9 @@ def decide(graph: Graph, data: Mapping[str, Any], sources: Iterable[str],
     """
     decision = Successors()
     skipping: set[str] = set()
-    for source in dict.fromkeys(sources):
+    if not isinstance(sources, list) or len(sources) > 1:
+        sources = dict.fromkeys(sources)
+    for source in sources:
         record = read_record(data, source)
         if record is None or record.failed:
             continue  # a failed node never resolves: what needed it never runs
