@@ -14,6 +14,7 @@ the shared :class:`~flowcraft.core.engine.NodeEngine`. Once nodes run,
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -61,6 +62,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger("flowcraft.runtime")
 
 _MISSING = object()
+
+MAX_TASKS_PER_RUN = 10_000
+"""Node executions of one run that have a task at once; more ready nodes wait in order."""
 
 __all__ = ["FlowRuntime", "NodeEngine", "RuntimeOptions", "WorkflowResult", "run_subflow"]
 
@@ -248,6 +252,8 @@ class _InMemoryRun:
         self.errors: list[NodeError] = []
         self.scheduled: set[tuple[str, int]] = set()
         self.tally = JoinTally()
+        self.backlog: collections.deque[tuple[str, int, dict[str, Any] | None]] = (
+            collections.deque())
         self.tasks: set[asyncio.Task[None]] = set()
         self.running = 0
         self.idle = asyncio.Event()
@@ -415,6 +421,11 @@ class _InMemoryRun:
         self._spawn(node_id, generation, resume)
 
     def _spawn(self, node_id: str, generation: int, resume: dict[str, Any] | None) -> None:
+        if len(self.tasks) >= MAX_TASKS_PER_RUN:
+            # A very wide fan-out: the node waits for a task to take it (each task costs a few
+            # KB; 100,000 of them at once would cost hundreds of MB).
+            self.backlog.append((node_id, generation, resume))
+            return
         task = asyncio.get_running_loop().create_task(self._execute(node_id, generation, resume))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -446,6 +457,8 @@ class _InMemoryRun:
                 for left in handoff:  # not taken over (an error, a cancellation): its own task
                     self._spawn(*left)
                 self.running -= 1
+                if job is None and self.backlog and not self.signal.is_set():
+                    job = self.backlog.popleft()
                 if self.running == 0 and job is None:
                     self._now_idle()
 
