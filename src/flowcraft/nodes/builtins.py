@@ -7,8 +7,9 @@
 * ``batch-scatter``/``batch-gather`` - fan out over a list, gather the results in order
 * ``loop-controller`` - ``continue`` / ``break`` on ``condition``, bounded by ``maxIterations``
 
-Built-ins reach engine services (subflows, durable sleep) through
-``ctx.engine``, so the same node works in memory and on a distributed worker.
+Built-ins reach engine services (subflows, durable sleep) through ``ctx.engine``
+(an :class:`~flowcraft.nodes.base.EngineServices`), so the same node works in memory
+and on a distributed worker.
 """
 
 from __future__ import annotations

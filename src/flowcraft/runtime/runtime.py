@@ -619,7 +619,10 @@ def _wake(future: asyncio.Future[None]) -> None:
 
 
 class _RunServices:
-    """``ctx.engine`` for nodes of an in-memory run."""
+    """``ctx.engine`` for nodes of an in-memory run: an
+    :class:`~flowcraft.nodes.base.EngineServices` (a sleep up to
+    ``max_inline_sleep_seconds`` waits in place, a longer one parks the run; a subflow
+    runs in this process, resumed from its saved state when the run is)."""
 
     def __init__(self, run: _InMemoryRun, resume: dict[str, Any] | None) -> None:
         self._run = run
