@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .graph import Graph
@@ -108,16 +108,19 @@ class Ready:
     predecessor does can change this decision (a worker may claim it in the same write)."""
 
 
-@dataclass(slots=True)
 class Successors:
     """The decision for the successors of some resolved nodes."""
 
-    ready: list[Ready] = field(default_factory=list)
-    skip: list[str] = field(default_factory=list)
-    """Successors to skip now, in order; each skip resolves them for their own successors."""
-    certain_skips: list[str] = field(default_factory=list)
-    """The skips whose only way in is a source that just resolved (no other predecessor can
-    change them): a worker writes them with the source's own commit."""
+    __slots__ = ("certain_skips", "ready", "skip")
+
+    def __init__(self) -> None:
+        self.ready: list[Ready] = []
+        self.skip: list[str] = []
+        """Successors to skip now, in order; each skip resolves them for their own
+        successors."""
+        self.certain_skips: list[str] = []
+        """The skips whose only way in is a source that just resolved (no other predecessor
+        can change them): a worker writes them with the source's own commit."""
 
 
 class JoinTally:
@@ -204,11 +207,14 @@ def decide(graph: Graph, data: Mapping[str, Any], sources: Iterable[str],
     skipping: set[str] = set()
     if not isinstance(sources, list) or len(sources) > 1:
         sources = dict.fromkeys(sources)
+    outgoing = graph.outgoing
+    back_edges = graph.back_edges
+    predecessors = graph.forward_predecessors
     for source in sources:
         record = read_record(data, source)
         if record is None or record.failed:
             continue  # a failed node never resolves: what needed it never runs
-        edges = graph.outgoing.get(source, ())
+        edges = outgoing.get(source, ())
         if not edges:
             continue
         if record.skipped:
@@ -221,7 +227,7 @@ def decide(graph: Graph, data: Mapping[str, Any], sources: Iterable[str],
             e.target for e in edges)
         for target in targets:
             hit = target in delivered
-            if graph.is_back_edge(source, target):
+            if (source, target) in back_edges:
                 count = resolution_count(data, target)
                 if hit and fresh_record(graph, data, source, target, count, True) is not None:
                     decision.ready.append(Ready(target, count, source, True,
@@ -231,7 +237,7 @@ def decide(graph: Graph, data: Mapping[str, Any], sources: Iterable[str],
             if target_record is not None and _settled(graph, data, target, target_record, hit):
                 continue
             count = target_record.count if target_record is not None else 0
-            only_way_in = graph.forward_predecessors.get(target) == (source,)
+            only_way_in = predecessors.get(target) == (source,)
             if tally is not None and only_way_in:
                 verdict = JoinDecision.RUN if hit else JoinDecision.SKIP
             elif tally is not None:
@@ -239,7 +245,7 @@ def decide(graph: Graph, data: Mapping[str, Any], sources: Iterable[str],
             else:
                 resolved, arrived = join_arrivals(graph, data, target)
                 verdict = join_decision(graph.nodes[target].join_strategy,
-                                        len(graph.forward_predecessors.get(target, ())),
+                                        len(predecessors.get(target, ())),
                                         len(resolved), len(arrived))
             if verdict is JoinDecision.RUN:
                 certain = only_way_in and (target_record is None
