@@ -189,7 +189,7 @@ class Names:
                 "FLOWCRAFT_COORDINATION_TABLE": self.coordination_table}
 
     def settings(self, endpoint: str) -> Any:
-        from flowcraft.backends import AwsSettings
+        from flowcraft.adapters.connect import AwsSettings
 
         return AwsSettings.resolve(endpoint_url=endpoint, queue_url=self.queue_url,
                                    queue_name=self.queue_name, context_table=self.context_table,
@@ -199,7 +199,7 @@ class Names:
 
 async def provision(endpoint: str) -> Names:
     from flowcraft.adapters.aws import AwsNames, provision_aws
-    from flowcraft.backends import AwsSettings, aws_clients
+    from flowcraft.adapters.connect import AwsSettings, aws_clients
 
     names = Names.fresh()
     async with aws_clients(AwsSettings.resolve(endpoint_url=endpoint)) as (sqs, dynamodb):
@@ -234,7 +234,7 @@ class CountResult:
 
 def count_case(endpoint: str, shape: Shape, runs: int, blueprint_dir: Path, scratch: Path,
                concurrency: int, timeout: float) -> CountResult:
-    from flowcraft.backends import aws_adapter
+    from flowcraft.adapters.connect import aws_adapter
 
     result = CountResult(shape, runs)
     names = asyncio.run(provision(endpoint))
@@ -291,7 +291,7 @@ class ThroughputResult:
 def throughput_case(endpoint: str, worker_count: int, mix: list[Shape], blueprint_dir: Path,
                     scratch: Path, concurrency: int, in_flight: int,
                     timeout: float) -> ThroughputResult:
-    from flowcraft.backends import aws_adapter
+    from flowcraft.adapters.connect import aws_adapter
 
     result = ThroughputResult(worker_count, runs=len(mix))
     names = asyncio.run(provision(endpoint))

@@ -21,7 +21,7 @@ import hcl2
 import pytest
 import yaml
 
-from flowcraft.backends import AwsSettings, AzureSettings
+from flowcraft.adapters.connect import AwsSettings, AzureSettings
 from flowcraft.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -361,7 +361,7 @@ def aws_requests_of_the_workers() -> set[str]:
     code = "\n".join(
         path.read_text(encoding="utf-8")
         for path in [*(ROOT / "src" / "flowcraft" / "adapters" / "aws").glob("*.py"),
-                     ROOT / "src" / "flowcraft" / "backends.py"]
+                     ROOT / "src" / "flowcraft" / "adapters" / "connect.py"]
         if path.name != "provision.py")
     session = botocore.session.get_session()
     actions = set()

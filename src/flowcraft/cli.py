@@ -241,7 +241,7 @@ def _runtime_options(args: argparse.Namespace, *, need_registry: bool = True) ->
 
 
 def _settings(args: argparse.Namespace) -> Any:
-    from .backends import AwsSettings
+    from .adapters.connect import AwsSettings
 
     if args.backend == "aws":
         return AwsSettings.resolve(
@@ -249,7 +249,7 @@ def _settings(args: argparse.Namespace) -> Any:
             queue_name=args.queue_name, context_table=args.context_table,
             status_table=args.status_table, coordination_table=args.coordination_table,
         )
-    from .backends import AzureSettings
+    from .adapters.connect import AzureSettings
 
     return AzureSettings.resolve(
         storage_connection_string=args.storage_connection_string,
@@ -260,7 +260,7 @@ def _settings(args: argparse.Namespace) -> Any:
 
 
 def _adapter(args: argparse.Namespace, options: Any, **adapter_options: Any) -> Any:
-    from . import backends
+    from .adapters import connect as backends
 
     if args.backend == "aws":
         return backends.aws_adapter(_settings(args), options, **adapter_options)
@@ -339,7 +339,7 @@ def parse_start_context(text: str | None) -> dict[str, Any]:
 
 
 def cmd_provision(args: argparse.Namespace) -> int:
-    from . import backends
+    from .adapters import connect as backends
 
     async def provision() -> dict[str, Any]:
         settings = _settings(args)

@@ -82,7 +82,7 @@ async def _memory_demo(order_count: int) -> int:
 
 
 def _aws_demo(order_count: int, worker_count: int, ui: bool = False) -> int:
-    from .backends import AwsSettings, aws_adapter, aws_clients
+    from .adapters.connect import AwsSettings, aws_adapter, aws_clients
     from .local_services import moto_server
 
     print("flowcraft demo: starting a local AWS (moto: SQS + DynamoDB) in this process ...",
@@ -102,7 +102,7 @@ def _aws_demo(order_count: int, worker_count: int, ui: bool = False) -> int:
 
 
 def _azure_demo(order_count: int, worker_count: int, ui: bool = False) -> int:
-    from .backends import AzureSettings, azure_adapter, provision_azure
+    from .adapters.connect import AzureSettings, azure_adapter, provision_azure
     from .local_services import azure_services
 
     print("flowcraft demo: starting local Azure services (Azurite queues, a Cosmos DB server, "

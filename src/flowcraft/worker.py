@@ -152,7 +152,7 @@ class Worker:
         ``AzureSettings``). ``blueprints`` is a mapping or a directory of blueprint JSON
         files; ``options`` are the :class:`WorkerOptions`; ``calls`` counts service
         requests."""
-        from . import backends
+        from .adapters import connect as backends
 
         check_option_names("Worker.from_env", options)
         if backend not in ("aws", "azure"):
