@@ -18,7 +18,7 @@ cross-check. Every case gets its own queue and tables.
 Part 2, throughput. ``--throughput-runs`` runs of a 20-branch fan-out/fan-in plus a
 few 25-node chains are started at once, then 1 (and 4, ...) worker processes work
 through them. Nodes/s = executed nodes / seconds from the first start to the last run
-seen completed. The moto server runs in this process (``flowcraft.local_services``)
+seen completed. The moto server runs in this process (``flowcraft.local``)
 and is single-threaded CPU work: on a small machine it, not the workers, is the
 bottleneck.
 
@@ -470,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         # Before moto is imported: the recorder reads its file path once, at import.
         os.environ["MOTO_RECORDER_FILEPATH"] = str(scratch / "moto-recording.jsonl")
         os.environ["AWS_SDK_UA_APP_ID"] = CLIENT_APP  # our own requests, told apart
-        from flowcraft.local_services import moto_server
+        from flowcraft.local import moto_server
 
         blueprint_dir = scratch / "blueprints"
         write_blueprints(blueprint_dir, [*shapes, *{s.id: s for s in mix}.values()])

@@ -5,7 +5,7 @@
     .venv/bin/python bench/azure_calls.py --skip-throughput --runs 1 --idle-seconds 10
     .venv/bin/python bench/azure_calls.py --shapes chain:50,fan:100 --workers 1,2,4
 
-The stack is ``flowcraft.local_services.azure_services()``: Azurite (queues), a Cosmos DB
+The stack is ``flowcraft.local.azure_services()``: Azurite (queues), a Cosmos DB
 SQL API server (``@vercel/cosmosdb-server``) and ``redis-server``, each a child process
 on a free port.
 
@@ -463,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print_header("Azure service calls per node and throughput (Azurite, a local Cosmos DB "
                  "server, Redis)")
-    from flowcraft.local_services import azure_services
+    from flowcraft.local import azure_services
 
     counts: list[CountResult] = []
     idle: IdleResult | None = None

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from flowcraft.local_services import AzureServices, MotoEndpoint, azure_services, moto_server
+from flowcraft.local import AzureServices, MotoEndpoint, azure_services, moto_server
 
 
 @pytest.fixture(scope="session")

@@ -318,7 +318,7 @@ def test_aws_compose_points_the_workers_at_its_moto_server(
 
 def test_azure_compose_reaches_the_emulators_on_loopback(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from flowcraft.local_services import AZURITE_ACCOUNT, AZURITE_KEY, COSMOS_EMULATOR_KEY
+    from flowcraft.local import AZURITE_ACCOUNT, AZURITE_KEY, COSMOS_EMULATOR_KEY
 
     service_environment("azure", monkeypatch)
     settings = AzureSettings.resolve()

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from aws_helpers import make_moto_dynamodb_atomic
-from flowcraft.local_services import free_port
+from flowcraft.local import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -180,7 +180,7 @@ def test_every_variable_a_cloud_example_reads_is_exported_on_its_page(page: str)
 
 
 def test_azure_page_shows_the_local_emulators_keys() -> None:
-    from flowcraft.local_services import AZURITE_ACCOUNT, AZURITE_KEY, COSMOS_EMULATOR_KEY
+    from flowcraft.local import AZURITE_ACCOUNT, AZURITE_KEY, COSMOS_EMULATOR_KEY
 
     text = (ROOT / "docs" / "azure.md").read_text(encoding="utf-8")
     assert f"AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};" in text

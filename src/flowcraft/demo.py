@@ -83,7 +83,7 @@ async def _memory_demo(order_count: int) -> int:
 
 def _aws_demo(order_count: int, worker_count: int, ui: bool = False) -> int:
     from .adapters.connect import AwsSettings, aws_adapter, aws_clients
-    from .local_services import moto_server
+    from .local import moto_server
 
     print("flowcraft demo: starting a local AWS (moto: SQS + DynamoDB) in this process ...",
           flush=True)
@@ -103,7 +103,7 @@ def _aws_demo(order_count: int, worker_count: int, ui: bool = False) -> int:
 
 def _azure_demo(order_count: int, worker_count: int, ui: bool = False) -> int:
     from .adapters.connect import AzureSettings, azure_adapter, provision_azure
-    from .local_services import azure_services
+    from .local import azure_services
 
     print("flowcraft demo: starting local Azure services (Azurite queues, a Cosmos DB server, "
           "Redis) ...", flush=True)
