@@ -312,3 +312,53 @@ def test_the_demo_says_in_one_line_that_a_local_service_is_missing(tmp_path: Pat
     assert demo.returncode == 2, demo.stderr
     assert demo.stderr.splitlines() == [
         "flowcraft: redis-server is not installed: run scripts/setup (or install Redis >= 6)"]
+
+
+def _imported_modules(path: Path, package: str) -> set[str]:
+    """The absolute names of the flowcraft modules ``path`` (in ``package``) imports."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")
+            if node.level:
+                base = base[:len(base) - node.level + 1]
+                module = ".".join([*base, *([node.module] if node.module else [])])
+            else:
+                module = node.module or ""
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+    return {name for name in names if name.startswith("flowcraft")}
+
+
+def test_the_library_imports_neither_the_command_line_nor_the_local_services() -> None:
+    source = ROOT / "src" / "flowcraft"
+    offending = {}
+    for path in source.rglob("*.py"):
+        relative = path.relative_to(source.parent).with_suffix("")
+        if relative.parts[1] in ("cli", "local", "__main__"):
+            continue
+        package = ".".join(relative.parts if path.name == "__init__.py"
+                           else relative.parts[:-1])
+        package = package.removesuffix(".__init__")
+        found = {name for name in _imported_modules(path, package)
+                 if name in ("flowcraft.cli", "flowcraft.local")
+                 or name.startswith(("flowcraft.cli.", "flowcraft.local."))}
+        if found:
+            offending[str(relative)] = found
+    assert offending == {}
+
+
+def test_command_modules_import_only_the_shared_one() -> None:
+    cli = ROOT / "src" / "flowcraft" / "cli"
+    modules = {path.stem for path in cli.glob("*.py")} - {"__init__"}
+    assert {"main", "common", "local", "cloud", "worker", "demo"} <= modules
+    for path in cli.glob("*.py"):
+        if path.stem in ("__init__", "main"):
+            continue
+        siblings = {name.split(".")[2] for name in _imported_modules(path, "flowcraft.cli")
+                    if name.startswith("flowcraft.cli.")} & modules
+        assert siblings <= {"common"}, (path.name, siblings)
