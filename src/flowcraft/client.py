@@ -207,7 +207,7 @@ class Client:
                  **settings: Any) -> Client:
         """Settings from keyword arguments (the CLI flags' names, e.g. ``queue_url``,
         ``status_table``), else the environment variables, else the setup guides' names."""
-        from . import backends
+        from .adapters import connect as backends
 
         if cloud == "aws":
             return cls.from_settings(backends.AwsSettings.resolve(**settings),
@@ -219,9 +219,10 @@ class Client:
 
     @classmethod
     def from_settings(cls, settings: Any, *, blueprints: Any = None) -> Client:
-        """A client on resolved :class:`~flowcraft.backends.AwsSettings` or
-        :class:`~flowcraft.backends.AzureSettings`; it opens (and closes) its SDK clients."""
-        from . import backends
+        """A client on resolved :class:`~flowcraft.adapters.connect.AwsSettings` or
+        :class:`~flowcraft.adapters.connect.AzureSettings`; it opens (and closes) its SDK
+        clients."""
+        from .adapters import connect as backends
 
         client: Client
         if isinstance(settings, backends.AwsSettings):
