@@ -46,7 +46,6 @@ from flowcraft.adapters.aws import (
     provision_aws,
 )
 from flowcraft.distributed.job import JobPayload
-from test_coordination_store import CoordinationStoreContract
 
 pytestmark = pytest.mark.integration
 
@@ -146,7 +145,7 @@ async def test_provision_creates_exactly_the_seed_resources_and_is_idempotent(mo
 
 
 # =============================================================================================
-# DynamoDbCoordinationStore: the coordination contract, on the seed's schema
+# DynamoDbCoordinationStore: items on the table schema of the AWS guide
 # =============================================================================================
 
 
@@ -178,16 +177,6 @@ async def coordination_table(moto: Any) -> AsyncIterator[tuple[Any, str]]:
                 TableName=CONTRACT_TABLE,
                 TimeToLiveSpecification={"Enabled": True, "AttributeName": "ttl"})
         yield client, CONTRACT_TABLE
-
-
-class TestDynamoDbCoordinationStore(CoordinationStoreContract):
-    """The shared coordination contract (tests/test_coordination_store.py) on DynamoDB."""
-
-    @pytest.fixture
-    async def store(self, coordination_table: tuple[Any, str]
-                    ) -> AsyncIterator[DynamoDbCoordinationStore]:
-        client, table = coordination_table
-        yield DynamoDbCoordinationStore(client=client, table_name=table)
 
 
 def key() -> str:

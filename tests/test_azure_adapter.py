@@ -50,7 +50,6 @@ from flowcraft.adapters.azure._cosmos import (
 )
 from flowcraft.distributed.coordination import cancel_key, poison_key
 from flowcraft.distributed.job import JobPayload
-from test_coordination_store import CoordinationStoreContract
 
 
 def chain(flow_id: str, runs: Executions, *node_ids: str) -> Flow:
@@ -106,20 +105,8 @@ def test_default_names_are_the_seeds() -> None:
 
 
 # =============================================================================================
-# RedisCoordinationStore: the shared contract, plus Redis specifics
+# RedisCoordinationStore: Redis specifics
 # =============================================================================================
-
-
-class TestRedisCoordinationStore(CoordinationStoreContract):
-    @pytest.fixture
-    async def store(self, azure_services_session: Any) -> Any:
-        import redis.asyncio as redis_asyncio
-
-        client = redis_asyncio.from_url(azure_services_session.endpoints.redis_url)
-        try:
-            yield RedisCoordinationStore(client)
-        finally:
-            await client.aclose()
 
 
 async def test_redis_store_sets_real_ttls_and_counts_round_trips(azure: Any) -> None:
