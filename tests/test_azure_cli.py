@@ -1,4 +1,4 @@
-"""The ``flowcraft`` command on the Azure path (SPEC §9), as subprocesses against the local
+"""The ``flowcraft`` command on the Azure path, as subprocesses against the local
 services: provision, worker (stopped with SIGTERM), start --wait, status, reconcile, the
 one-line errors, and ``flowcraft demo --backend azure-local``."""
 

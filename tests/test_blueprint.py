@@ -1,4 +1,4 @@
-"""Blueprints (SPEC §2): loading TypeScript-written JSON, round-trips, validation, immutability."""
+"""Blueprints: loading TypeScript-written JSON, round-trips, validation, immutability."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The distributed job algorithm (SPEC §6) on the in-process backend: several workers on one
+"""The distributed job algorithm on the in-process backend: several workers on one
 queue with SQS-like redelivery, compared against the in-memory ``FlowRuntime``."""
 
 from __future__ import annotations

@@ -178,7 +178,7 @@ def in_tmp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture
 def aws_env(moto: Any, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """A fresh AWS account on the moto server, with the seed's queue and tables."""
+    """A fresh AWS account on the moto server, with the AWS guide's queue and tables."""
     from aiobotocore.session import get_session
 
     from flowcraft.adapters.aws import provision_aws
@@ -202,7 +202,7 @@ def aws_env(moto: Any, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
 
 @pytest.fixture
 def azure_env(azure_services_session: Any, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """The seed's queue, database and containers, freshly created on the local services."""
+    """The Azure guide's queue, database and containers, freshly created on the local services."""
     from azure.cosmos.aio import CosmosClient
     from azure.storage.queue.aio import QueueServiceClient
 
@@ -391,7 +391,7 @@ async def backdate_aws_status(run_id: str, minutes: int) -> None:
 
 @pytest.mark.timeout(180)
 def test_aws_worker_client_and_reconciler(aws_env: dict[str, str], in_tmp_dir: Path) -> None:
-    """aws.md: the seed-style client starts a run; its job is lost; the reconciler finds the
+    """aws.md: the guide's client snippet starts a run; its job is lost; the reconciler finds the
     stalled run (ISO lastUpdated) and re-enqueues it; the worker script completes it; the
     adapter client (place_order) runs another order end to end; SIGTERM stops the worker."""
     client = load_module(block_defining("aws.md", "start_workflow"))

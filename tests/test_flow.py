@@ -1,4 +1,4 @@
-"""The fluent builder (SPEC §3): blueprint shapes, registry keys, errors."""
+"""The fluent builder: blueprint shapes, registry keys, errors."""
 
 from __future__ import annotations
 

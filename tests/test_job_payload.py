@@ -1,4 +1,4 @@
-"""The job message (SPEC §6, wire format): JSON or base64 JSON in, the reference's fields."""
+"""The job message (the wire format): JSON or base64 JSON in, the reference's fields."""
 
 from __future__ import annotations
 

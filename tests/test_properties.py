@@ -1,4 +1,4 @@
-"""Property tests of the in-memory runtime on random DAGs (SPEC §4: routing, joins, skips).
+"""Property tests of the in-memory runtime on random DAGs (routing, joins, skips).
 
 The expected outcome is computed by a small, independent oracle from the routing rules,
 never by the engine's own routing code.
@@ -133,7 +133,7 @@ def routed_graphs(draw: st.DrawFn) -> tuple[list[RoutedNode], list[RoutedEdge]]:
 
 
 def taken_targets(node: RoutedNode, outgoing: list[RoutedEdge]) -> set[int]:
-    """SPEC §4 routing: edges with the result's action, else the edges without an action;
+    """Routing: edges with the result's action, else the edges without an action;
     an edge with a condition only if the condition holds."""
 
     def holds(edge: RoutedEdge) -> bool:

@@ -1,4 +1,4 @@
-"""Execution semantics (SPEC §3 and §4): one test per rule, named after the rule."""
+"""Execution semantics: one test per rule, named after the rule."""
 
 from __future__ import annotations
 

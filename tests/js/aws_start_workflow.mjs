@@ -1,5 +1,5 @@
 // The "Starting a Workflow (Client-Side)" snippet of the reference's AWS adapter docs
-// (seed 000_2cbda7bdaa1057f3), run by tests/test_aws_seed_client.py against moto.
+// (the AWS guide's client snippet), run by tests/test_aws_typescript_client.py against moto.
 //
 //   node tests/js/aws_start_workflow.mjs BLUEPRINT.json ['{"initial": "context"}']
 //

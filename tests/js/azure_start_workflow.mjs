@@ -1,5 +1,5 @@
-// The seed's "Starting a Workflow (Client-Side)" snippet for the Azure adapter
-// (shared/seeds/003_8e7ab5ef70ab1e63.txt), run as it is written, against the local
+// The Azure guide's "Starting a Workflow (Client-Side)" snippet, from the TypeScript
+// library's documentation for its Azure adapter, run as it is written, against the local
 // services. Only the names are filled in from the environment, and the packages are
 // resolved from tools/local-services/node_modules.
 //
@@ -48,7 +48,7 @@ function required(name) {
 	return value
 }
 
-// ---- the seed's snippet (names from the environment instead of the placeholders) ----------
+// ---- the guide's snippet (names from the environment instead of the placeholders) ---------
 
 async function startWorkflow(blueprint, initialContext) {
 	const runId = crypto.randomUUID()

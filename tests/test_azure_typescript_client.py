@@ -1,4 +1,4 @@
-"""Runs started by the seed's own JavaScript client (``tests/js/azure_start_workflow.mjs``:
+"""Runs started by the TypeScript library's client (``tests/js/azure_start_workflow.mjs``:
 the Azure doc's ``startWorkflow`` snippet with ``@azure/cosmos`` and ``@azure/storage-queue``)
 against the same local services, and finished by our Python worker.
 
