@@ -19,17 +19,19 @@ What the TypeScript library means by it: a ``batch-scatter`` node's ``params`` m
 ``chunkSize`` (its builder's ``batch(id, worker, {inputKey, outputKey, chunkSize})``
 writes it there and nowhere else; the gather's params are ``outputKey`` and
 ``gatherNodeId`` either way). Without it the whole list is one chunk. With it, the scatter
-adds workers for items ``currentIndex`` to ``currentIndex + chunkSize`` only, and writes
-three context keys: ``<scatterId>_currentIndex`` (where the next chunk starts),
-``<gatherNodeId>_hasMore`` (whether items are left) and ``<gatherNodeId>_allWorkerIds``
-(the worker ids of every chunk so far, extended in item order). The gather, finding
-``hasMore``, adds another ``batch-scatter`` node for the next chunk instead of collecting;
-once nothing is left it reads ``_outputs.<workerId>`` for every id in ``allWorkerIds``,
-in order, and writes that list to ``outputKey``. So the intent is: at most ``chunkSize``
-workers exist at a time, one chunk after the other, and the gather's successors see all
-results in item order. (Its own run does not get there: the gather completes after the
-first chunk, so its successors run with an empty result, and the scatter it adds fails
-for want of the worker key.)
+adds workers for items ``currentIndex`` to ``currentIndex + chunkSize`` only (each item
+stored under a ``_batch.`` key of its own), and writes three context keys:
+``<scatterId>_currentIndex`` (where the next chunk starts), ``<gatherNodeId>_hasMore``
+(whether items are left) and ``<gatherNodeId>_allWorkerIds`` (the worker ids of every
+chunk so far, extended in item order). The gather, finding ``hasMore``, adds another
+``batch-scatter`` node for the next chunk instead of collecting; once nothing is left it
+reads ``_outputs.<workerId>`` for every id in ``allWorkerIds``, in order, and writes that
+list to ``outputKey``. So the intent is: at most ``chunkSize`` workers exist at a time, one
+chunk after the other, and the gather's successors see all results in item order. (Its
+released code does not get there: the gather completes after the first chunk with output
+``[]`` and ``outputKey`` unwritten, so its successors run at once, and the scatter it adds
+fails, given the gather's input value where a context key belongs and no worker key.
+``chunkSize`` is not checked there: 0 adds no worker at all and fails the same way.)
 
 Here the waves are chained by the scatter itself, with no engine support beyond
 ``follows`` in :func:`~flowcraft.core.graph.dynamic_addition`: a wave adds its workers
