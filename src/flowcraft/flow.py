@@ -22,6 +22,7 @@ from typing import Any
 
 from .blueprint import EdgeDefinition, NodeConfig, NodeDefinition, WorkflowBlueprint
 from .errors import FlowcraftError
+from .nodes.builtins import chunk_size_of
 
 
 class Flow:
@@ -110,14 +111,21 @@ class Flow:
         self._add_node(node_id, "subflow", params=params)
         return self
 
-    def batch(self, batch_id: str, worker: Any, *, input_key: str, output_key: str) -> Flow:
+    def batch(self, batch_id: str, worker: Any, *, input_key: str, output_key: str,
+              chunk_size: int | None = None) -> Flow:
         """Fan out ``worker`` over the list at ``input_key``; the results, in order, land in
-        ``output_key``. Edges to and from ``batch_id`` attach to the scatter and gather nodes."""
+        ``output_key``. Edges to and from ``batch_id`` attach to the scatter and gather nodes.
+        ``chunk_size`` sends the workers out in waves of at most that many, each wave once
+        the previous one has finished (the scatter's ``chunkSize``)."""
         scatter_id, gather_id = f"{batch_id}_scatter", f"{batch_id}_gather"
+        chunk = chunk_size_of(chunk_size, scatter_id)
         worker_uses = self._register(f"{batch_id}_worker", worker)
-        self._add_node(scatter_id, "batch-scatter", inputs=input_key, params={
+        params: dict[str, Any] = {
             "workerUsesKey": worker_uses, "outputKey": output_key, "gatherNodeId": gather_id,
-        })
+        }
+        if chunk is not None:
+            params["chunkSize"] = chunk
+        self._add_node(scatter_id, "batch-scatter", inputs=input_key, params=params)
         self._add_node(gather_id, "batch-gather", params={
             "outputKey": output_key, "gatherNodeId": gather_id,
         }, config={"joinStrategy": "all"})

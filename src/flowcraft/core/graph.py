@@ -7,7 +7,13 @@ loop's entry node does not wait for the loop's own back edge; taking a back
 edge starts the target's next iteration directly.
 
 Dynamic nodes (``batch-scatter`` workers) extend the graph of one run without
-touching the blueprint; :meth:`Graph.extended` returns a new graph.
+touching the blueprint; :meth:`Graph.extended` returns a new graph. A node's
+dynamic nodes go between it and its forward successors
+(:func:`dynamic_addition`), unless one of them names, under ``follows``, nodes
+listed before it in the same addition: it then runs after those, and they lead
+to it instead of to the producer's successors. That is how a ``batch-scatter``
+with ``chunkSize`` chains its waves: each wave's workers lead to the scatter
+node of the next wave, and only the last wave's nodes lead on to the gather.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ from ..analysis import (
     terminal_node_ids,
 )
 from ..blueprint import EdgeDefinition, NodeDefinition, WorkflowBlueprint
-from ..errors import BlueprintValidationError
+from ..errors import BlueprintValidationError, FlowcraftError
+from ..nodes.base import FOLLOWS
 
 
 class Graph:
@@ -258,14 +265,37 @@ def graph_for(base: Graph, data: Mapping[str, Any]) -> Graph:
 
 
 def dynamic_addition(graph: Graph, node_id: str, nodes: Any) -> dict[str, Any]:
-    """Dynamic nodes sit between their producer and the producer's forward successors."""
+    """Dynamic nodes sit between their producer and the producer's forward successors.
+
+    A node whose definition has ``follows`` (ids of nodes listed before it in ``nodes``)
+    runs after those nodes instead of after the producer, and they lead to it alone; the
+    key is not kept in the stored definition. Raises :class:`FlowcraftError` when
+    ``follows`` is not a non-empty list of such ids."""
     successors = graph.forward_successors(node_id)
-    definitions = [
-        n.to_dict() if isinstance(n, NodeDefinition) else NodeDefinition.model_validate(n).to_dict()
-        for n in nodes
-    ]
-    edges = [{"source": node_id, "target": d["id"]} for d in definitions]
-    edges += [{"source": d["id"], "target": s} for d in definitions for s in successors]
+    definitions: list[dict[str, Any]] = []
+    edges: list[dict[str, str]] = []
+    listed: set[str] = set()
+    followed: set[str] = set()
+    for n in nodes:
+        definition = (n.to_dict() if isinstance(n, NodeDefinition)
+                      else NodeDefinition.model_validate(n).to_dict())
+        after = definition.pop(FOLLOWS, None)
+        if after is None:
+            edges.append({"source": node_id, "target": definition["id"]})
+        else:
+            if (not isinstance(after, list) or not after
+                    or not all(isinstance(a, str) and a in listed for a in after)):
+                raise FlowcraftError(
+                    f"node '{node_id}' added node '{definition['id']}' whose '{FOLLOWS}' is "
+                    f"not a non-empty list of nodes added before it: {after!r}",
+                    node_id=node_id,
+                )
+            edges.extend({"source": a, "target": definition["id"]} for a in dict.fromkeys(after))
+            followed.update(after)
+        definitions.append(definition)
+        listed.add(definition["id"])
+    edges += [{"source": d["id"], "target": s} for d in definitions if d["id"] not in followed
+              for s in successors]
     return {"nodes": definitions, "edges": edges}
 
 

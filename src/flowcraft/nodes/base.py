@@ -43,10 +43,19 @@ class AwaitingSignal(Exception):
         self.details = dict(details)
 
 
+FOLLOWS = "follows"
+"""The key of a dynamic node's definition naming the nodes, listed before it in the same
+``dynamic_nodes``, that it runs after (see :class:`NodeResult`)."""
+
+
 @dataclass(slots=True)
 class NodeResult:
     """What a node produced: its ``output``, an optional routing ``action``, and
-    ``dynamic_nodes`` to add to this run's graph (used by ``batch-scatter``)."""
+    ``dynamic_nodes`` to add to this run's graph (used by ``batch-scatter``).
+
+    Dynamic nodes run after the node that added them and before its successors. One whose
+    definition has ``follows`` (a list of ids of nodes listed before it) runs after those
+    instead, and they lead to it rather than to the successors: a chain of waves."""
 
     output: Any = None
     action: str | None = None

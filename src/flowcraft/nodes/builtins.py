@@ -4,12 +4,48 @@
 * ``sleep``        - pause (params ``duration``: ms or ``"5s"``, ``"10m"``, ``"2h"``, ``"1d"``)
 * ``wait``         - park the run until ``resume`` / ``resume_with_action``
 * ``webhook``      - park the run until a POST to its URL (see :mod:`flowcraft.webhook`)
-* ``batch-scatter``/``batch-gather`` - fan out over a list, gather the results in order
+* ``batch-scatter``/``batch-gather`` - fan out over a list, gather the results in order;
+  ``chunkSize`` sends the workers out in waves (see below)
 * ``loop-controller`` - ``continue`` / ``break`` on ``condition``, bounded by ``maxIterations``
 
 Built-ins reach engine services (subflows, durable sleep) through ``ctx.engine``
 (an :class:`~flowcraft.nodes.base.EngineServices`), so the same node works in memory
 and on a distributed worker.
+
+Batches in waves (``chunkSize``)
+--------------------------------
+
+What the TypeScript library means by it: a ``batch-scatter`` node's ``params`` may hold
+``chunkSize`` (its builder's ``batch(id, worker, {inputKey, outputKey, chunkSize})``
+writes it there and nowhere else; the gather's params are ``outputKey`` and
+``gatherNodeId`` either way). Without it the whole list is one chunk. With it, the scatter
+adds workers for items ``currentIndex`` to ``currentIndex + chunkSize`` only (each item
+stored under a ``_batch.`` key of its own), and writes three context keys:
+``<scatterId>_currentIndex`` (where the next chunk starts), ``<gatherNodeId>_hasMore``
+(whether items are left) and ``<gatherNodeId>_allWorkerIds`` (the worker ids of every
+chunk so far, extended in item order). The gather, finding ``hasMore``, adds another
+``batch-scatter`` node for the next chunk instead of collecting; once nothing is left it
+reads ``_outputs.<workerId>`` for every id in ``allWorkerIds``, in order, and writes that
+list to ``outputKey``. So the intent is: at most ``chunkSize`` workers exist at a time, one
+chunk after the other, and the gather's successors see all results in item order. (Its
+released code does not get there: the gather completes after the first chunk with output
+``[]`` and ``outputKey`` unwritten, so its successors run at once, and the scatter it adds
+fails, given the gather's input value where a context key belongs and no worker key.
+``chunkSize`` is not checked there: 0 adds no worker at all and fails the same way.)
+
+Here the waves are chained by the scatter itself, with no engine support beyond
+``follows`` in :func:`~flowcraft.core.graph.dynamic_addition`: a wave adds its workers
+(ids ``<scatterId>_worker_<i>``, as without chunks) and, if items are left, a
+``batch-scatter`` node ``<scatterId>_chunk_<k>`` that follows them. That node reads the
+list from the first scatter's output (``inputs: "<scatterId>.items"``), carries the
+first scatter's params plus ``scatterNodeId`` and ``startIndex``, and adds the next wave
+the same way. Only the last wave leads to the gather, which therefore runs once, after
+every worker, and outputs the results in item order as always. The three context keys
+above are written as the TypeScript library writes them; each wave's output is
+``{"gatherNodeId", "workerNodeIds", "hasMore"}`` (the first also holds ``items``). Without
+``chunkSize`` nothing of this happens: one wave, no ``currentIndex`` or ``hasMore`` keys.
+``chunkSize`` must be a positive whole number; anything else fails the scatter with an
+error naming it.
 """
 
 from __future__ import annotations
@@ -23,7 +59,7 @@ from urllib.parse import quote
 from ..blueprint import NodeDefinition
 from ..errors import FlowcraftError
 from ..expressions import evaluate
-from .base import AwaitingSignal, NodeContext, NodeResult
+from .base import FOLLOWS, AwaitingSignal, NodeContext, NodeResult
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
@@ -92,6 +128,20 @@ def worker_node_id(scatter_id: str, index: int) -> str:
     return f"{scatter_id}_worker_{index}"
 
 
+def chunk_size_of(value: Any, node_id: str) -> int | None:
+    """A ``batch-scatter``'s ``chunkSize``: ``None`` when unset, else a positive integer."""
+    if value is None:
+        return None
+    if (not isinstance(value, bool) and isinstance(value, int | float)
+            and float(value).is_integer() and value >= 1):
+        return int(value)
+    raise FlowcraftError(
+        f"batch-scatter node '{node_id}': 'chunkSize' must be a positive whole number, got "
+        f"{value!r}",
+        node_id=node_id,
+    )
+
+
 async def batch_scatter_node(ctx: NodeContext) -> NodeResult:
     items = ctx.input if ctx.input is not None else []
     if not isinstance(items, list | tuple):
@@ -107,16 +157,51 @@ async def batch_scatter_node(ctx: NodeContext) -> NodeResult:
             f"batch-scatter node '{ctx.node_id}' needs 'workerUsesKey' and 'gatherNodeId'",
             node_id=ctx.node_id,
         )
-    worker_ids = [worker_node_id(ctx.node_id, i) for i in range(len(items))]
-    workers = [
-        NodeDefinition(id=worker_id, uses=worker_uses, inputs=f"{ctx.node_id}.items.{i}")
-        for i, worker_id in enumerate(worker_ids)
+    chunk_size = chunk_size_of(ctx.params.get("chunkSize"), ctx.node_id)
+    if chunk_size is None:
+        worker_ids = [worker_node_id(ctx.node_id, i) for i in range(len(items))]
+        workers = [
+            NodeDefinition(id=worker_id, uses=worker_uses, inputs=f"{ctx.node_id}.items.{i}")
+            for i, worker_id in enumerate(worker_ids)
+        ]
+        await ctx.context.set(f"{gather_id}_allWorkerIds", worker_ids)
+        return NodeResult(
+            output={"gatherNodeId": gather_id, "items": list(items), "workerNodeIds": worker_ids},
+            dynamic_nodes=workers,
+        )
+    return await _scatter_wave(ctx, items, worker_uses, gather_id, chunk_size)
+
+
+async def _scatter_wave(ctx: NodeContext, items: list[Any] | tuple[Any, ...], worker_uses: str,
+                        gather_id: str, chunk_size: int) -> NodeResult:
+    """One wave of a chunked batch (the module docstring): its workers, and the scatter
+    node of the next wave after them while items are left."""
+    scatter_id = ctx.params.get("scatterNodeId") or ctx.node_id
+    start = int(ctx.params.get("startIndex") or 0)
+    end = min(start + chunk_size, len(items))
+    worker_ids = [worker_node_id(scatter_id, i) for i in range(start, end)]
+    nodes: list[NodeDefinition] = [
+        NodeDefinition(id=worker_id, uses=worker_uses, inputs=f"{scatter_id}.items.{i}")
+        for i, worker_id in zip(range(start, end), worker_ids, strict=True)
     ]
-    await ctx.context.set(f"{gather_id}_allWorkerIds", worker_ids)
-    return NodeResult(
-        output={"gatherNodeId": gather_id, "items": list(items), "workerNodeIds": worker_ids},
-        dynamic_nodes=workers,
-    )
+    has_more = end < len(items)
+    if has_more:
+        nodes.append(NodeDefinition.model_validate({
+            "id": f"{scatter_id}_chunk_{end // chunk_size}",
+            "uses": "batch-scatter",
+            "inputs": f"{scatter_id}.items",
+            "params": {**ctx.params, "scatterNodeId": scatter_id, "startIndex": end},
+            FOLLOWS: worker_ids,
+        }))
+    earlier = await ctx.context.get(f"{gather_id}_allWorkerIds") if start else None
+    await ctx.context.set(f"{gather_id}_allWorkerIds", [*(earlier or []), *worker_ids])
+    await ctx.context.set(f"{scatter_id}_currentIndex", end)
+    await ctx.context.set(f"{gather_id}_hasMore", has_more)
+    output: dict[str, Any] = {"gatherNodeId": gather_id, "workerNodeIds": worker_ids,
+                              "hasMore": has_more}
+    if scatter_id == ctx.node_id:
+        output["items"] = list(items)
+    return NodeResult(output=output, dynamic_nodes=nodes)
 
 
 async def batch_gather_node(ctx: NodeContext) -> list[Any]:
