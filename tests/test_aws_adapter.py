@@ -659,7 +659,7 @@ async def test_malformed_messages_are_removed_and_logged(
         # The worker lives on and runs the next run.
         ok = await worker.start_workflow(bp, {})
         assert (await worker.wait_for_result(ok, timeout=20)).status == "completed"
-        assert not worker._poll_task.done()
+        assert not worker.worker_loop.poll_task.done()
     for message_id in ids:
         assert any(message_id in r.getMessage() and "removed" in r.getMessage()
                    for r in caplog.records), message_id

@@ -5,7 +5,7 @@ set-based join primitive (``join_add``: adding the same member twice counts
 once, so a redelivered job never counts twice). Keys start with ``flowcraft:``.
 
 The job algorithm decides joins from the run's single conditional context
-write (see :mod:`flowcraft.distributed.adapter`), so a healthy run touches the
+write (see :mod:`flowcraft.distributed.algorithm`), so a healthy run touches the
 coordination store only when a node fails (poison and cancel markers for its
 successors, as the reference writes them) and for worker-level bookkeeping.
 """
@@ -17,6 +17,8 @@ import time
 from typing import Protocol, runtime_checkable
 
 KEY_PREFIX = "flowcraft:"
+COORDINATION_TTL_SECONDS = 7 * 24 * 3600
+"""How long the job algorithm's keys live (first arrivals, failure markers, sightings)."""
 
 
 def poison_key(run_id: str, node_id: str) -> str:
@@ -25,6 +27,11 @@ def poison_key(run_id: str, node_id: str) -> str:
 
 def cancel_key(run_id: str, node_id: str) -> str:
     return f"{KEY_PREFIX}cancel:{run_id}:{node_id}"
+
+
+def any_key(run_id: str, node_id: str, iteration: int) -> str:
+    """The first arrival at an ``any`` join (the predecessor that took it)."""
+    return f"{KEY_PREFIX}any:{run_id}:{node_id}:{iteration}"
 
 
 @runtime_checkable

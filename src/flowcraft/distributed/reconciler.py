@@ -6,9 +6,16 @@ progress). ``lastUpdated`` is understood both as epoch seconds (or
 milliseconds) and as an ISO-8601 string, which is what the TypeScript
 clients write. Every page of the status scan is read.
 
-For each stalled run :meth:`BaseDistributedAdapter.reconcile` re-enqueues
-the ready frontier, and the run's ``lastUpdated`` is refreshed so the next
-pass leaves it alone unless it stalls again.
+For each stalled run :meth:`~flowcraft.distributed.runs.RunClient.reconcile`
+re-enqueues the ready frontier, and the run's ``lastUpdated`` is refreshed
+(:meth:`~flowcraft.distributed.backend.StatusStore.write`) so the next pass
+leaves it alone unless it stalls again.
+
+The candidates are the status store's ``running`` records
+(:meth:`~flowcraft.distributed.backend.StatusStore.scan`) unless a narrower
+query is given: the cloud reconcilers (``create_sqs_reconciler``,
+``create_azure_reconciler``) ask their index or container for the runs not
+updated within the threshold only.
 """
 
 from __future__ import annotations
@@ -18,9 +25,9 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from .adapter import BaseDistributedAdapter, now_iso, parse_timestamp
+from .backend import StatusStore, now_iso, parse_timestamp
 
 logger = logging.getLogger("flowcraft.reconciler")
 
@@ -41,13 +48,28 @@ class ReconcileStats:
 StatusScan = Callable[[], AsyncIterator[dict[str, Any]]]
 
 
-class Reconciler:
-    """``await reconciler.run()`` once, or ``await reconciler.run_every(60)``."""
+class Reconcilable(Protocol):
+    """What repairs a run: a :class:`~flowcraft.distributed.runs.RunClient` (or an adapter)."""
 
-    def __init__(self, adapter: BaseDistributedAdapter, scan: StatusScan,
-                 stalled_threshold_seconds: float) -> None:
-        self.adapter = adapter
-        self.scan = scan
+    async def reconcile(self, run_id: str) -> list[str]: ...
+
+
+class Reconciler:
+    """``await reconciler.run()`` once, or ``await reconciler.run_every(60)``.
+
+    Args:
+        runs: reconciles one run (``adapter.run_client``).
+        statuses: the status store whose records are refreshed (``adapter.backend.statuses``).
+        stalled_threshold_seconds: a ``running`` run not updated for this long is stalled.
+        scan: the candidate records (default: every ``running`` record of ``statuses``).
+    """
+
+    def __init__(self, runs: Reconcilable, statuses: StatusStore,
+                 stalled_threshold_seconds: float, *, scan: StatusScan | None = None) -> None:
+        self.runs = runs
+        self.statuses = statuses
+        self.scan: StatusScan = scan if scan is not None else (
+            lambda: statuses.scan("running"))
         self.stalled_threshold_seconds = stalled_threshold_seconds
 
     def is_stalled(self, item: dict[str, Any], now: float) -> bool:
@@ -66,9 +88,9 @@ class Reconciler:
             stats.stalled_runs += 1
             run_id = str(item.get("runId") or item.get("id"))
             try:
-                await self.adapter.reconcile(run_id)
-                await self.adapter._write_status(
-                    run_id, {"lastUpdated": now_iso()}, only_if_running=True)
+                await self.runs.reconcile(run_id)
+                await self.statuses.write(run_id, {"lastUpdated": now_iso()},
+                                          only_if_running=True)
                 stats.reconciled_runs += 1
             except Exception as exc:
                 stats.failed_runs += 1
