@@ -262,6 +262,36 @@ def test_typed_options_are_passed_through() -> None:
     assert (adapter.concurrency, adapter.lease_seconds, adapter.worker_id) == (3, 12.5, "w-1")
 
 
+def test_options_and_knobs_set_on_an_adapter_reach_its_parts(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    runtime = FlowRuntime(blueprints={}, registry={})
+    adapter = InProcessAdapter(runtime.options, lease_seconds=3)
+    adapter.lease_seconds = 7
+    adapter.max_delay_seconds = 1.5
+    assert adapter.algorithm.settings.lease_seconds == 7
+    assert adapter.worker_loop.settings.lease_seconds == 7
+    assert adapter.backend.queue.max_delay_seconds == 1.5
+    assert InProcessAdapter(runtime.options).backend.queue.max_delay_seconds == 900
+
+    class ShortDelays(InProcessAdapter):
+        max_delay_seconds = 2.0  # a plain class attribute, as a subclass may set it
+
+    assert ShortDelays(runtime.options).backend.queue.max_delay_seconds == 2.0
+
+    from flowcraft.adapters.aws import SqsAdapter
+    from flowcraft.distributed import InMemoryCoordinationStore
+
+    def sqs_adapter() -> SqsAdapter:  # the clients are not used until it runs
+        return SqsAdapter(runtime.options, InMemoryCoordinationStore(), object(), object(),
+                          "https://sqs.invalid/queue")
+
+    assert sqs_adapter().backend.statuses.retention_seconds == 30 * 24 * 3600  # type: ignore[attr-defined]
+    monkeypatch.setattr(SqsAdapter, "retention_seconds", None)  # as the AWS guide says
+    kept = sqs_adapter()
+    assert kept.retention_seconds is None
+    assert kept.backend.statuses.retention_seconds is None  # type: ignore[attr-defined]
+
+
 def test_from_env_refuses_unknown_options_and_backends() -> None:
     with pytest.raises(TypeError, match=r"unknown option 'lease'.*did you mean 'lease_seconds'"):
         Worker.from_env("aws", registry={}, blueprints={}, lease=3)  # type: ignore[call-arg]

@@ -63,6 +63,10 @@ from .runs import RunClient
 T = TypeVar("T")
 
 
+_DELEGATED = "_delegated_attributes"
+"""Where a class lists the :class:`Delegated` attributes it declares (by name)."""
+
+
 class Delegated(Generic[T]):
     """An adapter attribute that one of its parts holds: ``Delegated("backend.queue")`` named
     ``max_delay_seconds`` reads and writes ``adapter.backend.queue.max_delay_seconds``."""
@@ -74,6 +78,11 @@ class Delegated(Generic[T]):
 
     def __set_name__(self, owner: type[Any], name: str) -> None:
         self.name = name
+        declared = vars(owner).get(_DELEGATED)
+        if declared is None:
+            declared = {}
+            setattr(owner, _DELEGATED, declared)
+        declared[name] = self
 
     @overload
     def __get__(self, obj: None, owner: type[Any] | None = None) -> Delegated[T]: ...
@@ -185,14 +194,13 @@ class BaseDistributedAdapter(abc.ABC):
         worker's ``lease_seconds``)."""
 
     def _hand_class_attributes_to_parts(self) -> None:
-        """Hand the parts the values a subclass set as plain class attributes in place of
-        delegated ones (``max_delay_seconds = 2.0``)."""
+        """Hand the parts the values set as plain class attributes in place of delegated
+        ones, by a subclass (``max_delay_seconds = 2.0``) or on the class
+        (``SqsAdapter.retention_seconds = None``)."""
         cls = type(self)
         delegated: dict[str, Delegated[Any]] = {}
         for klass in reversed(cls.__mro__):
-            for name, value in vars(klass).items():
-                if isinstance(value, Delegated):
-                    delegated[name] = value
+            delegated.update(vars(klass).get(_DELEGATED, {}))
         for name, descriptor in delegated.items():
             value = inspect.getattr_static(cls, name)
             if not isinstance(value, Delegated):
