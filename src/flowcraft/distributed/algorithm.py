@@ -7,8 +7,10 @@ store and the worker's settings. The in-process backend
 (:mod:`flowcraft.distributed.inprocess`), the AWS adapter and the Azure adapter
 all run exactly this code; the polling loop (:mod:`.polling`) and the
 serverless handlers hand it the messages, and the client side (:mod:`.runs`)
-shares its commit path for ``resume_with_action``. What follows a commit is
-decided in :mod:`.progress`.
+shares its commit path for ``resume_with_action`` (step 0, starting a run, is
+there too). What follows a commit (steps 6 and 8's completion) is decided in
+:mod:`.progress`; parks, failures and refused jobs (step 8, and the refusals of
+step 1) are written by :mod:`.finish`.
 
 Crash injection: at each named step (``before_claim``, ``before_run``,
 ``after_run``, ``before_commit``, ``after_commit``, ``after_enqueue``) the

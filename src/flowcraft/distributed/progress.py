@@ -20,8 +20,8 @@ same join rules the in-memory runtime uses:
   stored, and when the durable sleeps before a node end.
 
 Everything here reads the run's context as given; the only writes are the skip
-patches of :meth:`Progress.advance` and the status record of
-:meth:`Progress.maybe_complete`.
+patches of :meth:`Progress.advance`, the first arrival at an ``any`` join (in the
+coordination store) and the status record of :meth:`Progress.maybe_complete`.
 """
 
 from __future__ import annotations
