@@ -18,7 +18,7 @@ cross-check. Every case gets its own queue and tables.
 Part 2, throughput. ``--throughput-runs`` runs of a 20-branch fan-out/fan-in plus a
 few 25-node chains are started at once, then 1 (and 4, ...) worker processes work
 through them. Nodes/s = executed nodes / seconds from the first start to the last run
-seen completed. The moto server runs in this process (``flowcraft.local_services``)
+seen completed. The moto server runs in this process (``flowcraft.local``)
 and is single-threaded CPU work: on a small machine it, not the workers, is the
 bottleneck.
 
@@ -189,7 +189,7 @@ class Names:
                 "FLOWCRAFT_COORDINATION_TABLE": self.coordination_table}
 
     def settings(self, endpoint: str) -> Any:
-        from flowcraft.backends import AwsSettings
+        from flowcraft.adapters.connect import AwsSettings
 
         return AwsSettings.resolve(endpoint_url=endpoint, queue_url=self.queue_url,
                                    queue_name=self.queue_name, context_table=self.context_table,
@@ -199,7 +199,7 @@ class Names:
 
 async def provision(endpoint: str) -> Names:
     from flowcraft.adapters.aws import AwsNames, provision_aws
-    from flowcraft.backends import AwsSettings, aws_clients
+    from flowcraft.adapters.connect import AwsSettings, aws_clients
 
     names = Names.fresh()
     async with aws_clients(AwsSettings.resolve(endpoint_url=endpoint)) as (sqs, dynamodb):
@@ -234,7 +234,7 @@ class CountResult:
 
 def count_case(endpoint: str, shape: Shape, runs: int, blueprint_dir: Path, scratch: Path,
                concurrency: int, timeout: float) -> CountResult:
-    from flowcraft.backends import aws_adapter
+    from flowcraft.adapters.connect import aws_adapter
 
     result = CountResult(shape, runs)
     names = asyncio.run(provision(endpoint))
@@ -291,7 +291,7 @@ class ThroughputResult:
 def throughput_case(endpoint: str, worker_count: int, mix: list[Shape], blueprint_dir: Path,
                     scratch: Path, concurrency: int, in_flight: int,
                     timeout: float) -> ThroughputResult:
-    from flowcraft.backends import aws_adapter
+    from flowcraft.adapters.connect import aws_adapter
 
     result = ThroughputResult(worker_count, runs=len(mix))
     names = asyncio.run(provision(endpoint))
@@ -470,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         # Before moto is imported: the recorder reads its file path once, at import.
         os.environ["MOTO_RECORDER_FILEPATH"] = str(scratch / "moto-recording.jsonl")
         os.environ["AWS_SDK_UA_APP_ID"] = CLIENT_APP  # our own requests, told apart
-        from flowcraft.local_services import moto_server
+        from flowcraft.local import moto_server
 
         blueprint_dir = scratch / "blueprints"
         write_blueprints(blueprint_dir, [*shapes, *{s.id: s for s in mix}.values()])

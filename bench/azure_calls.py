@@ -5,7 +5,7 @@
     .venv/bin/python bench/azure_calls.py --skip-throughput --runs 1 --idle-seconds 10
     .venv/bin/python bench/azure_calls.py --shapes chain:50,fan:100 --workers 1,2,4
 
-The stack is ``flowcraft.local_services.azure_services()``: Azurite (queues), a Cosmos DB
+The stack is ``flowcraft.local.azure_services()``: Azurite (queues), a Cosmos DB
 SQL API server (``@vercel/cosmosdb-server``) and ``redis-server``, each a child process
 on a free port.
 
@@ -154,13 +154,13 @@ def count_operations(adapter: Any, ops: Counter[str]) -> None:
 
 
 def settings_for(queue_name: str) -> Any:
-    from flowcraft.backends import AzureSettings
+    from flowcraft.adapters.connect import AzureSettings
 
     return AzureSettings.resolve(queue_name=queue_name)  # the rest from the environment
 
 
 async def provision(queue_name: str) -> None:
-    from flowcraft.backends import provision_azure
+    from flowcraft.adapters.connect import provision_azure
 
     await provision_azure(settings_for(queue_name))
 
@@ -201,7 +201,7 @@ class IdleResult:
 
 
 async def measure_idle(options: Any, idle_seconds: float, concurrency: int) -> IdleResult:
-    from flowcraft.backends import azure_adapter
+    from flowcraft.adapters.connect import azure_adapter
 
     result = IdleResult()
     queue_name = f"bench-idle-{uuid.uuid4().hex[:8]}"
@@ -220,7 +220,7 @@ async def measure_idle(options: Any, idle_seconds: float, concurrency: int) -> I
 
 
 async def count_case(shape: Shape, runs: int, concurrency: int, timeout: float) -> CountResult:
-    from flowcraft.backends import azure_adapter
+    from flowcraft.adapters.connect import azure_adapter
 
     result = CountResult(shape, runs)
     queue_name = f"bench-jobs-{uuid.uuid4().hex[:8]}"
@@ -270,7 +270,7 @@ class ThroughputResult:
 
 def throughput_case(worker_count: int, mix: list[Shape], blueprint_dir: Path, scratch: Path,
                     concurrency: int, in_flight: int, timeout: float) -> ThroughputResult:
-    from flowcraft.backends import azure_adapter
+    from flowcraft.adapters.connect import azure_adapter
 
     result = ThroughputResult(worker_count)
     queue_name = f"bench-tp-{uuid.uuid4().hex[:8]}"
@@ -464,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print_header("Azure service calls per node and throughput (Azurite, a local Cosmos DB "
                  "server, Redis)")
-    from flowcraft.local_services import azure_services
+    from flowcraft.local import azure_services
 
     counts: list[CountResult] = []
     idle: IdleResult | None = None

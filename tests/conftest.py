@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from flowcraft.local_services import AzureServices, MotoEndpoint, azure_services, moto_server
+from flowcraft.local import AzureServices, MotoEndpoint, azure_services, moto_server
 
 
 @pytest.fixture(scope="session")
@@ -105,7 +105,7 @@ class AzureFixture:
 @pytest.fixture
 async def azure(azure_services_session: AzureServices) -> AsyncIterator[AzureFixture]:
     from flowcraft.adapters.azure import AzureNames, provision_azure
-    from flowcraft.backends import AzureSettings, azure_clients
+    from flowcraft.adapters.connect import AzureSettings, azure_clients
 
     suffix = uuid.uuid4().hex[:8]
     names = AzureNames(f"jobs-{suffix}", f"db-{suffix}", "contexts", "statuses")

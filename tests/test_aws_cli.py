@@ -18,7 +18,7 @@ import pytest
 
 from aws_helpers import make_moto_dynamodb_atomic, raw_item, receive_all
 from cli_helpers import reconcile_every_until_three_failures
-from flowcraft.local_services import free_port
+from flowcraft.local import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,7 @@ from azure_helpers import REPO, decode, make_adapter, peek, poison_client, recei
 from cli_helpers import reconcile_every_until_three_failures
 from flowcraft import WorkflowBlueprint
 from flowcraft.cli import WORKER_CALLS_PREFIX
-from flowcraft.local_services import free_port
+from flowcraft.local import free_port
 
 REGISTRY = '''
 async def double(ctx):

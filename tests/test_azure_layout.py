@@ -315,7 +315,7 @@ async def test_a_parked_run_stored_nested_is_resumed_to_completion(azure: Any) -
 
 
 def test_an_unpatched_local_server_is_refused_saying_what_to_run(tmp_path: Any) -> None:
-    from flowcraft.local_services import (
+    from flowcraft.local import (
         COSMOS_PATCH_MARK,
         check_cosmos_patched,
         node_binary,

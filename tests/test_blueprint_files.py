@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from flowcraft import BlueprintValidationError, load_blueprint, load_blueprints
-from flowcraft.cli import _runtime_options, build_parser, main
+from flowcraft.cli import build_parser, main
+from flowcraft.cli.common import runtime_options
 
 # Shaped like the TypeScript library's job-application example: no "id" anywhere, the
 # parent refers to its children by file name, node "inputs" are params read by the nodes.
@@ -198,5 +199,5 @@ def test_run_accepts_its_own_file_inside_blueprints(
                                      ["reconcile", "aws"]])
 def test_cloud_commands_read_blueprints_dir_by_stem(project: Path, command: list[str]) -> None:
     args = build_parser().parse_args([*command, "--blueprints", str(project / "data")])
-    options = _runtime_options(args, need_registry=False)
+    options = runtime_options(args, need_registry=False)
     assert sorted(options.blueprints) == ["200", "201", "202"]

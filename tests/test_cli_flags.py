@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from flowcraft.adapters._worker import WorkerOptionError, check_worker_options
 from flowcraft.cli import UsageError, check_run_id, main, parse_start_context
 from flowcraft.errors import FlowcraftError
-from flowcraft.local_services import free_port
+from flowcraft.local import free_port
 
 BLUEPRINT = {"id": "flags", "nodes": [{"id": "a", "uses": "flags.a"}], "edges": []}
 

@@ -14,7 +14,7 @@ import pytest
 import aws_helpers
 import azure_helpers
 from distributed_helpers import Executions
-from flowcraft import Flow, NodeContext, RunAlreadyExistsError
+from flowcraft import Flow, NodeContext, RunAlreadyExistsError, runview
 from flowcraft.client import (
     Client,
     RunNotFoundError,
@@ -88,6 +88,22 @@ def test_node_states_from_records_leases_and_awaiting() -> None:
     assert node_states(flow.to_blueprint(), data, now=100.0) == {
         "a": "done", "b": "skipped", "c": "failed", "d": "running", "e": "pending",
         "w": "awaiting"}
+
+
+def test_node_states_are_the_run_views_states() -> None:
+    # A node added at run time (pending: no record yet), one only an output names, one only
+    # the awaiting list names, and a lease whose expiry is not a number (not live).
+    flow = Flow("states").node("a", lambda ctx: 1).node("b", lambda ctx: 1)
+    data = {"_flowcraft.node.a": {"n": 1, "taken": [0]},
+            "_flowcraft.dynamic.a": {"nodes": [{"id": "extra", "uses": "step"}], "edges": []},
+            "_outputs.gone": 1,
+            "_flowcraft.lock.b": {"owner": "x", "expires": "soon"},
+            "_awaitingNodeIds": ["parked"]}
+    states = node_states(flow.to_blueprint(), data, now=100.0)
+    assert states == {"a": "done", "b": "pending", "extra": "pending", "gone": "pending",
+                      "parked": "awaiting"}
+    views = runview.node_states(flow.to_blueprint(), data, now=100.0)
+    assert states == {node_id: view.state for node_id, view in views.items()}
 
 
 def test_cursor_round_trip_and_garbage_is_refused() -> None:

@@ -21,7 +21,7 @@ import hcl2
 import pytest
 import yaml
 
-from flowcraft.backends import AwsSettings, AzureSettings
+from flowcraft.adapters.connect import AwsSettings, AzureSettings
 from flowcraft.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -318,7 +318,7 @@ def test_aws_compose_points_the_workers_at_its_moto_server(
 
 def test_azure_compose_reaches_the_emulators_on_loopback(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from flowcraft.local_services import AZURITE_ACCOUNT, AZURITE_KEY, COSMOS_EMULATOR_KEY
+    from flowcraft.local import AZURITE_ACCOUNT, AZURITE_KEY, COSMOS_EMULATOR_KEY
 
     service_environment("azure", monkeypatch)
     settings = AzureSettings.resolve()
@@ -361,7 +361,7 @@ def aws_requests_of_the_workers() -> set[str]:
     code = "\n".join(
         path.read_text(encoding="utf-8")
         for path in [*(ROOT / "src" / "flowcraft" / "adapters" / "aws").glob("*.py"),
-                     ROOT / "src" / "flowcraft" / "backends.py"]
+                     ROOT / "src" / "flowcraft" / "adapters" / "connect.py"]
         if path.name != "provision.py")
     session = botocore.session.get_session()
     actions = set()

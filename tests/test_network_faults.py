@@ -435,7 +435,7 @@ def runtime_options() -> Any:
 
 _RUN_MOTO = """
 import sys, threading
-from flowcraft.local_services import moto_server
+from flowcraft.local import moto_server
 with moto_server(int(sys.argv[1])):
     threading.Event().wait()
 """
@@ -444,9 +444,9 @@ with moto_server(int(sys.argv[1])):
 @contextlib.contextmanager
 def moto_process(log_dir: Path) -> Iterator[int]:
     """A moto server in a process of its own (with DynamoDB's writes made atomic, as
-    :func:`flowcraft.local_services.moto_server` makes them): in this process it would
+    :func:`flowcraft.local.moto_server` makes them): in this process it would
     compete with the proxies for the interpreter, and stretch their latencies."""
-    from flowcraft.local_services import LocalProcess, free_port
+    from flowcraft.local import LocalProcess, free_port
 
     port = free_port()
     process = LocalProcess("moto", [sys.executable, "-c", _RUN_MOTO, str(port)], port,
@@ -470,7 +470,7 @@ async def test_runs_complete_through_network_faults_on_aws(
         SqsAdapter,
         provision_aws,
     )
-    from flowcraft.local_services import LOCAL_AWS_CREDENTIALS
+    from flowcraft.local import LOCAL_AWS_CREDENTIALS
 
     seed = crash_seed()
     suffix = os.urandom(4).hex()
@@ -535,7 +535,7 @@ def cosmos_advertising(port: int, advertised_port: int, log_dir: Path) -> Iterat
     """A Cosmos DB server on ``port`` whose account names ``advertised_port``."""
     import shutil
 
-    from flowcraft.local_services import LocalProcess, node_binary
+    from flowcraft.local import LocalProcess, node_binary
 
     node = shutil.which("node")
     assert node, "node is not installed: run scripts/setup"
@@ -569,7 +569,7 @@ async def test_runs_complete_through_network_faults_on_azure(
         RedisCoordinationStore,
         provision_azure,
     )
-    from flowcraft.local_services import AzureEndpoints, free_port
+    from flowcraft.local import AzureEndpoints, free_port
 
     seed = crash_seed()
     services = azure_services_session

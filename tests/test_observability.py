@@ -379,6 +379,46 @@ async def test_metrics_and_unknown_paths() -> None:
         assert status == 200 and body == ""
 
 
+async def test_stats_serves_the_metrics_and_what_the_stats_source_adds_as_json() -> None:
+    metrics = Metrics()
+    metrics.node_finished("completed", 0.5)
+    metrics.node_finished("completed", 0.25)
+    metrics.message_received(1.0, redelivered=True)
+    metrics.service_request("commit")
+    metrics.run_finished("completed")
+    requests = {"sqs.ReceiveMessage": 3}
+    async with HealthServer(0, metrics=metrics,
+                            stats=lambda: {"serviceRequests": dict(requests)}) as server:
+        status, body = await _get(server.port, "/stats")
+        assert status == 200
+        assert json.loads(body) == {
+            "nodeExecutions": {"completed": 2}, "nodeSeconds": 0.75, "messagesReceived": 1,
+            "messageRedeliveries": 1, "claimsLost": 0, "operations": {"commit": 1},
+            "runsStarted": 0, "runsFinished": {"completed": 1},
+            "serviceRequests": {"sqs.ReceiveMessage": 3}}
+        requests["sqs.ReceiveMessage"] = 4  # read at each request, not once
+        assert json.loads((await _get(server.port, "/stats"))[1])["serviceRequests"] == {
+            "sqs.ReceiveMessage": 4}
+        assert await _get(server.port, "/stats", "HEAD") == (200, "")
+
+
+async def test_stats_without_a_source_shows_the_metrics_and_a_failing_source_is_a_500(
+        caplog: pytest.LogCaptureFixture) -> None:
+    async with HealthServer(0, metrics=Metrics()) as server:
+        status, body = await _get(server.port, "/stats")
+    assert status == 200 and json.loads(body)["nodeExecutions"] == {}
+    assert "serviceRequests" not in json.loads(body)
+
+    def broken() -> dict[str, int]:
+        raise KeyError("gone")
+
+    async with HealthServer(0, metrics=Metrics(), stats=broken) as server:
+        status, body = await _get(server.port, "/stats")
+        assert status == 500 and json.loads(body) == {"error": "KeyError: 'gone'"}
+        heartbeat()
+        assert (await _get(server.port, "/healthz"))[0] == 200  # the server goes on
+
+
 async def test_a_client_sending_garbage_does_not_break_the_server() -> None:
     async with HealthServer(0) as server:
         _, writer = await asyncio.open_connection("127.0.0.1", server.port)

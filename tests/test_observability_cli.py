@@ -1,6 +1,6 @@
 """Three ``flowcraft worker aws`` processes export their spans over OTLP/HTTP to a receiver
 in this test: one run is one trace whose parent links follow the job messages; the workers
-log JSON lines and serve health and metrics."""
+log JSON lines and serve health, metrics and their counts (``/stats``)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from aws_helpers import make_moto_dynamodb_atomic
-from flowcraft.local_services import free_port
+from flowcraft.local import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -158,12 +158,33 @@ async def test_three_workers_export_one_trace_per_run(aws: Any, tmp_path: Path,
         received = totals["flowcraft_messages_received_total"]
         assert received >= 4 and totals["flowcraft_queue_lag_seconds_count"] == received
         assert totals['flowcraft_service_requests_total{operation="commit"}'] == 6
+
+        stats = []
+        for port in health_ports:
+            status, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{port}/stats")
+            assert status == 200, body
+            stats.append(json.loads(body))
+        assert [s["backend"] for s in stats] == ["aws"] * 3
+        assert len({s["worker"] for s in stats}) == 3 and all(s["worker"] for s in stats)
+        assert sum(s["nodeExecutions"].get("completed", 0) for s in stats) == 6
+        assert sum(s["operations"].get("commit", 0) for s in stats) == 6
+        assert all(s["serviceRequests"].get("sqs.ReceiveMessage", 0) >= 1 for s in stats)
+        # Each node's commit is a conditional update of its run's context.
+        assert sum(s["serviceRequests"].get("dynamodb.UpdateItem", 0) for s in stats) >= 6
     finally:
         for worker in workers:
             if worker.returncode is None:
                 worker.send_signal(signal.SIGTERM)
         codes = [await asyncio.wait_for(worker.wait(), 30) for worker in workers]
     assert codes == [0, 0, 0], [(tmp_path / f"worker{i}.err").read_text() for i in range(3)]
+    prefix = "flowcraft worker: service calls "
+    for index, counted in enumerate(stats):
+        # What a worker reports on leaving includes what /stats showed before it stopped.
+        (line,) = [line for line in (tmp_path / f"worker{index}.out").read_text().splitlines()
+                   if line.startswith(prefix)]
+        final = json.loads(line.removeprefix(prefix))
+        assert all(final.get(name, 0) >= count
+                   for name, count in counted["serviceRequests"].items()), (counted, final)
 
     spans = [span for service, span in receiver.spans
              if service == "flowcraft-test" and attributes(span).get("flowcraft.run_id") in (

@@ -837,6 +837,20 @@ async def test_long_sleep_parks_with_timer() -> None:
     assert rec.input_of("b") == 5
 
 
+async def test_sleep_and_subflow_outside_an_engine_say_what_is_missing() -> None:
+    from flowcraft.context import TrackedContext
+    from flowcraft.nodes.builtins import sleep_node, subflow_node
+
+    def context(node_id: str, params: dict[str, Any]) -> NodeContext:
+        return NodeContext(context=TrackedContext({}), input=None, params=params,
+                           dependencies={}, run_id="r", node_id=node_id, blueprint_id="b")
+
+    with pytest.raises(FlowcraftError, match="node 'nap' needs the engine for a sleep"):
+        await sleep_node(context("nap", {"duration": "2s"}))
+    with pytest.raises(FlowcraftError, match="node 'child' needs the engine for a subflow"):
+        await subflow_node(context("child", {"blueprintId": "other"}))
+
+
 # -- events, expressions, execution ---------------------------------------------------------
 
 

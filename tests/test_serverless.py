@@ -18,7 +18,7 @@ from aws_helpers import make_moto_dynamodb_atomic
 from azure_helpers import make_adapter as make_azure_adapter
 from azure_helpers import poison_client
 from flowcraft import Flow, NodeContext
-from flowcraft.backends import AzureSettings
+from flowcraft.adapters.connect import AzureSettings
 from flowcraft.distributed.inprocess import InProcessAdapter
 from flowcraft.distributed.job import JobPayload
 from flowcraft.runtime.runtime import FlowRuntime

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
         load_blueprints,
     )
     from .context import AsyncContext, InMemoryContext, PatchOperation, TrackedContext
+    from .core.middleware import Middleware
     from .errors import (
         BlueprintValidationError,
         BlueprintVersionMismatchError,
@@ -43,7 +44,6 @@ if TYPE_CHECKING:
     from .expressions import evaluate
     from .flow import Flow
     from .lint import LintIssue, lint_blueprint
-    from .middleware import Middleware
     from .nodes import BaseNode, CancellationSignal, NodeContext, NodeResult
     from .replay import ReplayStep, replay, replay_context
     from .runtime import FlowRuntime, NodeError, RuntimeOptions, Step, Stepper, WorkflowResult
@@ -84,7 +84,7 @@ _LAZY: dict[str, str] = {
     "InMemoryEventBus": "events",
     "EventStore": "events",
     "InMemoryEventStore": "events",
-    "Middleware": "middleware",
+    "Middleware": "core.middleware",
     "ReplayStep": "replay",
     "replay": "replay",
     "replay_context": "replay",

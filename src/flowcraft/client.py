@@ -35,13 +35,14 @@ from typing import Any, Literal
 from .blueprint import WorkflowBlueprint, load_blueprints
 from .context import PatchOperation, public_view
 from .core.options import RuntimeOptions
-from .core.routing import AWAITING_IDS_KEY, RECORD_PREFIX, read_record
+from .core.routing import AWAITING_IDS_KEY
 from .distributed.adapter import FINAL_STATUSES, RESTING_STATUSES, now_iso
-from .distributed.context import BLUEPRINT_KEY, RUN_STATE_KEY, live_lease
+from .distributed.context import BLUEPRINT_KEY, RUN_STATE_KEY
 from .errors import FlowcraftError
+from .runview import NodeState as NodeState
+from .runview import node_states as node_views
 
 RunState = Literal["running", "awaiting", "completed", "failed", "cancelled"]
-NodeState = Literal["pending", "running", "done", "skipped", "failed", "awaiting"]
 RUN_STATES: tuple[RunState, ...] = ("running", "awaiting", "completed", "failed", "cancelled")
 STATUS_INDEX = "status-lastUpdated"
 """The DynamoDB global secondary index (and the ordering of the Cosmos query) runs are
@@ -139,31 +140,11 @@ def _timestamp(value: Any) -> datetime | None:
 
 def node_states(blueprint: WorkflowBlueprint | None, data: Mapping[str, Any],
                 now: float | None = None) -> dict[str, NodeState]:
-    """Each node's state from a stored context. Nodes of the blueprint (when known) in
-    blueprint order, then nodes that only the records name (dynamic nodes).
-
-    Kept in one function: a shared derivation for browser views can replace it."""
-    now = time.time() if now is None else now
-    ids = [n.id for n in blueprint.nodes] if blueprint is not None else []
-    ids += [k[len(RECORD_PREFIX):] for k in data if k.startswith(RECORD_PREFIX)
-            and k[len(RECORD_PREFIX):] not in ids]
-    awaiting = set(data.get(AWAITING_IDS_KEY) or ())
-    states: dict[str, NodeState] = {}
-    for node_id in ids:
-        record = read_record(data, node_id)
-        if node_id in awaiting:
-            states[node_id] = "awaiting"
-        elif live_lease(data, node_id, now):
-            states[node_id] = "running"
-        elif record is None:
-            states[node_id] = "pending"
-        elif record.failed:
-            states[node_id] = "failed"
-        elif record.skipped:
-            states[node_id] = "skipped"
-        else:
-            states[node_id] = "done"
-    return states
+    """Each node's state from a stored context, as :func:`flowcraft.runview.node_states`
+    derives it (the one derivation every view of a run uses): nodes of the blueprint (when
+    known) in blueprint order, then nodes only the context names (dynamic nodes)."""
+    return {node_id: view.state
+            for node_id, view in node_views(blueprint, data, now=now).items()}
 
 
 def _run_errors(record: Mapping[str, Any], data: Mapping[str, Any]) -> list[RunError]:
@@ -226,7 +207,7 @@ class Client:
                  **settings: Any) -> Client:
         """Settings from keyword arguments (the CLI flags' names, e.g. ``queue_url``,
         ``status_table``), else the environment variables, else the setup guides' names."""
-        from . import backends
+        from .adapters import connect as backends
 
         if cloud == "aws":
             return cls.from_settings(backends.AwsSettings.resolve(**settings),
@@ -238,9 +219,10 @@ class Client:
 
     @classmethod
     def from_settings(cls, settings: Any, *, blueprints: Any = None) -> Client:
-        """A client on resolved :class:`~flowcraft.backends.AwsSettings` or
-        :class:`~flowcraft.backends.AzureSettings`; it opens (and closes) its SDK clients."""
-        from . import backends
+        """A client on resolved :class:`~flowcraft.adapters.connect.AwsSettings` or
+        :class:`~flowcraft.adapters.connect.AzureSettings`; it opens (and closes) its SDK
+        clients."""
+        from .adapters import connect as backends
 
         client: Client
         if isinstance(settings, backends.AwsSettings):

@@ -1,11 +1,17 @@
 """Run contexts: the key/value state a workflow run reads and writes.
 
-``AsyncContext`` is the protocol every backend implements (in memory,
-DynamoDB, Cosmos DB). Keys are flat strings; the engine's own keys use a
-leading underscore (``_outputs.<nodeId>``, ``_inputs.<nodeId>``,
-``_awaitingNodeIds``) exactly as the TypeScript library names them, plus
-``_flowcraft.*`` bookkeeping that records which nodes finished and where they
-routed (see :mod:`flowcraft.runtime.state`).
+``AsyncContext`` is the protocol every context implements (in memory,
+DynamoDB, Cosmos DB, the view a node gets). Keys are flat strings; the
+engine's own keys use a leading underscore (``_outputs.<nodeId>``,
+``_inputs.<nodeId>``, ``_awaitingNodeIds``) exactly as the TypeScript library
+names them, plus ``_flowcraft.*`` bookkeeping that records which nodes finished
+and where they routed (see :mod:`flowcraft.core.routing`).
+
+Every context implements the protocol the same way: :class:`AsyncContextBase`
+writes its six methods once over two primitives, ``load()`` (the whole context)
+and ``apply(operations)`` (an ordered patch). A backend supplies those two as
+one read and one write of its item; :class:`InMemoryContext` over a dict;
+:class:`TrackedContext` by recording each write.
 
 Nodes never talk to a backend directly. They get a :class:`TrackedContext`: a
 view over a plain ``dict`` that records every write as a
@@ -19,6 +25,7 @@ One mechanism, two backends: nodes cannot tell them apart.
 from __future__ import annotations
 
 import copy
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -74,29 +81,60 @@ class AsyncContext(Protocol):
     async def patch(self, operations: Sequence[PatchOperation]) -> None: ...
 
 
-class InMemoryContext:
-    """A context held in a dict; used by the in-memory runtime and in tests."""
+class AsyncContextBase(ABC):
+    """:class:`AsyncContext` written once over ``load()`` and ``apply()``.
+
+    A subclass supplies the whole context as it is now (``None`` when there is none: a
+    stored run not created yet) and the application of an ordered patch; every read is one
+    ``load()``, every write one ``apply()``. For a stored context that is one service call
+    each.
+    """
+
+    __slots__ = ()
+
+    @abstractmethod
+    async def load(self) -> Mapping[str, Any] | None:
+        """The whole context, or ``None`` when there is none."""
+
+    @abstractmethod
+    async def apply(self, operations: Sequence[PatchOperation]) -> Mapping[str, Any] | None:
+        """Apply ``operations`` in order; return the context after them (``None``: none)."""
+
+    async def get(self, key: str, default: Any = None) -> Any:
+        return (await self.load() or {}).get(key, default)
+
+    async def set(self, key: str, value: Any) -> None:
+        await self.apply([PatchOperation("set", key, value)])
+
+    async def has(self, key: str) -> bool:
+        return key in (await self.load() or {})
+
+    async def delete(self, key: str) -> bool:
+        existed = await self.has(key)
+        if existed:
+            await self.apply([PatchOperation("delete", key)])
+        return existed
+
+    async def to_dict(self) -> dict[str, Any]:
+        return dict(await self.load() or {})
+
+    async def patch(self, operations: Sequence[PatchOperation]) -> None:
+        await self.apply(operations)
+
+
+class InMemoryContext(AsyncContextBase):
+    """A context held in a dict (for tests and tools; runs keep theirs in the engine)."""
 
     def __init__(self, initial: Mapping[str, Any] | None = None) -> None:
         self._data: dict[str, Any] = dict(initial or {})
 
-    async def get(self, key: str, default: Any = None) -> Any:
-        return self._data.get(key, default)
+    async def load(self) -> Mapping[str, Any]:
+        """The live dict (no copy)."""
+        return self._data
 
-    async def set(self, key: str, value: Any) -> None:
-        self._data[key] = value
-
-    async def has(self, key: str) -> bool:
-        return key in self._data
-
-    async def delete(self, key: str) -> bool:
-        return self._data.pop(key, _MISSING) is not _MISSING
-
-    async def to_dict(self) -> dict[str, Any]:
-        return dict(self._data)
-
-    async def patch(self, operations: Sequence[PatchOperation]) -> None:
+    async def apply(self, operations: Sequence[PatchOperation]) -> Mapping[str, Any]:
         apply_patch(self._data, operations)
+        return self._data
 
     @property
     def data(self) -> dict[str, Any]:
@@ -141,11 +179,11 @@ class SyncContextView:
         return iter(list(self._tracked.data))
 
 
-class TrackedContext:
+class TrackedContext(AsyncContextBase):
     """The context a node sees: reads and writes a dict, and records each write.
 
     ``deltas`` lists the writes in order; the engine commits them with the
-    node's output. Async methods implement :class:`AsyncContext`; ``sync``
+    node's output. The async methods are :class:`AsyncContextBase`'s; ``sync``
     offers the same operations without ``await`` for plain ``def`` nodes.
     """
 
@@ -175,28 +213,23 @@ class TrackedContext:
             self._sync = SyncContextView(self)
         return self._sync
 
-    # AsyncContext
-    async def get(self, key: str, default: Any = None) -> Any:
-        return self.data.get(key, default)
+    # AsyncContextBase
+    async def load(self) -> Mapping[str, Any]:
+        """The node's working dict (no copy)."""
+        return self.data
 
-    async def set(self, key: str, value: Any) -> None:
-        self.set_now(key, value)
-
-    async def has(self, key: str) -> bool:
-        return key in self.data
-
-    async def delete(self, key: str) -> bool:
-        return self.delete_now(key)
-
-    async def to_dict(self) -> dict[str, Any]:
-        return dict(self.data)
-
-    async def patch(self, operations: Sequence[PatchOperation]) -> None:
+    async def apply(self, operations: Sequence[PatchOperation]) -> Mapping[str, Any]:
         for operation in operations:
             if operation.op == "set":
                 self.set_now(operation.key, operation.value)
             else:
                 self.delete_now(operation.key)
+        return self.data
+
+    async def delete(self, key: str) -> bool:
+        # Recorded even when the key is absent: the write is the node's, and the run's
+        # events show it as the node made it.
+        return self.delete_now(key)
 
 
 def public_view(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -304,3 +337,94 @@ def validate_initial_context(initial: Mapping[str, Any] | None) -> dict[str, Any
     if problems:
         raise InvalidContextError("cannot start the run: " + "; ".join(problems))
     return dict(initial)
+
+
+# -- the context as expressions see it ------------------------------------------------------
+
+OUTPUTS_PREFIX = "_outputs."
+"""Where a node's output is stored: ``_outputs.<node id>``."""
+
+
+class ContextNames(Mapping[str, Any]):
+    """The context as expressions see it: a key, else the output of the node of that id.
+
+    The TypeScript library also stores each node's output under its bare id, so its
+    blueprints read ``route.total`` or ``context["route"]`` for node ``route``'s output.
+    Outputs are stored once (``_outputs.<id>``); this view resolves the bare id instead.
+    Iteration and length cover the stored keys only.
+    """
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping[str, Any]) -> None:
+        self._data = data
+
+    def __getitem__(self, name: str) -> Any:
+        try:
+            return self._data[name]
+        except KeyError:
+            if isinstance(name, str) and not name.startswith("_"):
+                return self._data[OUTPUTS_PREFIX + name]
+            raise
+
+    def get(self, name: str, default: Any = None) -> Any:
+        try:
+            return self[name]
+        except (KeyError, TypeError):
+            return default
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._data or (
+            isinstance(name, str) and not name.startswith("_")
+            and OUTPUTS_PREFIX + name in self._data
+        )
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+class ExpressionNames(Mapping[str, Any]):
+    """The names an expression sees: a few fixed ones (``result``, or ``input``), ``context``,
+    and every identifier context key, or node id (its output) where no key has that name.
+
+    Lazy, so evaluating an expression costs nothing per context key.
+    """
+
+    __slots__ = ("_context", "_fixed")
+
+    def __init__(self, data: Mapping[str, Any], fixed: Mapping[str, Any]) -> None:
+        self._context = ContextNames(data)
+        self._fixed = {**fixed, "context": self._context}
+
+    def __getitem__(self, name: str) -> Any:
+        if name in self._fixed:
+            return self._fixed[name]
+        return self._context[name]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            return default
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._fixed or name in self._context
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._fixed
+        yield from (k for k in self._context if k.isidentifier() and k not in self._fixed)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+class ConditionNames(ExpressionNames):
+    """What an edge condition (or a loop condition) sees: ``result``, ``context``, names."""
+
+    __slots__ = ()
+
+    def __init__(self, data: Mapping[str, Any], result: Mapping[str, Any]) -> None:
+        super().__init__(data, {"result": result})

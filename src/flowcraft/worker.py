@@ -17,6 +17,11 @@ per process) reaches every node, and a shutdown hook finds it there to close it.
 
 :meth:`run` is the command line's ``flowcraft worker``: start, wait for SIGINT or SIGTERM
 (or :meth:`request_stop`), stop gracefully; a second signal quits without waiting.
+
+With ``health_port`` the worker serves its health checks, its metrics and ``/stats``: the
+process's counts as JSON plus :meth:`stats` — among it ``serviceRequests``, every request
+its service clients sent by ``service.Operation`` (a worker from :meth:`Worker.from_env`
+always counts them; give ``calls=`` to count your own adapter's).
 """
 
 from __future__ import annotations
@@ -73,6 +78,8 @@ class Worker:
         health_port: serve ``/healthz``, ``/readyz`` and ``/metrics`` on this port while the
             worker runs (``0``: any free port; ``None``: no health server).
         health_host: the health server's address (``127.0.0.1``; ``0.0.0.0`` in a pod).
+        calls: the counter the adapter's service clients count their requests into
+            (``service.Operation`` -> requests), shown by :meth:`stats`.
     """
 
     def __init__(
@@ -87,6 +94,7 @@ class Worker:
         announce: Callable[[str], None] | None = None,
         health_port: int | None = None,
         health_host: str = "127.0.0.1",
+        calls: Counter[str] | None = None,
     ) -> None:
         if isinstance(adapter, BaseDistributedAdapter):
             self._adapter: BaseDistributedAdapter | None = adapter
@@ -116,6 +124,7 @@ class Worker:
         self.health_host = health_host
         self.health: HealthServer | None = None
         """The running health server, when ``health_port`` was given."""
+        self.calls = calls
 
     @property
     def dependencies(self) -> Dependencies:
@@ -151,8 +160,8 @@ class Worker:
         environment variables of the setup guides (or ``settings``, an ``AwsSettings`` /
         ``AzureSettings``). ``blueprints`` is a mapping or a directory of blueprint JSON
         files; ``options`` are the :class:`WorkerOptions`; ``calls`` counts service
-        requests."""
-        from . import backends
+        requests (a new counter when not given: :meth:`stats` shows it)."""
+        from .adapters import connect as backends
 
         check_option_names("Worker.from_env", options)
         if backend not in ("aws", "azure"):
@@ -160,6 +169,7 @@ class Worker:
         if isinstance(blueprints, str | Path):
             blueprints = load_blueprints(blueprints)
         runtime_options = FlowRuntime(blueprints=blueprints, registry=registry).options
+        calls = calls if calls is not None else Counter()
         if backend == "aws":
             aws_settings = settings if settings is not None else backends.AwsSettings.resolve()
 
@@ -174,7 +184,8 @@ class Worker:
 
         return cls(open_adapter, runtime_options=runtime_options, dependencies=dependencies,
                    on_startup=on_startup, on_shutdown=on_shutdown, name=backend,
-                   announce=announce, health_port=health_port, health_host=health_host)
+                   announce=announce, health_port=health_port, health_host=health_host,
+                   calls=calls)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -192,13 +203,14 @@ class Worker:
             await self.adapter.start()
             if self.health_port is not None:
                 health = HealthServer(self.health_port, self.health_host,
-                                      ready_check=worker_ready_check(self.adapter))
+                                      ready_check=worker_ready_check(self.adapter),
+                                      stats=self.stats)
                 await health.start()
                 stack.push_async_callback(health.stop)
                 stack.callback(setattr, self, "health", None)
                 self.health = health
                 self._announce(f"flowcraft worker: health on http://{self.health_host}:"
-                               f"{health.port} (/healthz, /readyz, /metrics)")
+                               f"{health.port} (/healthz, /readyz, /metrics, /stats)")
             self._stack = stack.pop_all()
 
     async def stop(self, timeout_seconds: float | None = None) -> None:
@@ -212,6 +224,13 @@ class Worker:
             await self.adapter.stop(timeout_seconds)
         finally:
             await stack.aclose()
+
+    def stats(self) -> dict[str, Any]:
+        """What the worker adds to ``/stats``: ``worker`` (its id, while it runs),
+        ``backend`` (its name) and ``serviceRequests`` (``service.Operation`` -> requests
+        sent, retries included; empty without a ``calls`` counter)."""
+        return {"worker": self._adapter.worker_id if self._adapter else None,
+                "backend": self.name, "serviceRequests": dict(self.calls or {})}
 
     async def __aenter__(self) -> Self:
         await self.start()

@@ -18,7 +18,7 @@ from typing import Any
 from ..blueprint import NodeDefinition, WorkflowBlueprint, check_blueprint
 from ..context import TrackedContext, check_storable, squash
 from ..errors import UnknownBlueprintError, UnstorableValueError
-from ..nodes.base import CancellationSignal, NodeContext
+from ..nodes.base import CancellationSignal, EngineServices, NodeContext
 from ..nodes.builtins import BUILTIN_NODES
 from .executor import NodeError, NodeOutcome, execute_node
 from .graph import Graph
@@ -182,7 +182,7 @@ class NodeEngine:
         *,
         run_id: str,
         iteration: int,
-        services: Any,
+        services: EngineServices,
         signal: CancellationSignal | None = None,
     ) -> NodeOutcome:
         implementation = self.registry.get(node.uses)
@@ -206,7 +206,7 @@ class NodeEngine:
             )
 
         if self.options.middleware:
-            from ..middleware import run_with_middleware  # it builds on this package
+            from .middleware import run_with_middleware
 
             outcome = await run_with_middleware(
                 self.options.middleware, tracked, node.id, run_id,

@@ -1,8 +1,4 @@
-"""Routing, joins, skip propagation and node inputs: the one copy of the workflow logic.
-
-Both the in-memory :class:`~flowcraft.runtime.FlowRuntime` and the distributed
-adapter call these functions; neither has logic of its own about which node
-runs next.
+"""Routing records, edge routing and node inputs, shared by every engine.
 
 **The state lives in the context.** When a node finishes, the engine writes,
 in the same commit as its output, a small record under
@@ -14,21 +10,12 @@ in the same commit as its output, a small record under
 ``n`` counts how often the node resolved (completed or was skipped); it only
 exceeds 1 in loops. Everything else is derived from these records: whether a
 join is ready, what a node receives as input, which nodes are ready after a
-crash (:func:`ready_frontier`). Recording *where* a node routed, rather than
+crash (:func:`flowcraft.core.successors.frontier`). Recording *where* a node routed, rather than
 re-evaluating conditions later, makes routing decisions stable under
 redelivery: a job processed twice routes the same way twice.
 
-**Joins.** A predecessor P has *resolved* for target T when P's record is
-newer than T's (same loop) or exists at all (P outside T's loop). It
-*delivered* when P completed and took an edge to T. :func:`join_decision`
-turns (expected, resolved, delivered) into run / skip / wait:
-
-* ``all``: wait until every forward predecessor resolved; then run if any
-  delivered, else skip.
-* ``any``: run on the first delivery; skip once all resolved without one.
-
-A skipped node resolves for its own successors, so skipping propagates and a
-diamond whose one branch was not taken still converges.
+**Joins** and everything else about what follows a finished node are decided
+in :mod:`flowcraft.core.successors`, from these records.
 
 **Expressions** see the context through :class:`ExpressionNames`: fixed names
 (``result`` for conditions, ``input`` for transforms), ``context``, and any
@@ -39,19 +26,23 @@ library read outputs that way; outputs are still stored once).
 
 from __future__ import annotations
 
-import enum
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ..blueprint import EdgeDefinition, NodeDefinition
-from ..context import INTERNAL_PREFIX, check_storable
+from ..context import (
+    INTERNAL_PREFIX,
+    ConditionNames,
+    ExpressionNames,
+    check_storable,
+)
+from ..context import OUTPUTS_PREFIX as OUTPUTS_PREFIX  # re-exported: next to the record keys
 from ..errors import ExpressionError, UnstorableValueError
 from ..expressions import evaluate
 from .graph import Graph
 
 RECORD_PREFIX = f"{INTERNAL_PREFIX}node."
-OUTPUTS_PREFIX = "_outputs."
 INPUTS_PREFIX = "_inputs."
 AWAITING_IDS_KEY = "_awaitingNodeIds"
 AWAITING_DETAILS_KEY = "_awaitingDetails"
@@ -189,91 +180,6 @@ def failed_record(previous_count: int, message: str,
 # -- routing ---------------------------------------------------------------------------------
 
 
-class ContextNames(Mapping[str, Any]):
-    """The context as expressions see it: a key, else the output of the node of that id.
-
-    The TypeScript library also stores each node's output under its bare id, so its
-    blueprints read ``route.total`` or ``context["route"]`` for node ``route``'s output.
-    Outputs are stored once (``_outputs.<id>``); this view resolves the bare id instead.
-    Iteration and length cover the stored keys only.
-    """
-
-    __slots__ = ("_data",)
-
-    def __init__(self, data: Mapping[str, Any]) -> None:
-        self._data = data
-
-    def __getitem__(self, name: str) -> Any:
-        try:
-            return self._data[name]
-        except KeyError:
-            if isinstance(name, str) and not name.startswith("_"):
-                return self._data[OUTPUTS_PREFIX + name]
-            raise
-
-    def get(self, name: str, default: Any = None) -> Any:
-        try:
-            return self[name]
-        except (KeyError, TypeError):
-            return default
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._data or (
-            isinstance(name, str) and not name.startswith("_")
-            and OUTPUTS_PREFIX + name in self._data
-        )
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._data)
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-
-class ExpressionNames(Mapping[str, Any]):
-    """The names an expression sees: a few fixed ones (``result``, or ``input``), ``context``,
-    and every identifier context key, or node id (its output) where no key has that name.
-
-    Lazy, so evaluating an expression costs nothing per context key.
-    """
-
-    __slots__ = ("_context", "_fixed")
-
-    def __init__(self, data: Mapping[str, Any], fixed: Mapping[str, Any]) -> None:
-        self._context = ContextNames(data)
-        self._fixed = {**fixed, "context": self._context}
-
-    def __getitem__(self, name: str) -> Any:
-        if name in self._fixed:
-            return self._fixed[name]
-        return self._context[name]
-
-    def get(self, name: str, default: Any = None) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            return default
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._fixed or name in self._context
-
-    def __iter__(self) -> Iterator[str]:
-        yield from self._fixed
-        yield from (k for k in self._context if k.isidentifier() and k not in self._fixed)
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
-
-
-class ConditionNames(ExpressionNames):
-    """What an edge condition (or a loop condition) sees: ``result``, ``context``, names."""
-
-    __slots__ = ()
-
-    def __init__(self, data: Mapping[str, Any], result: Mapping[str, Any]) -> None:
-        super().__init__(data, {"result": result})
-
-
 EdgeObserver = Callable[[EdgeDefinition, bool], None]
 
 
@@ -353,24 +259,7 @@ def transform_delivery(edge: EdgeDefinition, output: Any, data: Mapping[str, Any
         ) from None
 
 
-# -- joins -----------------------------------------------------------------------------------
-
-
-class JoinDecision(enum.Enum):
-    WAIT = "wait"
-    RUN = "run"
-    SKIP = "skip"
-
-
-def join_decision(strategy: str, expected: int, resolved: int, delivered: int) -> JoinDecision:
-    """The join rule, shared by every backend (see the module docstring)."""
-    if strategy == "any":
-        if delivered > 0:
-            return JoinDecision.RUN
-        return JoinDecision.SKIP if resolved >= expected else JoinDecision.WAIT
-    if resolved < expected:
-        return JoinDecision.WAIT
-    return JoinDecision.RUN if delivered > 0 else JoinDecision.SKIP
+# -- deliveries ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,8 +269,10 @@ class Delivery:
     back: bool
 
 
-def _fresh(graph: Graph, data: Mapping[str, Any], source: str, target: str, target_count: int,
-           back: bool) -> NodeRecord | None:
+def fresh_record(graph: Graph, data: Mapping[str, Any], source: str, target: str,
+                 target_count: int, back: bool) -> NodeRecord | None:
+    """``source``'s record if it resolved for ``target``'s pending run (generation
+    ``target_count``); ``None`` if it did not, or failed."""
     record = read_record(data, source)
     if record is None or record.failed:
         return None  # a failed node never resolves: what needed it never runs
@@ -402,7 +293,7 @@ def deliveries(graph: Graph, data: Mapping[str, Any], target: str) -> list[Deliv
         if edge.source in seen:
             continue
         back = graph.is_back_edge(edge.source, target)
-        record = _fresh(graph, data, edge.source, target, target_count, back)
+        record = fresh_record(graph, data, edge.source, target, target_count, back)
         if record is None:
             continue
         index = record.delivered_to(graph, edge.source, target)
@@ -410,80 +301,6 @@ def deliveries(graph: Graph, data: Mapping[str, Any], target: str) -> list[Deliv
             found.append(Delivery(edge.source, graph.outgoing[edge.source][index], back))
             seen.add(edge.source)
     return found
-
-
-def resolved_for_good(graph: Graph, data: Mapping[str, Any], node_id: str) -> bool:
-    """A node neither on nor after a cycle resolves (runs or is skipped) once per run; after
-    that, a late arrival (at an ``any`` join) changes nothing."""
-    return node_id not in graph.repeatable and read_record(data, node_id) is not None
-
-
-def join_arrivals(graph: Graph, data: Mapping[str, Any], target: str) -> tuple[set[str], set[str]]:
-    """The forward predecessors that resolved for ``target``'s pending run, and those of them
-    that delivered to it, from the records in ``data``."""
-    target_count = resolution_count(data, target)
-    resolved: set[str] = set()
-    delivered: set[str] = set()
-    for source in graph.forward_predecessors.get(target, ()):
-        record = _fresh(graph, data, source, target, target_count, back=False)
-        if record is None:
-            continue
-        resolved.add(source)
-        if record.delivered_to(graph, source, target) is not None:
-            delivered.add(source)
-    return resolved, delivered
-
-
-def evaluate_join(graph: Graph, data: Mapping[str, Any], target: str) -> JoinDecision:
-    """The join decision for ``target``'s pending run, from the records in ``data``."""
-    if resolved_for_good(graph, data, target):
-        return JoinDecision.WAIT
-    resolved, delivered = join_arrivals(graph, data, target)
-    node = graph.nodes[target]
-    expected = len(graph.forward_predecessors.get(target, ()))
-    return join_decision(node.join_strategy, expected, len(resolved), len(delivered))
-
-
-def ready_frontier(graph: Graph, data: Mapping[str, Any]) -> tuple[list[str], list[str]]:
-    """Nodes that can run now, and nodes to skip now, derived only from the context.
-
-    Used to resume after a crash: what a lost message would have started.
-    Nodes that are awaiting are excluded (they wait for ``resume``).
-    """
-    awaiting = set(data.get(AWAITING_IDS_KEY) or ())
-    ready: list[str] = []
-    skip: list[str] = []
-    for node_id in graph.nodes:
-        if node_id in awaiting or node_id in graph.fallback_only:
-            continue
-        record = read_record(data, node_id)
-        if record is not None:
-            # Done, unless a loop has come round to it again.
-            if not graph.same_cycle(node_id, node_id):
-                continue
-            if _back_delivery(graph, data, node_id):
-                ready.append(node_id)
-                continue
-            if not any(
-                graph.same_cycle(source, node_id)
-                and resolution_count(data, source) > record.count
-                for source in graph.forward_predecessors.get(node_id, ())
-            ):
-                continue
-        elif not graph.forward_predecessors.get(node_id):
-            if node_id in graph.start_node_ids:
-                ready.append(node_id)
-            continue
-        decision = evaluate_join(graph, data, node_id)
-        if decision is JoinDecision.RUN:
-            ready.append(node_id)
-        elif decision is JoinDecision.SKIP:
-            skip.append(node_id)
-    return ready, skip
-
-
-def _back_delivery(graph: Graph, data: Mapping[str, Any], node_id: str) -> bool:
-    return any(d.back for d in deliveries(graph, data, node_id))
 
 
 # -- inputs ----------------------------------------------------------------------------------
@@ -536,6 +353,15 @@ def resolve_input(
         return ResolvedInput(
             {name: read_reference(data, ref) for name, ref in node.inputs.items()}, False
         )
+    incoming = graph.incoming.get(node.id, ())
+    if len(incoming) == 1 and not incoming[0].transform:
+        # One way in (chains, fan-out branches): the common case, without the general search.
+        edge = incoming[0]
+        record = fresh_record(graph, data, edge.source, node.id, resolution_count(data, node.id),
+                              graph.is_back_edge(edge.source, node.id))
+        if record is not None and record.delivered_to(graph, edge.source, node.id) is not None:
+            return ResolvedInput(data.get(OUTPUTS_PREFIX + edge.source), True)
+        return ResolvedInput(data.get(INPUTS_PREFIX + node.id), False)
     found = deliveries(graph, data, node.id)
     if not found:
         # Start nodes (and subflow children) may be handed an input by whoever started them.

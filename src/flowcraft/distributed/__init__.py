@@ -16,7 +16,11 @@ from .backend import (
     parse_timestamp,
 )
 from .context import Claim, ClaimStatus, DistributedContext, InMemoryRunStore
-from .coordination import CoordinationStore, InMemoryCoordinationStore
+from .coordination import (
+    CoordinationStore,
+    FullCoordinationStore,
+    InMemoryCoordinationStore,
+)
 from .inprocess import InProcessAdapter, InProcessQueue
 from .job import JobPayload, parse_job
 from .options import WorkerOptions
@@ -29,6 +33,7 @@ __all__ = [
     "ClaimStatus",
     "CoordinationStore",
     "DistributedContext",
+    "FullCoordinationStore",
     "InMemoryCoordinationStore",
     "InMemoryRunStore",
     "InProcessAdapter",

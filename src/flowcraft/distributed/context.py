@@ -48,7 +48,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..context import INTERNAL_PREFIX, PatchOperation, apply_patch
+from ..context import (
+    INTERNAL_PREFIX,
+    AsyncContext,
+    AsyncContextBase,
+    PatchOperation,
+    apply_patch,
+)
 from ..core.routing import RECORD_PREFIX
 from ..errors import RunAlreadyExistsError
 
@@ -132,17 +138,13 @@ def live_lease(data: Mapping[str, Any], node_id: str, now: float) -> bool:
     return isinstance(lease, Mapping) and float(lease.get("expires", 0)) > now
 
 
-class DistributedContext(Protocol):
-    """A run's stored context (see the module docstring for the operations)."""
+class DistributedContext(AsyncContext, Protocol):
+    """A run's stored context: an :class:`~flowcraft.context.AsyncContext` plus the
+    operations of the module docstring. Implementations derive from
+    :class:`~flowcraft.context.AsyncContextBase`, which writes the ``AsyncContext`` methods
+    over ``load()`` and ``apply()``."""
 
     run_id: str
-
-    async def get(self, key: str, default: Any = None) -> Any: ...
-    async def set(self, key: str, value: Any) -> None: ...
-    async def has(self, key: str) -> bool: ...
-    async def delete(self, key: str) -> bool: ...
-    async def to_dict(self) -> dict[str, Any]: ...
-    async def patch(self, operations: Sequence[PatchOperation]) -> None: ...
 
     async def load(self) -> dict[str, Any] | None: ...
     async def create(self, initial: Mapping[str, Any]) -> None: ...
@@ -186,38 +188,6 @@ def commit_operations(
     return full
 
 
-class StoredContextMethods:
-    """The :class:`~flowcraft.context.AsyncContext` methods of a stored context, written once
-    over its ``load()`` and ``apply()`` (one read or one write each)."""
-
-    async def load(self) -> dict[str, Any] | None:
-        raise NotImplementedError
-
-    async def apply(self, operations: Sequence[PatchOperation]) -> dict[str, Any] | None:
-        raise NotImplementedError
-
-    async def get(self, key: str, default: Any = None) -> Any:
-        return (await self.load() or {}).get(key, default)
-
-    async def set(self, key: str, value: Any) -> None:
-        await self.apply([PatchOperation("set", key, value)])
-
-    async def has(self, key: str) -> bool:
-        return key in (await self.load() or {})
-
-    async def delete(self, key: str) -> bool:
-        existed = await self.has(key)
-        if existed:
-            await self.apply([PatchOperation("delete", key)])
-        return existed
-
-    async def to_dict(self) -> dict[str, Any]:
-        return await self.load() or {}
-
-    async def patch(self, operations: Sequence[PatchOperation]) -> None:
-        await self.apply(operations)
-
-
 class InMemoryRunStore:
     """Contexts of many runs in one process (the in-process backend's database).
 
@@ -237,7 +207,7 @@ class InMemoryRunStore:
         self.calls[operation] = self.calls.get(operation, 0) + 1
 
 
-class InMemoryDistributedContext:
+class InMemoryDistributedContext(AsyncContextBase):
     """A :class:`DistributedContext` over an :class:`InMemoryRunStore`."""
 
     def __init__(self, store: InMemoryRunStore, run_id: str) -> None:
@@ -316,24 +286,3 @@ class InMemoryDistributedContext:
                 return None
             apply_patch(item, copy.deepcopy(list(operations)))
             return self._snapshot()
-
-    # AsyncContext
-    async def get(self, key: str, default: Any = None) -> Any:
-        return (self._item() or {}).get(key, default)
-
-    async def set(self, key: str, value: Any) -> None:
-        await self.apply([PatchOperation("set", key, value)])
-
-    async def has(self, key: str) -> bool:
-        return key in (self._item() or {})
-
-    async def delete(self, key: str) -> bool:
-        existed = key in (self._item() or {})
-        await self.apply([PatchOperation("delete", key)])
-        return existed
-
-    async def to_dict(self) -> dict[str, Any]:
-        return self._snapshot() or {}
-
-    async def patch(self, operations: Sequence[PatchOperation]) -> None:
-        await self.apply(operations)

@@ -1,13 +1,25 @@
 """Coordination stores: small atomic operations shared by all workers of a deployment.
 
-The protocol has the TypeScript library's five operations plus an idempotent
-set-based join primitive (``join_add``: adding the same member twice counts
-once, so a redelivered job never counts twice). Keys start with ``flowcraft:``.
+Two contracts:
 
-The job algorithm decides joins from the run's single conditional context
-write (see :mod:`flowcraft.distributed.algorithm`), so a healthy run touches the
-coordination store only when a node fails (poison and cancel markers for its
-successors, as the reference writes them) and for worker-level bookkeeping.
+* :class:`CoordinationStore` is what the engine calls, and all a custom store
+  must offer: ``get`` and ``set_if_not_exist`` (first writer wins, with a time to
+  live). Workers use them for the first arrival at an ``any`` join, the poison
+  and cancel markers a failed node leaves for its successors (as the TypeScript
+  library writes them), and the first sighting of a job naming a blueprint this
+  worker does not know. The job algorithm decides every other join from the
+  run's single conditional context write (see :mod:`flowcraft.distributed.algorithm`),
+  so a healthy run touches the coordination store only for ``any`` joins.
+* :class:`FullCoordinationStore` adds the rest of the TypeScript library's five
+  operations (``increment``, ``extend_ttl``, ``delete``) and an idempotent
+  set-based join primitive (``join_add``: adding the same member twice counts
+  once, so a redelivered job never counts twice; ``join_members``). The stores
+  flowcraft provides (in memory, :class:`~flowcraft.adapters.aws.DynamoDbCoordinationStore`,
+  :class:`~flowcraft.adapters.azure.RedisCoordinationStore`) offer all of them
+  for applications and tools that share counters or markers between workers;
+  the engine needs none of them.
+
+Keys start with ``flowcraft:``. A ``ttl_seconds`` of 0 or less means no expiry.
 """
 
 from __future__ import annotations
@@ -36,17 +48,47 @@ def any_key(run_id: str, node_id: str, iteration: int) -> str:
 
 @runtime_checkable
 class CoordinationStore(Protocol):
-    async def increment(self, key: str, ttl_seconds: int) -> int: ...
-    async def set_if_not_exist(self, key: str, value: str, ttl_seconds: int) -> bool: ...
-    async def extend_ttl(self, key: str, ttl_seconds: int) -> bool: ...
-    async def delete(self, key: str) -> None: ...
-    async def get(self, key: str) -> str | None: ...
-    async def join_add(self, key: str, member: str, ttl_seconds: int) -> int: ...
-    async def join_members(self, key: str) -> set[str]: ...
+    """What the engine calls on a coordination store (see the module docstring)."""
+
+    async def get(self, key: str) -> str | None:
+        """The value stored under ``key``, or ``None`` (never set, deleted or expired)."""
+        ...
+
+    async def set_if_not_exist(self, key: str, value: str, ttl_seconds: int) -> bool:
+        """Store ``value`` under ``key`` unless a live value is there; ``True`` if stored.
+        Of concurrent callers exactly one gets ``True``."""
+        ...
+
+
+@runtime_checkable
+class FullCoordinationStore(CoordinationStore, Protocol):
+    """Every operation of the provided stores: the engine's two and five more."""
+
+    async def increment(self, key: str, ttl_seconds: int) -> int:
+        """Add one to the counter ``key`` (absent or expired counts from 0); return it."""
+        ...
+
+    async def extend_ttl(self, key: str, ttl_seconds: int) -> bool:
+        """Restart ``key``'s time to live; ``False`` if it is absent or expired."""
+        ...
+
+    async def delete(self, key: str) -> None:
+        """Remove ``key`` (a value, counter or join set); no error if it is absent."""
+        ...
+
+    async def join_add(self, key: str, member: str, ttl_seconds: int) -> int:
+        """Add ``member`` to the set ``key`` (once, however often it is added); return the
+        number of members."""
+        ...
+
+    async def join_members(self, key: str) -> set[str]:
+        """The members of the set ``key`` (empty if absent or expired)."""
+        ...
 
 
 class InMemoryCoordinationStore:
-    """A coordination store in one process: for tests and the in-process backend."""
+    """A :class:`FullCoordinationStore` in one process: for tests and the in-process
+    backend. ``calls`` counts operations."""
 
     def __init__(self) -> None:
         self._values: dict[str, tuple[object, float]] = {}

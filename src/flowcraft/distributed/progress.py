@@ -36,15 +36,14 @@ from ..context import PatchOperation
 from ..core.graph import Graph, terminal_ids
 from ..core.routing import (
     AWAITING_IDS_KEY,
-    JoinDecision,
     deliveries,
-    evaluate_join,
     read_record,
-    ready_frontier,
     record_key,
     resolution_count,
     skipped_record,
 )
+from ..core.successors import JoinDecision, frontier
+from ..core.successors import evaluate as evaluate_join
 from ..observability import get_metrics
 from .backend import Backend, now_iso
 from .context import RUN_STATE_KEY, DistributedContext, live_lease
@@ -168,8 +167,8 @@ class Progress:
                 record = read_record(data, terminal)
                 if record is None or record.failed:
                     return
-        ready, skip = ready_frontier(graph, data)
-        if ready or skip or revivable(graph, data):
+        pending = frontier(graph, data)
+        if pending.ready or pending.skip:
             # Something can still run (or is running), e.g. a late predecessor of an ``any``
             # join whose terminal already finished, or a branch beside a waiting node: the
             # run rests when it has finished, as in memory.

@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .backend import StatusStore, now_iso, parse_timestamp
+from .backend import Backend, now_iso, parse_timestamp
 
 logger = logging.getLogger("flowcraft.reconciler")
 
@@ -49,7 +49,11 @@ StatusScan = Callable[[], AsyncIterator[dict[str, Any]]]
 
 
 class Reconcilable(Protocol):
-    """What repairs a run: a :class:`~flowcraft.distributed.runs.RunClient` (or an adapter)."""
+    """What repairs runs: an adapter, or its :class:`~flowcraft.distributed.runs.RunClient`
+    (``adapter.run_client``); its backend's status store holds the records."""
+
+    @property
+    def backend(self) -> Backend: ...
 
     async def reconcile(self, run_id: str) -> list[str]: ...
 
@@ -58,16 +62,16 @@ class Reconciler:
     """``await reconciler.run()`` once, or ``await reconciler.run_every(60)``.
 
     Args:
-        runs: reconciles one run (``adapter.run_client``).
-        statuses: the status store whose records are refreshed (``adapter.backend.statuses``).
+        adapter: reconciles one run (an adapter or its ``run_client``); the lastUpdated of
+            a reconciled run is written to its backend's status store.
+        scan: the candidate records (default: every ``running`` record of that store).
         stalled_threshold_seconds: a ``running`` run not updated for this long is stalled.
-        scan: the candidate records (default: every ``running`` record of ``statuses``).
     """
 
-    def __init__(self, runs: Reconcilable, statuses: StatusStore,
-                 stalled_threshold_seconds: float, *, scan: StatusScan | None = None) -> None:
-        self.runs = runs
-        self.statuses = statuses
+    def __init__(self, adapter: Reconcilable, scan: StatusScan | None = None,
+                 stalled_threshold_seconds: float = 300.0) -> None:
+        self.adapter = adapter
+        statuses = adapter.backend.statuses
         self.scan: StatusScan = scan if scan is not None else (
             lambda: statuses.scan("running"))
         self.stalled_threshold_seconds = stalled_threshold_seconds
@@ -88,9 +92,9 @@ class Reconciler:
             stats.stalled_runs += 1
             run_id = str(item.get("runId") or item.get("id"))
             try:
-                await self.runs.reconcile(run_id)
-                await self.statuses.write(run_id, {"lastUpdated": now_iso()},
-                                          only_if_running=True)
+                await self.adapter.reconcile(run_id)
+                await self.adapter.backend.statuses.write(run_id, {"lastUpdated": now_iso()},
+                                                          only_if_running=True)
                 stats.reconciled_runs += 1
             except Exception as exc:
                 stats.failed_runs += 1

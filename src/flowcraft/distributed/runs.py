@@ -42,11 +42,11 @@ from ..core.routing import (
     AWAITING_DETAILS_KEY,
     AWAITING_IDS_KEY,
     read_record,
-    ready_frontier,
     record_key,
     resolution_count,
     skipped_record,
 )
+from ..core.successors import frontier
 from ..errors import BlueprintValidationError, FlowcraftError
 from ..nodes.base import NodeResult
 from ..observability import get_metrics, get_tracer, inject, service_call
@@ -55,7 +55,6 @@ from .backend import RESTING_STATUSES, Backend, now_iso
 from .context import BLUEPRINT_KEY, RUN_STATE_KEY, VERSION_KEY, ClaimStatus, live_lease, lock_key
 from .finish import AWAITING_LOCK
 from .job import JobPayload
-from .progress import revivable
 
 logger = logging.getLogger("flowcraft.distributed")
 
@@ -152,8 +151,8 @@ class RunClient:
             blueprint_id = data.get(BLUEPRINT_KEY) or self._infer_blueprint_id(data)
         blueprint = self.algorithm.engine.blueprint(blueprint_id)
         graph = graph_for(self._routing_graph(blueprint), data)
-        ready, skip = ready_frontier(graph, data)
-        ready += revivable(graph, data)
+        pending = frontier(graph, data)
+        ready, skip = [r.node_id for r in pending.ready], pending.skip
         if skip:
             data = await context.apply([
                 PatchOperation("set", record_key(t), skipped_record(resolution_count(data, t)))

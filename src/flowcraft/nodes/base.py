@@ -10,6 +10,12 @@ A registry maps ``uses`` keys to implementations:
   ``post``, with an optional ``fallback``.
 
 Any return value ``v`` that is not a :class:`NodeResult` means ``NodeResult(output=v)``.
+
+``ctx.engine`` is the :class:`EngineServices` of whatever runs the node: the
+in-memory runtime and a distributed worker each supply their own (a short
+sleep waits in place on both; a long one parks the run in memory and delays
+the successors' jobs on a worker). Built-in nodes reach sleeps and subflows
+only through it, so one implementation of each works on every backend.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ import threading
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
+
+from ..errors import FlowcraftError
 
 if TYPE_CHECKING:
     from ..blueprint import NodeDefinition
@@ -125,6 +133,39 @@ class CancellationSignal:
             self.remove_callback(wake)
 
 
+class EngineServices(Protocol):
+    """What the engine running a node offers to built-in nodes (``ctx.engine``)."""
+
+    async def sleep(self, ctx: NodeContext, seconds: float) -> None:
+        """Pause the node ``ctx`` for ``seconds`` (or make its successors wait that long)."""
+        ...
+
+    async def run_subflow(self, ctx: NodeContext, blueprint_id: str) -> Any:
+        """Run blueprint ``blueprint_id`` as the node ``ctx``; return the node's output."""
+        ...
+
+
+class NoEngineServices:
+    """``ctx.engine`` of a context made outside an engine (a node's unit test): the services
+    are refused with an error that says so."""
+
+    async def sleep(self, ctx: NodeContext, seconds: float) -> None:
+        raise self._refused(ctx, "sleep")
+
+    async def run_subflow(self, ctx: NodeContext, blueprint_id: str) -> Any:
+        raise self._refused(ctx, "subflow")
+
+    @staticmethod
+    def _refused(ctx: NodeContext, what: str) -> FlowcraftError:
+        return FlowcraftError(
+            f"node '{ctx.node_id}' needs the engine for a {what}, but its context was made "
+            "without one: run it through a runtime or a worker, or pass engine=",
+            node_id=ctx.node_id)
+
+
+NO_ENGINE: EngineServices = NoEngineServices()
+
+
 @dataclass(slots=True)
 class NodeContext:
     """Everything a node execution can see."""
@@ -143,8 +184,8 @@ class NodeContext:
     iteration: int = 0
     """How many times this node already completed in this run (loops)."""
     signal: CancellationSignal = field(default_factory=CancellationSignal)
-    engine: Any = field(default=None, repr=False)
-    """The engine services built-in nodes use (subflows); not part of the user API."""
+    engine: EngineServices = field(default=NO_ENGINE, repr=False)
+    """The engine services built-in nodes use (sleeps, subflows); not part of the user API."""
 
     @property
     def idempotency_key(self) -> str:

@@ -7,8 +7,9 @@
 * ``batch-scatter``/``batch-gather`` - fan out over a list, gather the results in order
 * ``loop-controller`` - ``continue`` / ``break`` on ``condition``, bounded by ``maxIterations``
 
-Built-ins reach engine services (subflows, durable sleep) through
-``ctx.engine``, so the same node works in memory and on a distributed worker.
+Built-ins reach engine services (subflows, durable sleep) through ``ctx.engine``
+(an :class:`~flowcraft.nodes.base.EngineServices`), so the same node works in memory
+and on a distributed worker.
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ async def loop_controller_node(ctx: NodeContext) -> NodeResult:
     max_iterations = ctx.params.get("maxIterations")
     if max_iterations is not None and ctx.iteration + 1 >= int(max_iterations):
         return NodeResult(output=ctx.input, action="break")
-    from ..core.routing import ConditionNames
+    from ..context import ConditionNames
 
     names = ConditionNames(ctx.context.data, {"output": ctx.input, "iteration": ctx.iteration})
     verdict = evaluate(condition, names)

@@ -1,7 +1,8 @@
-"""Liveness, readiness and metrics over HTTP, for Kubernetes probes and Prometheus.
+"""Liveness, readiness, metrics and counts over HTTP, for Kubernetes probes, Prometheus
+and programs.
 
 :class:`HealthServer` is a few dozen lines on ``asyncio.start_server`` (no web
-framework: three GET routes, each answered and the connection closed):
+framework: four GET routes, each answered and the connection closed):
 
 * ``/healthz`` (liveness): 200 while the worker's poll loop made progress —
   called :func:`heartbeat` — within ``stale_after_seconds``; 503 otherwise,
@@ -10,6 +11,11 @@ framework: three GET routes, each answered and the connection closed):
   callable that touches the queue and the stores) returns truthy within
   ``ready_timeout_seconds``; 503 with the reason otherwise.
 * ``/metrics``: :meth:`Metrics.render`, the Prometheus text format.
+* ``/stats``: the same counts as one JSON object, for a program that wants numbers
+  rather than a scrape (``flowcraft demo`` reads each worker's before stopping it):
+  :func:`metrics_stats` of the metrics, plus what the ``stats`` callable adds — the
+  :class:`~flowcraft.worker.Worker` adds its id, its backend and ``serviceRequests``, the
+  requests its service clients sent by ``service.Operation``.
 
 The poll loop calls :func:`heartbeat` after every receive, empty or not; a
 long-poll receive waits up to its wait time, so ``stale_after_seconds`` must
@@ -23,7 +29,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from .metrics import Metrics, get_metrics
@@ -31,6 +37,7 @@ from .metrics import Metrics, get_metrics
 logger = logging.getLogger("flowcraft.observability")
 
 ReadyCheck = Callable[[], Awaitable[Any]]
+StatsSource = Callable[[], Mapping[str, Any]]
 
 _last_heartbeat: float | None = None
 
@@ -65,23 +72,42 @@ def worker_ready_check(adapter: Any) -> ReadyCheck:
     return check
 
 
+def metrics_stats(metrics: Metrics) -> dict[str, Any]:
+    """The counters of ``metrics`` as ``/stats`` shows them (histograms as count and sum)."""
+    values = metrics.snapshot()
+    return {
+        "nodeExecutions": values["node_executions"],
+        "nodeSeconds": values["node_duration_sum"],
+        "messagesReceived": values["messages_received"],
+        "messageRedeliveries": values["message_redeliveries"],
+        "claimsLost": values["claims_lost"],
+        "operations": values["service_requests"],
+        "runsStarted": values["runs_started"],
+        "runsFinished": values["runs_finished"],
+    }
+
+
 class HealthServer:
-    """Serves ``/healthz``, ``/readyz`` and ``/metrics`` on ``host:port`` (port 0: any free
-    one; :attr:`port` tells which after :meth:`start`).
+    """Serves ``/healthz``, ``/readyz``, ``/metrics`` and ``/stats`` on ``host:port`` (port
+    0: any free one; :attr:`port` tells which after :meth:`start`).
 
     Args:
         ready_check: async callable; truthy (or ``None``) means ready, falsy or an
             exception means not ready. Without one, ready means alive.
         stale_after_seconds: ``/healthz`` fails when the last heartbeat is older; before
             the first heartbeat it counts from :meth:`start`.
+        stats: returns what ``/stats`` shows besides :func:`metrics_stats` (its keys win);
+            called on the event loop for each request, so it must be quick.
     """
 
     def __init__(self, port: int, host: str = "127.0.0.1", *,
                  ready_check: ReadyCheck | None = None, stale_after_seconds: float = 60.0,
-                 ready_timeout_seconds: float = 5.0, metrics: Metrics | None = None) -> None:
+                 ready_timeout_seconds: float = 5.0, metrics: Metrics | None = None,
+                 stats: StatsSource | None = None) -> None:
         self.host = host
         self.port = port
         self.ready_check = ready_check
+        self.stats = stats
         self.stale_after_seconds = stale_after_seconds
         self.ready_timeout_seconds = ready_timeout_seconds
         self.metrics = metrics if metrics is not None else get_metrics()
@@ -92,7 +118,7 @@ class HealthServer:
         self._started = time.monotonic()
         self._server = await asyncio.start_server(self._serve, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
-        logger.info("health server on http://%s:%d (/healthz, /readyz, /metrics)",
+        logger.info("health server on http://%s:%d (/healthz, /readyz, /metrics, /stats)",
                     self.host, self.port)
 
     async def stop(self) -> None:
@@ -134,6 +160,10 @@ class HealthServer:
             return True, {"status": "ready"}
         return False, {"status": "not ready", "reason": "the readiness check said no"}
 
+    def current_stats(self) -> dict[str, Any]:
+        """What ``/stats`` answers now."""
+        return {**metrics_stats(self.metrics), **(self.stats() if self.stats else {})}
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10.0)
@@ -162,8 +192,15 @@ class HealthServer:
         elif path == "/metrics":
             return ("200 OK", "text/plain; version=0.0.4; charset=utf-8",
                     self.metrics.render().encode())
+        elif path == "/stats":
+            try:
+                ok, body = True, self.current_stats()
+            except Exception as exc:
+                logger.exception("/stats failed")
+                return ("500 Internal Server Error", "application/json", json.dumps(
+                    {"error": f"{type(exc).__name__}: {exc}"}).encode() + b"\n")
         else:
             return ("404 Not Found", "text/plain",
-                    b"not found; try /healthz, /readyz or /metrics\n")
+                    b"not found; try /healthz, /readyz, /metrics or /stats\n")
         status = "200 OK" if ok else "503 Service Unavailable"
         return status, "application/json", json.dumps(body).encode() + b"\n"

@@ -14,6 +14,7 @@ the shared :class:`~flowcraft.core.engine.NodeEngine`. Once nodes run,
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -35,20 +36,16 @@ from ..core.routing import (
     AWAITING_IDS_KEY,
     INPUTS_PREFIX,
     OUTPUTS_PREFIX,
-    JoinDecision,
     completed_record,
-    join_arrivals,
-    join_decision,
     output_key,
     read_record,
-    ready_frontier,
     record_key,
     resolution_count,
     resolve_input,
-    resolved_for_good,
     route,
     skipped_record,
 )
+from ..core.successors import JoinTally, decide, frontier
 from ..errors import (
     ExpressionError,
     FlowcraftError,
@@ -66,6 +63,9 @@ logger = logging.getLogger("flowcraft.runtime")
 
 _MISSING = object()
 
+MAX_TASKS_PER_RUN = 10_000
+"""Node executions of one run that have a task at once; more ready nodes wait in order."""
+
 __all__ = ["FlowRuntime", "NodeEngine", "RuntimeOptions", "WorkflowResult", "run_subflow"]
 
 
@@ -75,7 +75,7 @@ class FlowRuntime:
     ``FlowRuntime(blueprints={...}, registry={...}, dependencies={...})``;
     ``await runtime.run(blueprint, {"initial": "context"})`` returns a
     :class:`WorkflowResult`. ``middleware=[...]`` wraps every node (see
-    :mod:`flowcraft.middleware`); ``event_store=`` keeps each run's events for replay.
+    :mod:`flowcraft.core.middleware`); ``event_store=`` keeps each run's events for replay.
     """
 
     def __init__(
@@ -251,7 +251,9 @@ class _InMemoryRun:
         self.bus = engine.options.event_bus
         self.errors: list[NodeError] = []
         self.scheduled: set[tuple[str, int]] = set()
-        self.arrivals: dict[tuple[str, int], tuple[set[str], set[str]]] = {}
+        self.tally = JoinTally()
+        self.backlog: collections.deque[tuple[str, int, dict[str, Any] | None]] = (
+            collections.deque())
         self.tasks: set[asyncio.Task[None]] = set()
         self.running = 0
         self.idle = asyncio.Event()
@@ -390,11 +392,11 @@ class _InMemoryRun:
     # -- scheduling ---------------------------------------------------------------------
 
     def _schedule_frontier(self) -> None:
-        ready, skip = ready_frontier(self.graph, self.data)
-        for node_id in skip:
-            self._skip(node_id)
-        for node_id in ready:
-            self._schedule(node_id)
+        decision = frontier(self.graph, self.data)
+        self._propagate([node_id for node_id in decision.skip if self._skip(node_id, None)],
+                        None)
+        for ready in decision.ready:
+            self._schedule(ready.node_id)
 
     def _schedule(self, node_id: str, first_arrival: str | None = None,
                   resume: dict[str, Any] | None = None) -> None:
@@ -419,6 +421,11 @@ class _InMemoryRun:
         self._spawn(node_id, generation, resume)
 
     def _spawn(self, node_id: str, generation: int, resume: dict[str, Any] | None) -> None:
+        if len(self.tasks) >= MAX_TASKS_PER_RUN:
+            # A very wide fan-out: the node waits for a task to take it (each task costs a few
+            # KB; 100,000 of them at once would cost hundreds of MB).
+            self.backlog.append((node_id, generation, resume))
+            return
         task = asyncio.get_running_loop().create_task(self._execute(node_id, generation, resume))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -450,6 +457,8 @@ class _InMemoryRun:
                 for left in handoff:  # not taken over (an error, a cancellation): its own task
                     self._spawn(*left)
                 self.running -= 1
+                if job is None and self.backlog and not self.signal.is_set():
+                    job = self.backlog.popleft()
                 if self.running == 0 and job is None:
                     self._now_idle()
 
@@ -551,51 +560,21 @@ class _InMemoryRun:
             self.data[DYNAMIC_PREFIX + node_id] = addition
             self.graph = graph
         self.data[record_key(node_id)] = completed_record(generation, taken, result.action)
-        self._propagate(node_id, events)
+        self._propagate([node_id], events)
         return events
 
-    def _propagate(self, source_id: str, events: list[FlowcraftEvent]) -> None:
-        """Tell each successor that ``source_id`` resolved; run, skip or keep waiting."""
-        stack = [source_id]
-        graph = self.graph
-        while stack:
-            source = stack.pop()
-            record = read_record(self.data, source)
-            assert record is not None
-            edges = graph.outgoing[source]
-            delivered_to = set() if record.skipped else {edges[i].target for i in record.taken}
-            for target in dict.fromkeys(edge.target for edge in edges):
-                if graph.is_back_edge(source, target):
-                    if target in delivered_to:
-                        self._schedule(target)
-                    continue
-                decision = self._arrive(source, target, target in delivered_to)
-                if decision is JoinDecision.RUN:
-                    self._schedule(target, first_arrival=source)
-                elif decision is JoinDecision.SKIP and self._skip(target, events):
-                    stack.append(target)
+    def _propagate(self, sources: list[str], events: list[FlowcraftEvent] | None) -> None:
+        """Apply what :func:`~flowcraft.core.successors.decide` says follows ``sources``:
+        schedule the successors that run now; skip those that can no longer run, and go on
+        with what follows them."""
+        while sources:
+            decision = decide(self.graph, self.data, sources, self.tally)
+            for ready in decision.ready:
+                self._schedule(ready.node_id, first_arrival=ready.source)
+            sources = [node_id for node_id in decision.skip if self._skip(node_id, events)]
 
-    def _arrive(self, source: str, target: str, delivered: bool) -> JoinDecision:
-        if resolved_for_good(self.graph, self.data, target):
-            return JoinDecision.WAIT
-        if self.graph.forward_predecessors.get(target) == (source,):
-            # The only way in (chains, fan-out branches): no join bookkeeping needed.
-            return JoinDecision.RUN if delivered else JoinDecision.SKIP
-        key = (target, resolution_count(self.data, target))
-        arrivals = self.arrivals.get(key)
-        if arrivals is None:
-            # Derived once from the records (which may already hold predecessors whose own
-            # arrival is still to come); later arrivals add themselves. Sets, so a source is
-            # never counted twice.
-            arrivals = self.arrivals[key] = join_arrivals(self.graph, self.data, target)
-        arrivals[0].add(source)
-        if delivered:
-            arrivals[1].add(source)
-        node = self.graph.nodes[target]
-        expected = len(self.graph.forward_predecessors.get(target, ()))
-        return join_decision(node.join_strategy, expected, len(arrivals[0]), len(arrivals[1]))
-
-    def _skip(self, node_id: str, events: list[FlowcraftEvent] | None = None) -> bool:
+    def _skip(self, node_id: str, events: list[FlowcraftEvent] | None) -> bool:
+        """Record that ``node_id`` is skipped (unless it was already decided this generation)."""
         generation = resolution_count(self.data, node_id)
         key = (node_id, generation)
         if key in self.scheduled:
@@ -605,9 +584,6 @@ class _InMemoryRun:
         logger.debug("run %s node %s: skipped", self.run_id, node_id)
         if events is not None and self.bus is not None:
             events.append(FlowcraftEvent("node:skipped", {"runId": self.run_id, "nodeId": node_id}))
-        if events is None:
-            self._propagate(node_id, [])
-            return False
         return True
 
     def _park(self, node_id: str, details: dict[str, Any]) -> None:
@@ -643,7 +619,10 @@ def _wake(future: asyncio.Future[None]) -> None:
 
 
 class _RunServices:
-    """``ctx.engine`` for nodes of an in-memory run."""
+    """``ctx.engine`` for nodes of an in-memory run: an
+    :class:`~flowcraft.nodes.base.EngineServices` (a sleep up to
+    ``max_inline_sleep_seconds`` waits in place, a longer one parks the run; a subflow
+    runs in this process, resumed from its saved state when the run is)."""
 
     def __init__(self, run: _InMemoryRun, resume: dict[str, Any] | None) -> None:
         self._run = run

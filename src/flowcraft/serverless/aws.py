@@ -134,7 +134,7 @@ def make_sqs_handler(
     ``dependencies`` and ``on_startup`` are :class:`~flowcraft.worker.Worker`'s, run on the
     first event; ``options`` are the :class:`~flowcraft.distributed.options.WorkerOptions`
     (``lease_seconds`` should not exceed the queue's visibility timeout)."""
-    from .. import backends
+    from ..adapters import connect as backends
 
     check_option_names("make_sqs_handler", options)
     if isinstance(blueprints, str | Path):

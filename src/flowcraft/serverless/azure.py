@@ -92,7 +92,7 @@ def make_queue_handler(
     ``settings`` (an ``AzureSettings``) is given; ``dependencies`` and ``on_startup`` are
     :class:`~flowcraft.worker.Worker`'s, run on the first message; ``options`` are the
     :class:`~flowcraft.distributed.options.WorkerOptions`."""
-    from .. import backends
+    from ..adapters import connect as backends
 
     check_option_names("make_queue_handler", options)
     if isinstance(blueprints, str | Path):

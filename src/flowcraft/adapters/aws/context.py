@@ -35,12 +35,11 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from ...context import PatchOperation
+from ...context import AsyncContextBase, PatchOperation
 from ...core.routing import RECORD_PREFIX
 from ...distributed.context import (
     Claim,
     ClaimStatus,
-    StoredContextMethods,
     attempts_key,
     claim_status,
     commit_operations,
@@ -71,7 +70,7 @@ def context_key(attribute: str) -> str:
     return attribute[1:] if attribute.startswith(ESCAPE) else attribute
 
 
-class DynamoDbContext(StoredContextMethods):
+class DynamoDbContext(AsyncContextBase):
     """The stored context of one run (``AsyncContext`` plus the distributed operations)."""
 
     def __init__(self, run_id: str, *, client: Any, table_name: str) -> None:

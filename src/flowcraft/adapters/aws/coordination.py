@@ -19,6 +19,12 @@ from ._dynamo import Expression
 
 
 class DynamoDbCoordinationStore:
+    """A :class:`~flowcraft.distributed.coordination.FullCoordinationStore` on DynamoDB.
+
+    Workers call ``get`` and ``set_if_not_exist``; ``increment``, ``extend_ttl``,
+    ``delete``, ``join_add`` and ``join_members`` are there for applications sharing
+    counters, markers or sets between workers."""
+
     def __init__(self, *, client: Any, table_name: str = "flowcraft-coordination",
                  key_attribute: str = "key", ttl_attribute: str = "ttl") -> None:
         self.client = client

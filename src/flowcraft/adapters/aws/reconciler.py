@@ -37,8 +37,7 @@ def create_sqs_reconciler(
         return stalled_through_index(dynamodb_client, status_table_name,
                                      stalled_threshold_seconds)
 
-    return Reconciler(adapter.run_client, adapter.backend.statuses, stalled_threshold_seconds,
-                      scan=candidates)
+    return Reconciler(adapter.run_client, candidates, stalled_threshold_seconds)
 
 
 async def stalled_through_index(client: Any, table_name: str,

@@ -39,12 +39,11 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from ...context import PatchOperation, apply_patch, squash
+from ...context import AsyncContextBase, PatchOperation, apply_patch, squash
 from ...core.routing import RECORD_PREFIX
 from ...distributed.context import (
     Claim,
     ClaimStatus,
-    StoredContextMethods,
     attempts_key,
     claim_status,
     commit_operations,
@@ -81,7 +80,7 @@ class _ConditionFailed(Exception):
     pass
 
 
-class CosmosDbContext(StoredContextMethods):
+class CosmosDbContext(AsyncContextBase):
     """The stored context of one run (``AsyncContext`` plus the distributed operations)."""
 
     def __init__(self, run_id: str, *, client: Any, database_name: str,

@@ -19,6 +19,12 @@ T = TypeVar("T")
 
 
 class RedisCoordinationStore:
+    """A :class:`~flowcraft.distributed.coordination.FullCoordinationStore` on Redis.
+
+    Workers call ``get`` and ``set_if_not_exist``; ``increment``, ``extend_ttl``,
+    ``delete``, ``join_add`` and ``join_members`` are there for applications sharing
+    counters, markers or sets between workers (one round trip each)."""
+
     def __init__(self, redis_client: Any, *, reconnect_seconds: float = 60.0,
                  calls: Counter[str] | None = None) -> None:
         self.redis = redis_client

@@ -27,8 +27,9 @@ def create_azure_reconciler(
     """
     container = cosmos_client.get_database_client(cosmos_database_name).get_container_client(
         status_container_name)
-    return Reconciler(adapter.run_client, adapter.backend.statuses, stalled_threshold_seconds,
-                      scan=lambda: stalled_status_items(container, stalled_threshold_seconds))
+    return Reconciler(adapter.run_client,
+                      lambda: stalled_status_items(container, stalled_threshold_seconds),
+                      stalled_threshold_seconds)
 
 
 async def stalled_status_items(container: Any,

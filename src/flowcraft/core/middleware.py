@@ -31,9 +31,9 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from .core.executor import NodeError, NodeOutcome, _describe
-from .errors import NodeExecutionError
-from .nodes.base import AwaitingSignal, NodeResult, as_result
+from ..errors import NodeExecutionError
+from ..nodes.base import AwaitingSignal, NodeResult, as_result
+from .executor import NodeError, NodeOutcome, _describe
 
 logger = logging.getLogger("flowcraft.middleware")
 

@@ -1,9 +1,23 @@
-"""Connection settings and client construction for the command line and the demo.
+"""Connection settings, and the SDK clients and adapters opened from them.
 
-Settings come from flags, else the usual environment variables, else the
-names of the setup guides (queue ``flowcraft-jobs``; tables
-``flowcraft-contexts``, ``flowcraft-statuses``, ``flowcraft-coordination``;
-Cosmos database ``flowcraft-db`` with containers ``contexts`` and ``statuses``).
+:class:`AwsSettings` and :class:`AzureSettings` resolve where the services are:
+flags (keyword arguments), else the usual environment variables, else the names
+of the setup guides (queue ``flowcraft-jobs``; tables ``flowcraft-contexts``,
+``flowcraft-statuses``, ``flowcraft-coordination``; Cosmos database
+``flowcraft-db`` with containers ``contexts`` and ``statuses``).
+
+The rest turns settings into open things, each an async context manager that
+closes what it opened: the SDK clients (:func:`aws_clients`,
+:func:`azure_clients`), an adapter on them (:func:`aws_adapter`,
+:func:`azure_adapter`, or :func:`open_adapter` for either), a reconciler over
+the status store (:func:`open_reconciler`); :func:`provision` creates what is
+missing. ``calls`` counts every request the clients send, by
+``service.Operation`` (retries included).
+
+The :class:`~flowcraft.worker.Worker`, the :class:`~flowcraft.client.Client`,
+the serverless handlers and the command line all connect through this module;
+the SDKs are imported only when a client is opened, so an installation without
+the ``aws`` or ``azure`` extra hears which extra is missing.
 """
 
 from __future__ import annotations
@@ -15,7 +29,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .errors import FlowcraftError
+from ..errors import FlowcraftError
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -103,18 +117,22 @@ async def aws_adapter(settings: AwsSettings, runtime_options: Any,
                       calls: Counter[str] | None = None,
                       **adapter_options: Any) -> AsyncIterator[Any]:
     """A ready :class:`~flowcraft.adapters.aws.SqsAdapter` for the settings."""
-    from .adapters.aws import DynamoDbCoordinationStore, SqsAdapter
-
     async with aws_clients(settings, calls) as (sqs, dynamodb):
-        adapter = SqsAdapter(
-            runtime_options,
-            DynamoDbCoordinationStore(client=dynamodb, table_name=settings.coordination_table),
-            sqs, dynamodb, await resolve_queue_url(sqs, settings),
-            context_table_name=settings.context_table,
-            status_table_name=settings.status_table,
-            **adapter_options,
-        )
-        yield adapter
+        yield await _sqs_adapter(settings, runtime_options, sqs, dynamodb, **adapter_options)
+
+
+async def _sqs_adapter(settings: AwsSettings, runtime_options: Any, sqs: Any, dynamodb: Any,
+                       **adapter_options: Any) -> Any:
+    from .aws import DynamoDbCoordinationStore, SqsAdapter
+
+    return SqsAdapter(
+        runtime_options,
+        DynamoDbCoordinationStore(client=dynamodb, table_name=settings.coordination_table),
+        sqs, dynamodb, await resolve_queue_url(sqs, settings),
+        context_table_name=settings.context_table,
+        status_table_name=settings.status_table,
+        **adapter_options,
+    )
 
 
 @dataclass
@@ -225,16 +243,23 @@ async def azure_clients(settings: AzureSettings, calls: Counter[str] | None = No
 async def azure_adapter(settings: AzureSettings, runtime_options: Any,
                         calls: Counter[str] | None = None,
                         **adapter_options: Any) -> AsyncIterator[Any]:
-    from .adapters.azure import AzureQueueAdapter, RedisCoordinationStore
-
+    """A ready :class:`~flowcraft.adapters.azure.AzureQueueAdapter` for the settings."""
     async with azure_clients(settings, calls) as (queue, _service, cosmos, redis):
-        yield AzureQueueAdapter(
-            runtime_options, RedisCoordinationStore(redis, calls=calls), queue, cosmos,
-            cosmos_database_name=settings.database,
-            context_container_name=settings.context_container,
-            status_container_name=settings.status_container,
-            **adapter_options,
-        )
+        yield _queue_adapter(settings, runtime_options, queue, cosmos, redis, calls,
+                             **adapter_options)
+
+
+def _queue_adapter(settings: AzureSettings, runtime_options: Any, queue: Any, cosmos: Any,
+                   redis: Any, calls: Counter[str] | None, **adapter_options: Any) -> Any:
+    from .azure import AzureQueueAdapter, RedisCoordinationStore
+
+    return AzureQueueAdapter(
+        runtime_options, RedisCoordinationStore(redis, calls=calls), queue, cosmos,
+        cosmos_database_name=settings.database,
+        context_container_name=settings.context_container,
+        status_container_name=settings.status_container,
+        **adapter_options,
+    )
 
 
 def _azure_counter(calls: Counter[str] | None, service: str) -> dict[str, Any]:
@@ -249,10 +274,56 @@ def _azure_counter(calls: Counter[str] | None, service: str) -> dict[str, Any]:
 
 
 async def provision_azure(settings: AzureSettings) -> dict[str, Any]:
-    from .adapters.azure import AzureNames
-    from .adapters.azure import provision_azure as provision
+    from .azure import AzureNames
+    from .azure import provision_azure as provision
 
     async with azure_clients(settings) as (_queue, service, cosmos, _redis):
         return await provision(service, cosmos, AzureNames(
             settings.queue_name, settings.database, settings.context_container,
             settings.status_container))
+
+
+Settings = AwsSettings | AzureSettings
+
+
+def open_adapter(settings: Settings, runtime_options: Any, calls: Counter[str] | None = None,
+                 **adapter_options: Any) -> contextlib.AbstractAsyncContextManager[Any]:
+    """:func:`aws_adapter` or :func:`azure_adapter`, as the settings say."""
+    if isinstance(settings, AwsSettings):
+        return aws_adapter(settings, runtime_options, calls, **adapter_options)
+    return azure_adapter(settings, runtime_options, calls, **adapter_options)
+
+
+@contextlib.asynccontextmanager
+async def open_reconciler(settings: Settings, runtime_options: Any,
+                          stalled_threshold_seconds: float) -> AsyncIterator[Any]:
+    """A :class:`~flowcraft.distributed.reconciler.Reconciler` over the status store the
+    settings name (through its index), on an adapter of its own; ``await
+    reconciler.run()`` once per pass."""
+    if isinstance(settings, AwsSettings):
+        from .aws import create_sqs_reconciler
+
+        async with aws_clients(settings) as (sqs, dynamodb):
+            adapter = await _sqs_adapter(settings, runtime_options, sqs, dynamodb)
+            yield create_sqs_reconciler(adapter, dynamodb, settings.status_table,
+                                        stalled_threshold_seconds)
+        return
+    from .azure import create_azure_reconciler
+
+    async with azure_clients(settings) as (queue, _service, cosmos, redis):
+        adapter = _queue_adapter(settings, runtime_options, queue, cosmos, redis, None)
+        yield create_azure_reconciler(adapter, cosmos, settings.database,
+                                      settings.status_container, stalled_threshold_seconds)
+
+
+async def provision(settings: Settings) -> dict[str, Any]:
+    """Create the queue and tables (AWS) or the queues, database and containers (Azure)
+    the settings name, where missing; ``created`` lists what was made."""
+    if isinstance(settings, AzureSettings):
+        return await provision_azure(settings)
+    from .aws import AwsNames, provision_aws
+
+    async with aws_clients(settings) as (sqs, dynamodb):
+        return await provision_aws(sqs, dynamodb, AwsNames(
+            settings.queue_name, settings.context_table, settings.status_table,
+            settings.coordination_table))
