@@ -121,17 +121,17 @@ class _CountedContext:
 
 
 def count_operations(adapter: Any, ops: Counter[str]) -> None:
-    """Count the adapter's primitive calls by shadowing them on the instance."""
+    """Count the adapter's backend calls by shadowing them on its queue and stores."""
 
-    def wrap(name: str, count: Callable[[tuple[Any, ...], Any], None]) -> None:
-        original = getattr(adapter, name)
+    def wrap(part: Any, name: str, count: Callable[[tuple[Any, ...], Any], None]) -> None:
+        original = getattr(part, name)
 
         async def counted(*args: Any, **kwargs: Any) -> Any:
             result = await original(*args, **kwargs)
             count(args, result)
             return result
 
-        setattr(adapter, name, counted)
+        setattr(part, name, counted)
 
     def on_receive(_args: tuple[Any, ...], result: Any) -> None:
         ops["queue.receive"] += 1
@@ -139,14 +139,15 @@ def count_operations(adapter: Any, ops: Counter[str]) -> None:
             ops["queue.receive (empty)"] += 1
         ops["queue.messages received"] += len(result)
 
-    wrap("_receive_once", on_receive)
-    wrap("_send_jobs", lambda a, _r: ops.update({"queue.send (jobs)": len(a[0])}))
-    wrap("_delete", lambda a, _r: ops.update({"queue.delete (messages)": len(a[0])}))
-    wrap("_set_visibility", lambda _a, _r: ops.update({"queue.set_visibility": 1}))
-    wrap("_write_status", lambda _a, _r: ops.update({"status.write": 1}))
-    wrap("_read_status", lambda _a, _r: ops.update({"status.read": 1}))
-    create_context = adapter.create_context
-    adapter.create_context = lambda run_id: _CountedContext(create_context(run_id), ops)
+    queue, statuses, runs = adapter.backend.queue, adapter.backend.statuses, adapter.backend.runs
+    wrap(queue, "receive_once", on_receive)
+    wrap(queue, "send", lambda a, _r: ops.update({"queue.send (jobs)": len(a[0])}))
+    wrap(queue, "delete", lambda a, _r: ops.update({"queue.delete (messages)": len(a[0])}))
+    wrap(queue, "set_visibility", lambda _a, _r: ops.update({"queue.set_visibility": 1}))
+    wrap(statuses, "write", lambda _a, _r: ops.update({"status.write": 1}))
+    wrap(statuses, "read", lambda _a, _r: ops.update({"status.read": 1}))
+    context = runs.context
+    runs.context = lambda run_id: _CountedContext(context(run_id), ops)
 
 
 # -- the cases ---------------------------------------------------------------------------------

@@ -18,9 +18,10 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from distributed_helpers import ReceiveRecorder
 from flowcraft import FlowRuntime, WorkflowBlueprint
 from flowcraft.adapters.aws import DynamoDbCoordinationStore, SqsAdapter
-from flowcraft.distributed.adapter import QueueMessage
+from flowcraft.distributed.backend import Backend, QueueMessage
 from flowcraft.distributed.job import JobPayload
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,14 +67,15 @@ class RecordingSqsAdapter(SqsAdapter):
 
     def __init__(self, *args: Any, crash_at: Iterable[tuple[str, str]] = (),
                  **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
         self.received: list[QueueMessage] = []
         self.crash_at = set(crash_at)
+        super().__init__(*args, **kwargs)
+        self.algorithm.checkpoint = self._checkpoint
 
-    async def _receive(self, max_messages: int, wait_seconds: float) -> list[QueueMessage]:
-        messages = await super()._receive(max_messages, wait_seconds)
-        self.received.extend(messages)
-        return messages
+    def create_backend(self) -> Backend:
+        backend = super().create_backend()
+        backend.queue = ReceiveRecorder(backend.queue, self.received)
+        return backend
 
     async def _checkpoint(self, step: str, job: JobPayload) -> None:
         if (step, job.node_id) in self.crash_at:

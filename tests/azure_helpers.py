@@ -18,9 +18,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from pathlib import Path
 from typing import Any
 
+from distributed_helpers import PartProxy, ReceiveRecorder
 from flowcraft import FlowRuntime, WorkflowBlueprint
 from flowcraft.adapters.azure import AzureQueueAdapter, CosmosDbContext, RedisCoordinationStore
-from flowcraft.distributed.adapter import QueueMessage
+from flowcraft.distributed.backend import Backend, QueueMessage
 from flowcraft.distributed.job import JobPayload
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,33 +43,21 @@ class RecordingAzureAdapter(AzureQueueAdapter):
 
     def __init__(self, *args: Any, crash_at: Iterable[tuple[str, str]] = (),
                  before_commit: CommitHook | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
         self.received: list[QueueMessage] = []
         self.crash_at = set(crash_at)
         self.before_commit = before_commit
+        super().__init__(*args, **kwargs)
+        self.algorithm.checkpoint = self._checkpoint
 
-    async def _receive(self, max_messages: int, wait_seconds: float) -> list[QueueMessage]:
-        messages = await super()._receive(max_messages, wait_seconds)
-        self.received.extend(messages)
-        return messages
+    def create_backend(self) -> Backend:
+        backend = super().create_backend()
+        backend.queue = ReceiveRecorder(backend.queue, self.received)
+        backend.runs = _HeldCommits(self, backend.runs)
+        return backend
 
     async def _checkpoint(self, step: str, job: JobPayload) -> None:
         if (step, job.node_id) in self.crash_at:
             raise RuntimeError(f"injected crash at {step} of {job.node_id}")
-
-    def create_context(self, run_id: str) -> CosmosDbContext:
-        context = super().create_context(run_id)
-        if self.before_commit is None:
-            return context
-        hook = self.before_commit
-        commit = context.commit
-
-        async def held_commit(node_id: str, *args: Any, **kwargs: Any) -> Any:
-            await hook(run_id, node_id)
-            return await commit(node_id, *args, **kwargs)
-
-        context.commit = held_commit  # type: ignore[method-assign]
-        return context
 
     def received_jobs(self, node_id: str) -> list[QueueMessage]:
         out = []
@@ -77,6 +66,29 @@ class RecordingAzureAdapter(AzureQueueAdapter):
                 if decode(str(message.body)).get("nodeId") == node_id:
                     out.append(message)
         return out
+
+
+class _HeldCommits(PartProxy):
+    """The adapter's run store, whose contexts wait for its ``before_commit`` hook (if any)
+    before each commit is sent."""
+
+    def __init__(self, adapter: RecordingAzureAdapter, inner: Any) -> None:
+        super().__init__(inner)
+        object.__setattr__(self, "_adapter", adapter)
+
+    def context(self, run_id: str) -> CosmosDbContext:
+        context: CosmosDbContext = self.inner.context(run_id)
+        if self._adapter.before_commit is None:
+            return context
+        hook = self._adapter.before_commit
+        commit = context.commit
+
+        async def held_commit(node_id: str, *args: Any, **kwargs: Any) -> Any:
+            await hook(run_id, node_id)
+            return await commit(node_id, *args, **kwargs)
+
+        context.commit = held_commit  # type: ignore[method-assign]
+        return context
 
 
 def runtime_for(blueprints: Iterable[WorkflowBlueprint],

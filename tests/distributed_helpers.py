@@ -57,6 +57,33 @@ class CrashPlan:
         return all(v == 0 for v in self._remaining.values())
 
 
+class PartProxy:
+    """A backend part seen through a proxy: attribute reads and writes go to ``inner`` (so
+    ``adapter.max_delay_seconds = 1`` still reaches the queue); subclasses intercept calls."""
+
+    def __init__(self, inner: Any) -> None:
+        object.__setattr__(self, "inner", inner)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self.inner, name, value)
+
+
+class ReceiveRecorder(PartProxy):
+    """A job queue that appends every message it receives to ``received``."""
+
+    def __init__(self, inner: Any, received: list[Any]) -> None:
+        super().__init__(inner)
+        object.__setattr__(self, "received", received)
+
+    async def receive(self, max_messages: int, wait_seconds: float) -> list[Any]:
+        messages: list[Any] = await self.inner.receive(max_messages, wait_seconds)
+        self.received.extend(messages)
+        return messages
+
+
 class TestAdapter(InProcessAdapter):
     """An in-process worker with crash injection and an abrupt ``kill``."""
 
@@ -67,6 +94,13 @@ class TestAdapter(InProcessAdapter):
         self.crash_plan = crash_plan
         self.checkpoints: list[tuple[str, str]] = []
         self.killed = False
+        self.algorithm.checkpoint = self._checkpoint
+        # An abrupt death: from now on this worker touches nothing (no ack, no visibility
+        # change, no lease release, no status write, no send); its tasks are cancelled.
+        backend = self.backend
+        backend.queue = _Killable(self, backend.queue, ("send", "delete", "set_visibility"))
+        backend.statuses = _Killable(self, backend.statuses, ("write",))
+        backend.runs = _KillableRuns(self, backend.runs)
 
     async def _checkpoint(self, step: str, job: JobPayload) -> None:
         if self.killed:
@@ -75,28 +109,6 @@ class TestAdapter(InProcessAdapter):
         if self.crash_plan is not None and self.crash_plan.take(step, job.node_id):
             raise SimulatedCrash(f"simulated crash at {step} of {job.node_id}")
 
-    # An abrupt death: from now on this worker touches nothing (no ack, no visibility
-    # change, no lease release, no status write, no send); its tasks are cancelled.
-    def create_context(self, run_id: str) -> Any:
-        return _KillableContext(self, super().create_context(run_id))
-
-    async def _send_jobs(self, jobs: Any, delay_seconds: float = 0) -> None:
-        self._check_alive()
-        await super()._send_jobs(jobs, delay_seconds)
-
-    async def _delete(self, messages: Any) -> None:
-        self._check_alive()
-        await super()._delete(messages)
-
-    async def _set_visibility(self, message: Any, seconds: float) -> None:
-        self._check_alive()
-        await super()._set_visibility(message, seconds)
-
-    async def _write_status(self, run_id: str, fields: Mapping[str, Any], *,
-                            only_if_running: bool) -> bool:
-        self._check_alive()
-        return await super()._write_status(run_id, fields, only_if_running=only_if_running)
-
     def _check_alive(self) -> None:
         if self.killed:
             raise asyncio.CancelledError
@@ -104,14 +116,44 @@ class TestAdapter(InProcessAdapter):
     async def kill(self) -> None:
         """Die now, mid-job: messages stay invisible until their timeout, leases expire."""
         self.killed = True
-        tasks = [t for t in [self._poll_task, *self._active] if t is not None]
+        loop = self.worker_loop
+        tasks = [t for t in [loop.poll_task, *loop.jobs] if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
     @property
     def idle(self) -> bool:
-        return not self._active
+        return not self.worker_loop.jobs
+
+
+class _Killable(PartProxy):
+    """A backend part whose ``guarded`` methods raise ``CancelledError`` once killed."""
+
+    def __init__(self, adapter: TestAdapter, inner: Any, guarded: Iterable[str]) -> None:
+        super().__init__(inner)
+        object.__setattr__(self, "_adapter", adapter)
+        object.__setattr__(self, "_guarded", frozenset(guarded))
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self.inner, name)
+        if name not in self._guarded:
+            return attribute
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            self._adapter._check_alive()
+            return await attribute(*args, **kwargs)
+
+        return call
+
+
+class _KillableRuns(PartProxy):
+    def __init__(self, adapter: TestAdapter, inner: Any) -> None:
+        super().__init__(inner)
+        object.__setattr__(self, "_adapter", adapter)
+
+    def context(self, run_id: str) -> Any:
+        return _KillableContext(self._adapter, self.inner.context(run_id))
 
 
 class _KillableContext:

@@ -50,6 +50,7 @@ from flowcraft.adapters.azure._cosmos import (
     literal,
     with_throttling_retries,
 )
+from flowcraft.distributed.backend import Backend
 from flowcraft.distributed.coordination import poison_key
 
 
@@ -475,10 +476,17 @@ async def test_a_throttled_commit_does_not_fail_the_node(azure: Any) -> None:
             return await self._inner.patch_item(*args, **kwargs)
 
     class ThrottledAdapter(AzureQueueAdapter):
-        def create_context(self, run_id: str) -> CosmosDbContext:
-            context = super().create_context(run_id)
-            context.container = ThrottlingContainer(context.container)
-            return context
+        def create_backend(self) -> Backend:
+            backend = super().create_backend()
+            context_of = backend.runs.context
+
+            def throttled_context(run_id: str) -> CosmosDbContext:
+                context: CosmosDbContext = context_of(run_id)
+                context.container = ThrottlingContainer(context.container)
+                return context
+
+            backend.runs.context = throttled_context  # type: ignore[method-assign]
+            return backend
 
     runs = Executions()
     flow = chain("throttled", runs, "a", "b")

@@ -308,7 +308,7 @@ async def test_finished_runs_carry_a_time_to_live(cloud: str, services: Any) -> 
         run_id = await client.start("chain")
         await client.result(run_id, timeout=30)
         adapter = client.adapter
-        record = await adapter._read_status(run_id)
+        record = await adapter.backend.statuses.read(run_id)
         if cloud == "aws":
             item = (await services.dynamodb.get_item(
                 TableName=services.context_table, Key={"runId": {"S": run_id}}))["Item"]

@@ -659,7 +659,7 @@ async def test_busy_worker_receives_several_messages_at_once() -> None:
     async with Cluster([bp], {"step": slow}, workers=1, concurrency=8) as cluster:
         worker = cluster.workers[0]
         batches: list[int] = []
-        receive = worker._receive
+        receive = worker.backend.queue.receive
 
         async def counted(max_messages: int, wait_seconds: float) -> list[Any]:
             messages = await receive(max_messages, wait_seconds)
@@ -667,7 +667,7 @@ async def test_busy_worker_receives_several_messages_at_once() -> None:
                 batches.append(len(messages))
             return messages
 
-        worker._receive = counted  # type: ignore[method-assign]
+        worker.backend.queue.receive = counted
         result = await cluster.run(bp, run_id="batched")
     assert result.status == "completed"
     assert sum(batches) >= 40

@@ -505,6 +505,7 @@ def test_bad_observability_settings_are_one_line_errors(variable: str, value: st
 
 async def test_worker_ready_check_reads_the_stores() -> None:
     from flowcraft import FlowRuntime
+    from flowcraft.distributed.backend import Backend
     from flowcraft.distributed.inprocess import InProcessAdapter
     from flowcraft.observability import worker_ready_check
 
@@ -512,8 +513,14 @@ async def test_worker_ready_check_reads_the_stores() -> None:
     assert await worker_ready_check(adapter)() is True
 
     class Unreachable(InProcessAdapter):
-        async def _read_status(self, run_id: str) -> None:
-            raise ConnectionError("status store unreachable")
+        def create_backend(self) -> Backend:
+            backend = super().create_backend()
+
+            async def read(run_id: str) -> None:
+                raise ConnectionError("status store unreachable")
+
+            backend.statuses.read = read  # type: ignore[method-assign]
+            return backend
 
     heartbeat()
     broken = Unreachable(FlowRuntime(blueprints={}, registry={}).options)

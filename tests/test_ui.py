@@ -566,7 +566,7 @@ async def test_the_runs_page_lists_cloud_runs_through_the_status_index(aws: Any)
     def no_scan(status: str) -> Any:
         raise AssertionError("the run list scanned the status table")
 
-    adapter._scan_statuses = no_scan
+    adapter.backend.statuses.scan = no_scan
     run_ids = [await adapter.start_workflow("shop", {}) for _ in range(3)]
     source = AdapterRunSource(adapter)
     first = await source.list_runs(status="running", limit=2)

@@ -155,7 +155,7 @@ async def settle(backend: Backend, *workers: BaseDistributedAdapter,
                  timeout: float = 20.0) -> None:
     """The queue is empty and no worker runs a job."""
     async def calm() -> bool:
-        return all(not w._active for w in workers) and await backend.queue_empty()
+        return all(not w.worker_loop.jobs for w in workers) and await backend.queue_empty()
 
     await until(calm, timeout, "an empty queue")
     await asyncio.sleep(0.3)
@@ -347,7 +347,7 @@ async def test_job_naming_another_blueprint_does_not_run_inside_the_run(backend:
         assert (await worker.wait_for_result(run_id, timeout=20, poll_interval=0.05)
                 ).status == "completed"
         before = await worker.create_context(run_id).load()
-        await worker._send_jobs([JobPayload(run_id, "other", "x")])
+        await worker.backend.queue.send([JobPayload(run_id, "other", "x")])
         await settle(backend, worker)
         after = await worker.create_context(run_id).load()
         status = await worker.get_run_status(run_id)
@@ -362,14 +362,14 @@ async def test_run_without_a_stored_blueprint_adopts_its_first_jobs(backend: Bac
     worker = backend.make([CHAIN, OTHER], {"step": runs.node()})
     client = backend.make([CHAIN, OTHER], {"step": runs.node()})
     await client.create_context("ts-run").create({"input": 1})
-    await client._write_status("ts-run", {"status": "running", "lastUpdated": 0},
-                               only_if_running=False)
-    await client._send_jobs([JobPayload("ts-run", "chain", "s")])
+    await client.backend.statuses.write("ts-run", {"status": "running", "lastUpdated": 0},
+                                        only_if_running=False)
+    await client.backend.queue.send([JobPayload("ts-run", "chain", "s")])
     async with Workers(worker):
         result = await worker.wait_for_result("ts-run", timeout=20, poll_interval=0.05)
         assert result.status == "completed"
         assert (await worker.create_context("ts-run").load())[BLUEPRINT_KEY] == "chain"
-        await worker._send_jobs([JobPayload("ts-run", "other", "x")])
+        await worker.backend.queue.send([JobPayload("ts-run", "other", "x")])
         await settle(backend, worker)
     assert runs.counts == {"s": 1, "t": 1, "u": 1}
 
@@ -384,7 +384,7 @@ async def test_forged_iteration_does_not_rerun_a_finished_node(backend: Backend,
         assert (await worker.wait_for_result(run_id, timeout=20, poll_interval=0.05)
                 ).status == "completed"
         before = await worker.create_context(run_id).load()
-        await worker._send_jobs([JobPayload(run_id, "chain", node_id, iteration)])
+        await worker.backend.queue.send([JobPayload(run_id, "chain", node_id, iteration)])
         await settle(backend, worker)
         after = await worker.create_context(run_id).load()
     assert runs.counts == {"s": 1, "t": 1, "u": 1}
@@ -406,7 +406,7 @@ async def test_unknown_node_is_dropped_and_the_run_goes_on(backend: Backend) -> 
     async with Workers(worker):
         run_id = await worker.start_workflow(CHAIN, {})
         await until(lambda: _true(runs.counts["t"] == 1), what="t running")
-        await worker._send_jobs([JobPayload(run_id, "chain", "no-such-node")])
+        await worker.backend.queue.send([JobPayload(run_id, "chain", "no-such-node")])
         await asyncio.sleep(1.5)  # the forged job is handled while the run is running
         assert (await worker.get_run_status(run_id))["status"] == "running"
         gate.set()
@@ -496,8 +496,8 @@ async def test_receives_without_an_attempt_do_not_make_a_job_poison(backend: Bac
     client = backend.make([CHAIN], {"step": runs.node()}, lease_seconds=1)
     run_id = await client.start_workflow(CHAIN, {})
     for _ in range(4):  # four workers took the message and died before they claimed it
-        (message,) = await client._receive(1, 2)
-        await client._set_visibility(message, 0)
+        (message,) = await client.backend.queue.receive(1, 2)
+        await client.backend.queue.set_visibility(message, 0)
     worker = backend.make([CHAIN], {"step": runs.node()}, max_receive_count=2)
     async with Workers(worker):
         result = await worker.wait_for_result(run_id, timeout=30, poll_interval=0.05)
@@ -510,8 +510,8 @@ async def test_a_message_past_the_hard_receive_limit_is_still_removed(backend: B
     client = backend.make([CHAIN], {"step": runs.node()}, lease_seconds=1)
     run_id = await client.start_workflow(CHAIN, {})
     for _ in range(3):
-        (message,) = await client._receive(1, 2)
-        await client._set_visibility(message, 0)
+        (message,) = await client.backend.queue.receive(1, 2)
+        await client.backend.queue.set_visibility(message, 0)
     worker = backend.make([CHAIN], {"step": runs.node()}, max_receive_count=1,
                           hard_receive_limit=3)
     async with Workers(worker):
@@ -523,6 +523,13 @@ async def test_a_message_past_the_hard_receive_limit_is_still_removed(backend: B
 # -- 7. a commit whose answer was lost -----------------------------------------------------------
 
 
+class ContextsFrom:
+    """A run store (for one worker) whose contexts ``context(run_id)`` makes."""
+
+    def __init__(self, context: Callable[[str], Any]) -> None:
+        self.context = context
+
+
 class LostAnswer(Exception):
     """What a timeout or an HTTP 500 after the write applied looks like to the worker."""
 
@@ -531,7 +538,7 @@ def lose_commit_answers(worker: BaseDistributedAdapter, node_id: str, mode: str)
     """Make the first commit of ``node_id`` apply, then fail: raise (``"raise"``) or report
     a failed condition (``"condition"``: an SDK retry of a write that had landed)."""
     lost: list[str] = []
-    create_context = worker.create_context
+    create_context = worker.backend.runs.context
 
     def patched(run_id: str) -> Any:
         context = create_context(run_id)
@@ -549,7 +556,7 @@ def lose_commit_answers(worker: BaseDistributedAdapter, node_id: str, mode: str)
         context.commit = commit_then_lose
         return context
 
-    worker.create_context = patched  # type: ignore[method-assign]
+    worker.backend.runs = ContextsFrom(patched)
     return lost
 
 
@@ -576,7 +583,7 @@ async def test_commit_refused_for_a_lost_lease_still_discards_the_result() -> No
     runs = Executions()
     backend = _in_process()
     worker = backend.make([CHAIN], {"step": runs.node()})
-    create_context = worker.create_context
+    create_context = worker.backend.runs.context
 
     def stolen(run_id: str) -> Any:
         context = create_context(run_id)
@@ -595,7 +602,7 @@ async def test_commit_refused_for_a_lost_lease_still_discards_the_result() -> No
         context.commit = commit_after_takeover
         return context
 
-    worker.create_context = stolen  # type: ignore[method-assign]
+    worker.backend.runs = ContextsFrom(stolen)
     async with Workers(worker):
         run_id = await worker.start_workflow(CHAIN, {})
         await settle(backend, worker)

@@ -73,7 +73,7 @@ async def test_startup_hook_adds_a_dependency_nodes_use_and_shutdown_closes_it()
     assert events == ["startup sees ['region']", "second startup hook", "last hook first",
                       "close pool"]
     assert not pool.open
-    assert adapter._poll_task is not None and adapter._poll_task.done()
+    assert adapter.worker_loop.poll_task is not None and adapter.worker_loop.poll_task.done()
 
 
 async def test_shutdown_hooks_run_after_running_jobs_finish() -> None:
@@ -128,7 +128,7 @@ async def test_a_factory_that_returns_no_mapping_is_refused_clearly() -> None:
     _, adapter = flow_and_adapter()
     with pytest.raises(TypeError, match=r"dependency factory .*gave list.*mapping"):
         await Worker(adapter, dependencies=lambda: [1, 2]).start()
-    assert adapter._poll_task is None  # nothing started
+    assert adapter.worker_loop.poll_task is None  # nothing started
 
 
 async def test_a_failing_startup_hook_stops_the_start_and_leaves_the_factory() -> None:
@@ -151,7 +151,7 @@ async def test_a_failing_startup_hook_stops_the_start_and_leaves_the_factory() -
     with pytest.raises(RuntimeError, match="database unreachable"):
         async with worker:
             pass
-    assert left == [True] and shutdown == [] and adapter._poll_task is None
+    assert left == [True] and shutdown == [] and adapter.worker_loop.poll_task is None
 
 
 async def test_a_failing_shutdown_hook_does_not_stop_the_others(
@@ -191,7 +191,7 @@ async def test_run_stops_gracefully_on_sigterm_and_reports() -> None:
     assert said[0].startswith(f"flowcraft worker (local) {adapter.worker_id}: 1 blueprint(s), "
                               "concurrency 8")
     assert said[1].startswith("flowcraft worker: stopping")
-    assert adapter._poll_task is not None and adapter._poll_task.done()
+    assert adapter.worker_loop.poll_task is not None and adapter.worker_loop.poll_task.done()
     # The handlers are removed again: the default SIGTERM handling is back.
     assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.default_int_handler)
 
@@ -212,7 +212,7 @@ async def test_a_second_signal_quits_without_waiting_for_running_jobs() -> None:
     async def signal_twice() -> None:
         await wait_until(lambda: bool(said))
         await adapter.start_workflow("stuck", {})
-        await wait_until(lambda: bool(adapter._active))
+        await wait_until(lambda: bool(adapter.worker_loop.jobs))
         os.kill(os.getpid(), signal.SIGINT)
         await wait_until(lambda: len(said) >= 2)
         os.kill(os.getpid(), signal.SIGINT)
@@ -260,6 +260,36 @@ def test_typed_options_are_passed_through() -> None:
     options = WorkerOptions(concurrency=3, lease_seconds=12.5, worker_id="w-1")
     adapter = InProcessAdapter(runtime.options, **options)
     assert (adapter.concurrency, adapter.lease_seconds, adapter.worker_id) == (3, 12.5, "w-1")
+
+
+def test_options_and_knobs_set_on_an_adapter_reach_its_parts(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    runtime = FlowRuntime(blueprints={}, registry={})
+    adapter = InProcessAdapter(runtime.options, lease_seconds=3)
+    adapter.lease_seconds = 7
+    adapter.max_delay_seconds = 1.5
+    assert adapter.algorithm.settings.lease_seconds == 7
+    assert adapter.worker_loop.settings.lease_seconds == 7
+    assert adapter.backend.queue.max_delay_seconds == 1.5
+    assert InProcessAdapter(runtime.options).backend.queue.max_delay_seconds == 900
+
+    class ShortDelays(InProcessAdapter):
+        max_delay_seconds = 2.0  # a plain class attribute, as a subclass may set it
+
+    assert ShortDelays(runtime.options).backend.queue.max_delay_seconds == 2.0
+
+    from flowcraft.adapters.aws import SqsAdapter
+    from flowcraft.distributed import InMemoryCoordinationStore
+
+    def sqs_adapter() -> SqsAdapter:  # the clients are not used until it runs
+        return SqsAdapter(runtime.options, InMemoryCoordinationStore(), object(), object(),
+                          "https://sqs.invalid/queue")
+
+    assert sqs_adapter().backend.statuses.retention_seconds == 30 * 24 * 3600  # type: ignore[attr-defined]
+    monkeypatch.setattr(SqsAdapter, "retention_seconds", None)  # as the AWS guide says
+    kept = sqs_adapter()
+    assert kept.retention_seconds is None
+    assert kept.backend.statuses.retention_seconds is None  # type: ignore[attr-defined]
 
 
 def test_from_env_refuses_unknown_options_and_backends() -> None:

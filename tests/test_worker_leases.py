@@ -17,12 +17,12 @@ pytestmark = pytest.mark.integration
 async def test_azure_receive_with_a_fractional_lease_hides_the_message(azure: Any) -> None:
     worker = make_adapter(azure, [], {}, lease_seconds=0.5)
     await azure.queue.send_message(JobPayload("run-1", "bp", "a").to_base64())
-    [message] = await worker._receive_once(32)
+    [message] = await worker.backend.queue.receive_once(32)
     # Another worker's receive right after finds nothing.
     assert [m async for m in azure.queue.receive_messages(visibility_timeout=30)] == []
 
     # Renewing (the heartbeat) keeps it hidden too; 0 still releases it.
-    await worker._set_visibility(message, 0.5)
+    await worker.backend.queue.set_visibility(message, 0.5)
     assert [m async for m in azure.queue.receive_messages(visibility_timeout=30)] == []
-    await worker._set_visibility(message, 0)
+    await worker.backend.queue.set_visibility(message, 0)
     assert len([m async for m in azure.queue.receive_messages(visibility_timeout=30)]) == 1

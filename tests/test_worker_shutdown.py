@@ -125,13 +125,17 @@ class SlowResponseAzureAdapter(RecordingAzureAdapter):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.in_flight = asyncio.Event()
+        queue = self.backend.queue
+        receive_once = queue.receive_once
 
-    async def _receive_once(self, max_messages: int) -> list[QueueMessage]:
-        messages = await super()._receive_once(max_messages)
-        if messages:
-            self.in_flight.set()
-            await asyncio.sleep(1.0)
-        return messages
+        async def slow_receive_once(max_messages: int) -> list[QueueMessage]:
+            messages: list[QueueMessage] = await receive_once(max_messages)
+            if messages:
+                self.in_flight.set()
+                await asyncio.sleep(1.0)
+            return messages
+
+        queue.receive_once = slow_receive_once  # the queue's receive calls it
 
 
 async def test_azure_worker_stopped_during_a_receive_puts_back_what_it_received(

@@ -315,7 +315,7 @@ class Client:
 
     async def _load(self, run_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
         adapter = await self._open()
-        record, data = await asyncio.gather(adapter._read_status(run_id),
+        record, data = await asyncio.gather(adapter.backend.statuses.read(run_id),
                                             adapter.create_context(run_id).load())
         if record is None and data is None:
             raise RunNotFoundError(f"no run '{run_id}' is stored (check the id, and that the "
@@ -349,7 +349,7 @@ class Client:
         deadline = time.monotonic() + timeout
         delay = first_poll
         while True:
-            record = await adapter._read_status(run_id)
+            record = await adapter.backend.statuses.read(run_id)
             if record is None:
                 await self._load(run_id)  # RunNotFoundError when there is no context either
             status = (record or {}).get("status")
@@ -401,9 +401,10 @@ class Client:
             "set", RUN_STATE_KEY, {"status": "cancelled", "reason": reason})])
         fields = {"status": "cancelled", "finalStatus": "cancelled", "lastUpdated": now_iso(),
                   "reason": reason}
-        written = await adapter._write_status(run_id, fields, only_if_running=True)
-        if not written and (await adapter._read_status(run_id) or {}).get("status") == "awaiting":
-            await adapter._write_status(run_id, fields, only_if_running=False)
+        statuses = adapter.backend.statuses
+        written = await statuses.write(run_id, fields, only_if_running=True)
+        if not written and (await statuses.read(run_id) or {}).get("status") == "awaiting":
+            await statuses.write(run_id, fields, only_if_running=False)
         return True
 
     async def resume(self, run_id: str, node_id: str, action: str | None = None,

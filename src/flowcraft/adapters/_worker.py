@@ -18,7 +18,7 @@ import math
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from ..distributed.adapter import QueueMessage
+from ..distributed.backend import QueueMessage
 from ..errors import FlowcraftError
 
 logger = logging.getLogger("flowcraft.distributed")

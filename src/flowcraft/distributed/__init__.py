@@ -1,6 +1,20 @@
-"""Distributed execution: the job algorithm once, over any queue and database."""
+"""Distributed execution: the job algorithm once, over any queue and database.
 
-from .adapter import BaseDistributedAdapter, QueueMessage, parse_timestamp
+An adapter (:class:`BaseDistributedAdapter`) composes a :class:`Backend` (job queue,
+run store, status store), the job algorithm, a polling loop and the client side; see
+:mod:`flowcraft.distributed.adapter`.
+"""
+
+from .adapter import BaseDistributedAdapter
+from .backend import (
+    Backend,
+    IndexedStatusStore,
+    JobQueue,
+    QueueMessage,
+    RunStore,
+    StatusStore,
+    parse_timestamp,
+)
 from .context import Claim, ClaimStatus, DistributedContext, InMemoryRunStore
 from .coordination import (
     CoordinationStore,
@@ -13,6 +27,7 @@ from .options import WorkerOptions
 from .reconciler import Reconciler, ReconcileStats
 
 __all__ = [
+    "Backend",
     "BaseDistributedAdapter",
     "Claim",
     "ClaimStatus",
@@ -23,10 +38,14 @@ __all__ = [
     "InMemoryRunStore",
     "InProcessAdapter",
     "InProcessQueue",
+    "IndexedStatusStore",
     "JobPayload",
+    "JobQueue",
     "QueueMessage",
     "ReconcileStats",
     "Reconciler",
+    "RunStore",
+    "StatusStore",
     "WorkerOptions",
     "parse_job",
     "parse_timestamp",

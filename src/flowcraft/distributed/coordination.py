@@ -8,7 +8,7 @@ Two contracts:
   and cancel markers a failed node leaves for its successors (as the TypeScript
   library writes them), and the first sighting of a job naming a blueprint this
   worker does not know. The job algorithm decides every other join from the
-  run's single conditional context write (see :mod:`flowcraft.distributed.adapter`),
+  run's single conditional context write (see :mod:`flowcraft.distributed.algorithm`),
   so a healthy run touches the coordination store only for ``any`` joins.
 * :class:`FullCoordinationStore` adds the rest of the TypeScript library's five
   operations (``increment``, ``extend_ttl``, ``delete``) and an idempotent
@@ -29,6 +29,8 @@ import time
 from typing import Protocol, runtime_checkable
 
 KEY_PREFIX = "flowcraft:"
+COORDINATION_TTL_SECONDS = 7 * 24 * 3600
+"""How long the job algorithm's keys live (first arrivals, failure markers, sightings)."""
 
 
 def poison_key(run_id: str, node_id: str) -> str:
@@ -37,6 +39,11 @@ def poison_key(run_id: str, node_id: str) -> str:
 
 def cancel_key(run_id: str, node_id: str) -> str:
     return f"{KEY_PREFIX}cancel:{run_id}:{node_id}"
+
+
+def any_key(run_id: str, node_id: str, iteration: int) -> str:
+    """The first arrival at an ``any`` join (the predecessor that took it)."""
+    return f"{KEY_PREFIX}any:{run_id}:{node_id}:{iteration}"
 
 
 @runtime_checkable

@@ -1,12 +1,15 @@
 """The in-process backend: the distributed algorithm with an asyncio queue and dict stores.
 
-It runs exactly :class:`~flowcraft.distributed.adapter.BaseDistributedAdapter`'s
-job algorithm — the same code the AWS and Azure adapters run — over
-:class:`InProcessQueue` (visibility timeouts, redelivery, receive counts and
-delays, like SQS), :class:`~flowcraft.distributed.context.InMemoryRunStore`
-and a dict of status records. Tests use it to prove the algorithm without
-servers, including under duplicated, reordered and abandoned messages;
-several adapters sharing one queue and store behave like several workers.
+It runs exactly the job algorithm (:mod:`flowcraft.distributed.algorithm`) —
+the same code the AWS and Azure adapters run — over a
+:class:`~flowcraft.distributed.backend.Backend` of :class:`InProcessQueue`
+(visibility timeouts, redelivery, receive counts and delays, like SQS; seen
+as a job queue through :class:`InProcessJobQueue`),
+:class:`~flowcraft.distributed.context.InMemoryRunStore` and a dict of status
+records (:class:`InProcessStatusStore`). Tests use it to prove the algorithm
+without servers, including under duplicated, reordered and abandoned
+messages; several adapters sharing one queue and store behave like several
+workers.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from typing import Any, Unpack
 
 from ..core.options import RuntimeOptions
 from ..events import EventBus
-from .adapter import BaseDistributedAdapter, QueueMessage
+from .adapter import BaseDistributedAdapter
+from .backend import Backend, QueueMessage
 from .context import InMemoryRunStore
 from .coordination import CoordinationStore, InMemoryCoordinationStore
 from .job import JobPayload
@@ -129,6 +133,67 @@ class InProcessQueue:
         return [entry.body for entry in self._entries.values()]
 
 
+class InProcessJobQueue:
+    """An :class:`InProcessQueue` as a job queue: jobs sent in batches of ten, received
+    messages invisible for ``visibility_seconds``, poison messages listed in the queue's
+    ``dead_letters``."""
+
+    max_delay_seconds: float = 900.0
+
+    def __init__(self, queue: InProcessQueue, *, visibility_seconds: float) -> None:
+        self.queue = queue
+        self.visibility_seconds = visibility_seconds
+
+    async def send(self, jobs: Sequence[JobPayload], delay_seconds: float = 0) -> None:
+        for start in range(0, len(jobs), 10):
+            await self.queue.send([job.to_json() for job in jobs[start:start + 10]],
+                                  delay_seconds)
+
+    async def receive(self, max_messages: int, wait_seconds: float) -> list[QueueMessage]:
+        return await self.queue.receive(max_messages, wait_seconds, self.visibility_seconds)
+
+    async def delete(self, messages: Sequence[QueueMessage]) -> None:
+        await self.queue.delete(messages)
+
+    async def set_visibility(self, message: QueueMessage, seconds: float) -> None:
+        await self.queue.set_visibility(message, seconds)
+
+    async def dead_letter(self, message: QueueMessage, reason: str) -> None:
+        self.queue.dead_letters.append((message.message_id, reason))
+        await self.queue.delete([message])
+
+    async def close(self, receive_wait_seconds: float) -> None:
+        """Nothing to settle: deletes are immediate and a receive cannot outlive its poll."""
+
+
+class InProcessStatusStore:
+    """Status records in a dict (run id to record); ``writes`` counts the writes."""
+
+    def __init__(self, records: dict[str, dict[str, Any]] | None = None) -> None:
+        self.records = records if records is not None else {}
+        self.writes = 0
+
+    async def write(self, run_id: str, fields: Mapping[str, Any], *,
+                    only_if_running: bool) -> bool:
+        self.writes += 1
+        current = self.records.get(run_id)
+        if only_if_running and current is not None and current.get("status") != "running":
+            return False
+        record = dict(current or {"runId": run_id})
+        record.update(fields)
+        self.records[run_id] = record
+        return True
+
+    async def read(self, run_id: str) -> dict[str, Any] | None:
+        record = self.records.get(run_id)
+        return dict(record) if record is not None else None
+
+    async def scan(self, status: str) -> AsyncIterator[dict[str, Any]]:
+        for record in list(self.records.values()):
+            if record.get("status") == status:
+                yield dict(record)
+
+
 class InProcessAdapter(BaseDistributedAdapter):
     """A worker over in-process services; pass the same ``queue``, ``store``, ``statuses``
     and ``coordination_store`` to several adapters to get several cooperating workers."""
@@ -147,50 +212,18 @@ class InProcessAdapter(BaseDistributedAdapter):
         check_option_names("InProcessAdapter", options,
                            extra=("queue", "store", "statuses", "event_bus"))
         options.setdefault("poll_wait_seconds", 0.2)
-        super().__init__(runtime_options, coordination_store or InMemoryCoordinationStore(),
-                         event_bus, **options)
         self.queue = queue if queue is not None else InProcessQueue()
         self.store = store if store is not None else InMemoryRunStore()
         self.statuses = statuses if statuses is not None else {}
-        self.status_writes = 0
+        self._status_store = InProcessStatusStore(self.statuses)
+        super().__init__(runtime_options, coordination_store or InMemoryCoordinationStore(),
+                         event_bus, **options)
 
-    def create_context(self, run_id: str) -> Any:
-        return self.store.context(run_id)
+    def create_backend(self) -> Backend:
+        return Backend(InProcessJobQueue(self.queue, visibility_seconds=self.lease_seconds),
+                       self.store, self._status_store)
 
-    async def _send_jobs(self, jobs: Sequence[JobPayload], delay_seconds: float = 0) -> None:
-        for start in range(0, len(jobs), 10):
-            await self.queue.send([job.to_json() for job in jobs[start:start + 10]],
-                                  delay_seconds)
-
-    async def _receive(self, max_messages: int, wait_seconds: float) -> list[QueueMessage]:
-        return await self.queue.receive(max_messages, wait_seconds, self.lease_seconds)
-
-    async def _delete(self, messages: Sequence[QueueMessage]) -> None:
-        await self.queue.delete(messages)
-
-    async def _set_visibility(self, message: QueueMessage, seconds: float) -> None:
-        await self.queue.set_visibility(message, seconds)
-
-    async def _dead_letter(self, message: QueueMessage, reason: str) -> None:
-        self.queue.dead_letters.append((message.message_id, reason))
-        await self.queue.delete([message])
-
-    async def _write_status(self, run_id: str, fields: Mapping[str, Any], *,
-                            only_if_running: bool) -> bool:
-        self.status_writes += 1
-        current = self.statuses.get(run_id)
-        if only_if_running and current is not None and current.get("status") != "running":
-            return False
-        record = dict(current or {"runId": run_id})
-        record.update(fields)
-        self.statuses[run_id] = record
-        return True
-
-    async def _read_status(self, run_id: str) -> dict[str, Any] | None:
-        record = self.statuses.get(run_id)
-        return dict(record) if record is not None else None
-
-    async def _scan_statuses(self, status: str) -> AsyncIterator[dict[str, Any]]:
-        for record in list(self.statuses.values()):
-            if record.get("status") == status:
-                yield dict(record)
+    @property
+    def status_writes(self) -> int:
+        """Status records written by this worker (each write, whether it applied or not)."""
+        return self._status_store.writes

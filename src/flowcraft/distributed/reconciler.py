@@ -6,9 +6,16 @@ progress). ``lastUpdated`` is understood both as epoch seconds (or
 milliseconds) and as an ISO-8601 string, which is what the TypeScript
 clients write. Every page of the status scan is read.
 
-For each stalled run :meth:`BaseDistributedAdapter.reconcile` re-enqueues
-the ready frontier, and the run's ``lastUpdated`` is refreshed so the next
-pass leaves it alone unless it stalls again.
+For each stalled run :meth:`~flowcraft.distributed.runs.RunClient.reconcile`
+re-enqueues the ready frontier, and the run's ``lastUpdated`` is refreshed
+(:meth:`~flowcraft.distributed.backend.StatusStore.write`) so the next pass
+leaves it alone unless it stalls again.
+
+The candidates are the status store's ``running`` records
+(:meth:`~flowcraft.distributed.backend.StatusStore.scan`) unless a narrower
+query is given: the cloud reconcilers (``create_sqs_reconciler``,
+``create_azure_reconciler``) ask their index or container for the runs not
+updated within the threshold only.
 """
 
 from __future__ import annotations
@@ -18,9 +25,9 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from .adapter import BaseDistributedAdapter, now_iso, parse_timestamp
+from .backend import Backend, now_iso, parse_timestamp
 
 logger = logging.getLogger("flowcraft.reconciler")
 
@@ -41,13 +48,32 @@ class ReconcileStats:
 StatusScan = Callable[[], AsyncIterator[dict[str, Any]]]
 
 
-class Reconciler:
-    """``await reconciler.run()`` once, or ``await reconciler.run_every(60)``."""
+class Reconcilable(Protocol):
+    """What repairs runs: an adapter, or its :class:`~flowcraft.distributed.runs.RunClient`
+    (``adapter.run_client``); its backend's status store holds the records."""
 
-    def __init__(self, adapter: BaseDistributedAdapter, scan: StatusScan,
-                 stalled_threshold_seconds: float) -> None:
+    @property
+    def backend(self) -> Backend: ...
+
+    async def reconcile(self, run_id: str) -> list[str]: ...
+
+
+class Reconciler:
+    """``await reconciler.run()`` once, or ``await reconciler.run_every(60)``.
+
+    Args:
+        adapter: reconciles one run (an adapter or its ``run_client``); the lastUpdated of
+            a reconciled run is written to its backend's status store.
+        scan: the candidate records (default: every ``running`` record of that store).
+        stalled_threshold_seconds: a ``running`` run not updated for this long is stalled.
+    """
+
+    def __init__(self, adapter: Reconcilable, scan: StatusScan | None = None,
+                 stalled_threshold_seconds: float = 300.0) -> None:
         self.adapter = adapter
-        self.scan = scan
+        statuses = adapter.backend.statuses
+        self.scan: StatusScan = scan if scan is not None else (
+            lambda: statuses.scan("running"))
         self.stalled_threshold_seconds = stalled_threshold_seconds
 
     def is_stalled(self, item: dict[str, Any], now: float) -> bool:
@@ -67,8 +93,8 @@ class Reconciler:
             run_id = str(item.get("runId") or item.get("id"))
             try:
                 await self.adapter.reconcile(run_id)
-                await self.adapter._write_status(
-                    run_id, {"lastUpdated": now_iso()}, only_if_running=True)
+                await self.adapter.backend.statuses.write(run_id, {"lastUpdated": now_iso()},
+                                                          only_if_running=True)
                 stats.reconciled_runs += 1
             except Exception as exc:
                 stats.failed_runs += 1

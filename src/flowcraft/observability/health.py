@@ -60,7 +60,7 @@ def worker_ready_check(adapter: Any) -> ReadyCheck:
 
     async def check() -> bool:
         probe = "_flowcraft_readiness_probe"
-        await adapter._read_status(probe)
+        await adapter.backend.statuses.read(probe)
         await adapter.create_context(probe).load()
         if getattr(adapter, "sqs", None) is not None and getattr(adapter, "queue_url", None):
             await adapter.sqs.get_queue_attributes(QueueUrl=adapter.queue_url,

@@ -111,7 +111,7 @@ async def _process_record(adapter: BaseDistributedAdapter,
     if message.handle is not None:
         try:
             # The wait the job needs, not the queue's visibility timeout.
-            await adapter._set_visibility(message, delay)
+            await adapter.backend.queue.set_visibility(message, delay)
         except Exception as exc:
             logger.warning("message %s: could not shorten its visibility (it comes back after "
                            "the visibility timeout): %s", message_id, exc)

@@ -54,17 +54,18 @@ async def cancel_run(adapter: Any, run_id: str, reason: str) -> bool:
     run's remaining jobs (a node already running finishes, its successors do not start).
     An ``awaiting`` run has no worker racing it, so its status is overwritten after a read.
     """
-    from ..distributed.adapter import now_iso
+    from ..distributed.backend import now_iso
     from ..distributed.context import RUN_STATE_KEY
 
     fields = {"status": "cancelled", "finalStatus": "cancelled", "lastUpdated": now_iso(),
               "error": f"cancelled: {reason}", "cancelReason": reason}
-    written = await adapter._write_status(run_id, fields, only_if_running=True)
+    statuses = adapter.backend.statuses
+    written = await statuses.write(run_id, fields, only_if_running=True)
     if not written:
         current = await adapter.get_run_status(run_id)
         if not current or current.get("status") != "awaiting":
             return False
-        written = await adapter._write_status(run_id, fields, only_if_running=False)
+        written = await statuses.write(run_id, fields, only_if_running=False)
     await adapter.create_context(run_id).apply([
         PatchOperation("set", RUN_STATE_KEY, {"status": "cancelled", "reason": reason})])
     return bool(written)
@@ -95,7 +96,7 @@ class AdapterRunSource:
         offset = _offset(cursor)  # a backend without an index: read every status record
         records: list[dict[str, Any]] = []
         for wanted in [status] if status else RUN_STATUSES:
-            async for record in self.adapter._scan_statuses(wanted):
+            async for record in self.adapter.backend.statuses.scan(wanted):
                 if blueprint_id and record.get("blueprintId") != blueprint_id:
                     continue
                 records.append(record)

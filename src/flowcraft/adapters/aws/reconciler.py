@@ -9,7 +9,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ...distributed.reconciler import Reconciler
-from .adapter import SqsAdapter, query_status_index, scan_status_table
+from .adapter import SqsAdapter
+from .statuses import query_status_index, scan_status_table
 
 logger = logging.getLogger("flowcraft.aws")
 
@@ -36,7 +37,7 @@ def create_sqs_reconciler(
         return stalled_through_index(dynamodb_client, status_table_name,
                                      stalled_threshold_seconds)
 
-    return Reconciler(adapter, candidates, stalled_threshold_seconds)
+    return Reconciler(adapter.run_client, candidates, stalled_threshold_seconds)
 
 
 async def stalled_through_index(client: Any, table_name: str,

@@ -27,8 +27,8 @@ def create_azure_reconciler(
     """
     container = cosmos_client.get_database_client(cosmos_database_name).get_container_client(
         status_container_name)
-    return Reconciler(adapter, lambda: stalled_status_items(container,
-                                                            stalled_threshold_seconds),
+    return Reconciler(adapter.run_client,
+                      lambda: stalled_status_items(container, stalled_threshold_seconds),
                       stalled_threshold_seconds)
 
 

@@ -1,0 +1,278 @@
+"""What follows a commit: successors, skips, continuation and the end of a run.
+
+Steps 5 (the skips and the continuation that ride along in a commit), 6
+(advance) and 8 (completion) of the job algorithm (:mod:`.algorithm`), decided
+from the context a write returned, with :mod:`flowcraft.core.routing` — the
+same join rules the in-memory runtime uses:
+
+* :func:`certain_skips` — successors whose only way in is a node being skipped
+  now: their skip records go into the same commit;
+* :func:`continuation` — the one successor certain to be ready after the commit,
+  which the committing worker claims in that write and runs next;
+* :meth:`Progress.advance` — every successor's join decided; skips written (one
+  patch per round, whose returned context feeds the next) and propagated; the
+  nodes to start returned. An ``any`` join takes its first arrival through the
+  coordination store (:meth:`Progress.wins_any_join`);
+* :meth:`Progress.maybe_complete` — the status record set ``completed`` (or
+  ``awaiting``) once nothing else can run;
+* :func:`revivable`, :func:`job_misfit` and :func:`wake_up_at` — the rules that
+  tell which skipped node a loop brings back, whether a job fits the run as
+  stored, and when the durable sleeps before a node end.
+
+Everything here reads the run's context as given; the only writes are the skip
+patches of :meth:`Progress.advance`, the first arrival at an ``any`` join (in the
+coordination store) and the status record of :meth:`Progress.maybe_complete`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..context import PatchOperation
+from ..core.graph import Graph, terminal_ids
+from ..core.routing import (
+    AWAITING_IDS_KEY,
+    deliveries,
+    read_record,
+    record_key,
+    resolution_count,
+    skipped_record,
+)
+from ..core.successors import JoinDecision, frontier
+from ..core.successors import evaluate as evaluate_join
+from ..observability import get_metrics
+from .backend import Backend, now_iso
+from .context import RUN_STATE_KEY, DistributedContext, live_lease
+from .coordination import COORDINATION_TTL_SECONDS, CoordinationStore, any_key
+from .job import JobPayload
+
+logger = logging.getLogger("flowcraft.distributed")
+
+
+class Emit(Protocol):
+    """Publish one event (``await emit("node:skipped", runId=..., nodeId=...)``)."""
+
+    def __call__(self, event_type: str, **payload: Any) -> Awaitable[None]: ...
+
+
+@dataclass
+class Advance:
+    """What :meth:`Progress.advance` decided: the nodes to start (node, generation, when
+    the sleep before it ends) and the freshest context."""
+
+    ready: list[tuple[str, int, float | None]] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+class Progress:
+    """Advance and completion of runs over a backend's status store, the coordination
+    store (``any`` joins) and an event publisher."""
+
+    def __init__(self, backend: Backend, coordination_store: CoordinationStore,
+                 emit: Emit) -> None:
+        self.backend = backend
+        self.coordination_store = coordination_store
+        self.emit = emit
+
+    async def advance(
+        self, context: DistributedContext, graph: Graph, sources: Sequence[str],
+        data: dict[str, Any], *, continued: tuple[str, int] | None = None,
+    ) -> Advance:
+        """Decide every successor of ``sources`` from ``data`` (the context our write returned).
+
+        Skips are written (one patch per round, whose returned context feeds the next
+        round) and propagate. Returns the nodes to start and the freshest context.
+        """
+        run_id = context.run_id
+        ready: dict[tuple[str, int], float | None] = {}
+        frontier = list(dict.fromkeys(sources))
+        now = time.time()
+        while frontier:
+            skips: list[str] = []
+            for source in frontier:
+                record = read_record(data, source)
+                if record is None or record.failed:
+                    continue
+                edges = graph.outgoing.get(source, [])
+                delivered = set() if record.skipped else {edges[i].target for i in record.taken}
+                for target in dict.fromkeys(e.target for e in edges):
+                    generation = resolution_count(data, target)
+                    if graph.is_back_edge(source, target):
+                        if target in delivered:
+                            ready[(target, generation)] = record.wake_up_at
+                        continue
+                    target_record = read_record(data, target)
+                    if target_record is not None and not graph.same_cycle(target, target) and not (
+                        target_record.skipped and target in delivered
+                    ):
+                        continue  # already resolved (a skip is revived by a delivery, below)
+                    decision = evaluate_join(graph, data, target)
+                    if decision is JoinDecision.RUN:
+                        if await self.wins_any_join(graph, run_id, source, target, generation,
+                                                    target in delivered):
+                            ready[(target, generation)] = record.wake_up_at
+                    elif decision is JoinDecision.SKIP and target not in skips:
+                        skips.append(target)
+            if not skips:
+                break
+            operations = [
+                PatchOperation("set", record_key(t), skipped_record(resolution_count(data, t)))
+                for t in skips
+            ]
+            fresh = await context.apply(operations)
+            data = fresh if fresh is not None else data
+            for skipped in skips:
+                logger.debug("run %s node %s: skipped", run_id, skipped)
+                await self.emit("node:skipped", runId=run_id, nodeId=skipped)
+            frontier = skips
+        awaiting = set(data.get(AWAITING_IDS_KEY) or ())
+        startable = [
+            (node_id, generation, wake)
+            for (node_id, generation), wake in ready.items()
+            if (node_id, generation) == continued
+            or (
+                resolution_count(data, node_id) <= generation
+                and not live_lease(data, node_id, now)
+                and node_id not in awaiting
+            )
+        ]
+        await self.maybe_complete(run_id, graph, data)
+        return Advance(startable, data)
+
+    async def wins_any_join(self, graph: Graph, run_id: str, source: str, target: str,
+                            generation: int, delivered: bool) -> bool:
+        node = graph.nodes[target]
+        if node.join_strategy != "any" or len(graph.forward_predecessors.get(target, ())) <= 1:
+            return True
+        key = any_key(run_id, target, generation)
+        if not delivered:
+            # Decided by another predecessor's arrival; it holds the first-arrival key.
+            return await self.coordination_store.get(key) is None
+        if await self.coordination_store.set_if_not_exist(key, source, COORDINATION_TTL_SECONDS):
+            return True
+        return await self.coordination_store.get(key) == source
+
+    async def maybe_complete(self, run_id: str, graph: Graph, data: Mapping[str, Any]) -> None:
+        """Declare the run ``completed`` (or ``awaiting``) once nothing else can run in it."""
+        run_state = data.get(RUN_STATE_KEY)
+        if isinstance(run_state, Mapping) and run_state.get("status") in ("failed", "cancelled"):
+            return
+        awaiting = list(data.get(AWAITING_IDS_KEY) or [])
+        if not awaiting:
+            for terminal in terminal_ids(graph):
+                record = read_record(data, terminal)
+                if record is None or record.failed:
+                    return
+        pending = frontier(graph, data)
+        if pending.ready or pending.skip:
+            # Something can still run (or is running), e.g. a late predecessor of an ``any``
+            # join whose terminal already finished, or a branch beside a waiting node: the
+            # run rests when it has finished, as in memory.
+            return
+        statuses = self.backend.statuses
+        if awaiting:
+            await statuses.write(run_id, {"status": "awaiting", "lastUpdated": now_iso(),
+                                          "awaitingNodeIds": awaiting},
+                                 only_if_running=True)
+            return
+        if await statuses.write(run_id, {"status": "completed", "finalStatus": "completed",
+                                         "lastUpdated": now_iso()}, only_if_running=True):
+            logger.info("run %s completed", run_id)
+            get_metrics().run_finished("completed")
+            await self.emit("workflow:finish", runId=run_id, status="completed")
+
+
+def certain_skips(graph: Graph, node_id: str, working: dict[str, Any]) -> list[str]:
+    """Successors reachable only through nodes being skipped now: skip them in the commit."""
+    skips: list[str] = []
+    stack = [node_id]
+    while stack:
+        source = stack.pop()
+        record = read_record(working, source)
+        if record is None:
+            continue
+        edges = graph.outgoing[source]
+        delivered = set() if record.skipped else {edges[i].target for i in record.taken}
+        for target in dict.fromkeys(e.target for e in edges):
+            if (target in delivered or graph.is_back_edge(source, target)
+                    or graph.forward_predecessors.get(target) != (source,)
+                    or read_record(working, target) is not None):
+                continue
+            value = skipped_record(resolution_count(working, target))
+            working[record_key(target)] = value  # provisional, for the recursion
+            skips.append(target)
+            stack.append(target)
+    for skipped in skips:
+        working.pop(record_key(skipped), None)
+    return skips
+
+
+def continuation(graph: Graph, node_id: str,
+                 working: Mapping[str, Any]) -> tuple[str, int] | None:
+    """The one successor certain to be ready after this commit, if any."""
+    record = read_record(working, node_id)
+    if record is None:
+        return None
+    edges = graph.outgoing[node_id]
+    for index in record.taken:
+        target = edges[index].target
+        only_way_in = graph.is_back_edge(node_id, target) or (
+            graph.forward_predecessors.get(target) == (node_id,)
+        )
+        if only_way_in and (
+            read_record(working, target) is None or graph.same_cycle(target, target)
+        ):
+            return target, resolution_count(working, target)
+    return None
+
+
+def wake_up_at(graph: Graph, data: Mapping[str, Any], node_id: str) -> float | None:
+    """When the durable sleeps that delivered to ``node_id`` end (``None``: no sleep)."""
+    wakes = [record.wake_up_at for delivery in deliveries(graph, data, node_id)
+             if (record := read_record(data, delivery.source)) is not None
+             and record.wake_up_at is not None]
+    return max(wakes) if wakes else None
+
+
+def revivable(graph: Graph, data: Mapping[str, Any]) -> list[str]:
+    """Skipped nodes outside loops that a predecessor now delivers to, and that can run.
+
+    A loop skips a target outside it on the iterations that do not take the edge to it
+    (a ``break`` target, while the loop continues); when a later iteration does take it,
+    the target runs after all, as a new generation — as the in-memory runtime runs it —
+    and so do the skipped nodes behind it. :func:`ready_frontier` counts every recorded
+    node outside a loop as done, so completion and reconcile add these.
+    """
+    return [node_id for node_id in graph.nodes if _revivable(graph, data, node_id)]
+
+
+def _revivable(graph: Graph, data: Mapping[str, Any], node_id: str) -> bool:
+    record = read_record(data, node_id)
+    return (record is not None and record.skipped and not graph.same_cycle(node_id, node_id)
+            and bool(deliveries(graph, data, node_id))
+            and evaluate_join(graph, data, node_id) is JoinDecision.RUN)
+
+
+def job_misfit(graph: Graph, data: Mapping[str, Any], job: JobPayload) -> str | None:
+    """Why a job cannot belong to the run as stored (``None``: it fits).
+
+    Jobs are enqueued at the generation their node is at (:func:`resolution_count`),
+    which only grows: a later one was never sent. A node outside every cycle resolves
+    once, unless a loop revives it from a skip (:func:`revivable`): a job for it at its
+    current generation after it resolved would run it a second time.
+    """
+    if job.node_id not in graph.nodes:
+        return f"node '{job.node_id}' is not in blueprint '{graph.blueprint.id}'"
+    count = resolution_count(data, job.node_id)
+    if job.iteration > count:
+        return (f"iteration {job.iteration} is ahead of the node, which has resolved "
+                f"{count} time(s)")
+    if (job.iteration == count and read_record(data, job.node_id) is not None
+            and not graph.same_cycle(job.node_id, job.node_id)
+            and not _revivable(graph, data, job.node_id)):
+        return "the node has resolved already and is in no loop that could run it again"
+    return None
