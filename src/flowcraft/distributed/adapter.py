@@ -57,7 +57,6 @@ from .job import JobPayload
 from .options import WorkerSettings
 from .polling import WorkerLoop
 from .progress import job_misfit as job_misfit
-from .progress import revivable as revivable
 from .runs import RunClient
 
 T = TypeVar("T")

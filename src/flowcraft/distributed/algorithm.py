@@ -63,7 +63,7 @@ says why repeating it is safe.
    * the node is not in the blueprint;
    * the iteration is ahead of the node (jobs are sent at the node's current
      generation, which only grows), or the node is outside every cycle and
-     has resolved already, unless a loop revives it from a skip (``revivable``).
+     has resolved already, unless a loop revives it from a skip.
 
    A stored ``blueprintVersion`` that differs from this worker's blueprint
    releases the claim (not counted) and leaves the message for a matching
@@ -187,7 +187,7 @@ from .coordination import (
 from .finish import Finisher, check_operations, owner_token
 from .job import JobPayload, parse_job
 from .options import WorkerSettings
-from .progress import Progress, certain_skips, continuation, job_misfit, wake_up_at
+from .progress import Progress, commit_plan, job_misfit, wake_up_at
 
 logger = logging.getLogger("flowcraft.distributed")
 
@@ -562,14 +562,14 @@ class JobAlgorithm:
         operations.append(PatchOperation("set", record_key(node_id), record))
         working[record_key(node_id)] = record
         # Successors whose only way in is this node are decided now, in the same write.
-        skips = certain_skips(graph, node_id, working)
+        skips, successor = commit_plan(graph, node_id, working)
         for skipped in skips:
             value = skipped_record(resolution_count(working, skipped))
             operations.append(PatchOperation("set", record_key(skipped), value))
             working[record_key(skipped)] = value
         next_node = None
         if self.settings.local_continuation and continue_locally and wake_up_at is None:
-            next_node = continuation(graph, node_id, working)
+            next_node = successor
         claims = [next_node] if next_node else []
         if next_node is not None:
             # The claim in this commit counts the successor's attempt, as a claim does.

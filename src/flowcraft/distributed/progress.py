@@ -1,22 +1,23 @@
 """What follows a commit: successors, skips, continuation and the end of a run.
 
 Steps 5 (the skips and the continuation that ride along in a commit), 6
-(advance) and 8 (completion) of the job algorithm (:mod:`.algorithm`), decided
-from the context a write returned, with :mod:`flowcraft.core.routing` — the
-same join rules the in-memory runtime uses:
+(advance) and 8 (completion) of the job algorithm (:mod:`.algorithm`). Every
+decision comes from :mod:`flowcraft.core.successors` — the one successor
+logic, which the in-memory runtime uses too — applied to the context a write
+returned; this module only carries the decisions out:
 
-* :func:`certain_skips` — successors whose only way in is a node being skipped
-  now: their skip records go into the same commit;
-* :func:`continuation` — the one successor certain to be ready after the commit,
-  which the committing worker claims in that write and runs next;
-* :meth:`Progress.advance` — every successor's join decided; skips written (one
-  patch per round, whose returned context feeds the next) and propagated; the
-  nodes to start returned. An ``any`` join takes its first arrival through the
-  coordination store (:meth:`Progress.wins_any_join`);
+* :func:`commit_plan` — what a commit can decide by itself: the skips whose only
+  way in is the committing node (their records go into the same write), and the
+  one successor certain to be ready after it, which the committing worker claims
+  in that write and runs next (local continuation);
+* :meth:`Progress.advance` — the rest: ``decide`` from the committed context;
+  skips written (one patch per round, whose returned context feeds the next
+  round, so a join decided by a skip sees every predecessor that committed
+  meanwhile); the nodes to start returned. An ``any`` join takes its first
+  arrival through the coordination store (:meth:`Progress.wins_any_join`);
 * :meth:`Progress.maybe_complete` — the status record set ``completed`` (or
-  ``awaiting``) once nothing else can run;
-* :func:`revivable`, :func:`job_misfit` and :func:`wake_up_at` — the rules that
-  tell which skipped node a loop brings back, whether a job fits the run as
+  ``awaiting``) once ``frontier`` finds nothing else that can run;
+* :func:`job_misfit` and :func:`wake_up_at` — whether a job fits the run as
   stored, and when the durable sleeps before a node end.
 
 Everything here reads the run's context as given; the only writes are the skip
@@ -42,8 +43,7 @@ from ..core.routing import (
     resolution_count,
     skipped_record,
 )
-from ..core.successors import JoinDecision, frontier
-from ..core.successors import evaluate as evaluate_join
+from ..core.successors import JoinDecision, decide, evaluate, frontier
 from ..observability import get_metrics
 from .backend import Backend, now_iso
 from .context import RUN_STATE_KEY, DistributedContext, live_lease
@@ -89,46 +89,26 @@ class Progress:
         """
         run_id = context.run_id
         ready: dict[tuple[str, int], float | None] = {}
-        frontier = list(dict.fromkeys(sources))
         now = time.time()
-        while frontier:
-            skips: list[str] = []
-            for source in frontier:
-                record = read_record(data, source)
-                if record is None or record.failed:
-                    continue
-                edges = graph.outgoing.get(source, [])
-                delivered = set() if record.skipped else {edges[i].target for i in record.taken}
-                for target in dict.fromkeys(e.target for e in edges):
-                    generation = resolution_count(data, target)
-                    if graph.is_back_edge(source, target):
-                        if target in delivered:
-                            ready[(target, generation)] = record.wake_up_at
-                        continue
-                    target_record = read_record(data, target)
-                    if target_record is not None and not graph.same_cycle(target, target) and not (
-                        target_record.skipped and target in delivered
-                    ):
-                        continue  # already resolved (a skip is revived by a delivery, below)
-                    decision = evaluate_join(graph, data, target)
-                    if decision is JoinDecision.RUN:
-                        if await self.wins_any_join(graph, run_id, source, target, generation,
-                                                    target in delivered):
-                            ready[(target, generation)] = record.wake_up_at
-                    elif decision is JoinDecision.SKIP and target not in skips:
-                        skips.append(target)
-            if not skips:
+        pending = list(dict.fromkeys(sources))
+        while pending:
+            decision = decide(graph, data, pending)
+            for entry in decision.ready:
+                if await self.wins_any_join(graph, run_id, entry.source, entry.node_id,
+                                            entry.generation, entry.delivered):
+                    ready[(entry.node_id, entry.generation)] = entry.wake_up_at
+            if not decision.skip:
                 break
             operations = [
                 PatchOperation("set", record_key(t), skipped_record(resolution_count(data, t)))
-                for t in skips
+                for t in decision.skip
             ]
             fresh = await context.apply(operations)
             data = fresh if fresh is not None else data
-            for skipped in skips:
+            for skipped in decision.skip:
                 logger.debug("run %s node %s: skipped", run_id, skipped)
                 await self.emit("node:skipped", runId=run_id, nodeId=skipped)
-            frontier = skips
+            pending = decision.skip
         awaiting = set(data.get(AWAITING_IDS_KEY) or ())
         startable = [
             (node_id, generation, wake)
@@ -186,48 +166,24 @@ class Progress:
             await self.emit("workflow:finish", runId=run_id, status="completed")
 
 
-def certain_skips(graph: Graph, node_id: str, working: dict[str, Any]) -> list[str]:
-    """Successors reachable only through nodes being skipped now: skip them in the commit."""
+def commit_plan(graph: Graph, node_id: str,
+                working: dict[str, Any]) -> tuple[list[str], tuple[str, int] | None]:
+    """What the commit of ``node_id`` (whose record is in ``working``) decides by itself: the
+    skips no other predecessor can change — successors whose only way in is this node or a
+    node skipped with it, in order — and the successor certain to be ready after it, as
+    (node, generation), if there is one."""
+    first = decide(graph, working, [node_id])
     skips: list[str] = []
-    stack = [node_id]
-    while stack:
-        source = stack.pop()
-        record = read_record(working, source)
-        if record is None:
-            continue
-        edges = graph.outgoing[source]
-        delivered = set() if record.skipped else {edges[i].target for i in record.taken}
-        for target in dict.fromkeys(e.target for e in edges):
-            if (target in delivered or graph.is_back_edge(source, target)
-                    or graph.forward_predecessors.get(target) != (source,)
-                    or read_record(working, target) is not None):
-                continue
-            value = skipped_record(resolution_count(working, target))
-            working[record_key(target)] = value  # provisional, for the recursion
-            skips.append(target)
-            stack.append(target)
+    sources = first.certain_skips
+    while sources:
+        for target in sources:  # provisional, so the next round sees them resolved
+            working[record_key(target)] = skipped_record(resolution_count(working, target))
+        skips += sources
+        sources = [t for t in decide(graph, working, sources).certain_skips if t not in skips]
     for skipped in skips:
         working.pop(record_key(skipped), None)
-    return skips
-
-
-def continuation(graph: Graph, node_id: str,
-                 working: Mapping[str, Any]) -> tuple[str, int] | None:
-    """The one successor certain to be ready after this commit, if any."""
-    record = read_record(working, node_id)
-    if record is None:
-        return None
-    edges = graph.outgoing[node_id]
-    for index in record.taken:
-        target = edges[index].target
-        only_way_in = graph.is_back_edge(node_id, target) or (
-            graph.forward_predecessors.get(target) == (node_id,)
-        )
-        if only_way_in and (
-            read_record(working, target) is None or graph.same_cycle(target, target)
-        ):
-            return target, resolution_count(working, target)
-    return None
+    successor = next(((r.node_id, r.generation) for r in first.ready if r.certain), None)
+    return skips, successor
 
 
 def wake_up_at(graph: Graph, data: Mapping[str, Any], node_id: str) -> float | None:
@@ -238,32 +194,13 @@ def wake_up_at(graph: Graph, data: Mapping[str, Any], node_id: str) -> float | N
     return max(wakes) if wakes else None
 
 
-def revivable(graph: Graph, data: Mapping[str, Any]) -> list[str]:
-    """Skipped nodes outside loops that a predecessor now delivers to, and that can run.
-
-    A loop skips a target outside it on the iterations that do not take the edge to it
-    (a ``break`` target, while the loop continues); when a later iteration does take it,
-    the target runs after all, as a new generation — as the in-memory runtime runs it —
-    and so do the skipped nodes behind it. :func:`ready_frontier` counts every recorded
-    node outside a loop as done, so completion and reconcile add these.
-    """
-    return [node_id for node_id in graph.nodes if _revivable(graph, data, node_id)]
-
-
-def _revivable(graph: Graph, data: Mapping[str, Any], node_id: str) -> bool:
-    record = read_record(data, node_id)
-    return (record is not None and record.skipped and not graph.same_cycle(node_id, node_id)
-            and bool(deliveries(graph, data, node_id))
-            and evaluate_join(graph, data, node_id) is JoinDecision.RUN)
-
-
 def job_misfit(graph: Graph, data: Mapping[str, Any], job: JobPayload) -> str | None:
     """Why a job cannot belong to the run as stored (``None``: it fits).
 
     Jobs are enqueued at the generation their node is at (:func:`resolution_count`),
     which only grows: a later one was never sent. A node outside every cycle resolves
-    once, unless a loop revives it from a skip (:func:`revivable`): a job for it at its
-    current generation after it resolved would run it a second time.
+    once, unless a loop revives it from a skip (``evaluate`` decides it runs after all): a
+    job for it at its current generation after it resolved would run it a second time.
     """
     if job.node_id not in graph.nodes:
         return f"node '{job.node_id}' is not in blueprint '{graph.blueprint.id}'"
@@ -273,6 +210,6 @@ def job_misfit(graph: Graph, data: Mapping[str, Any], job: JobPayload) -> str | 
                 f"{count} time(s)")
     if (job.iteration == count and read_record(data, job.node_id) is not None
             and not graph.same_cycle(job.node_id, job.node_id)
-            and not _revivable(graph, data, job.node_id)):
+            and evaluate(graph, data, job.node_id) is not JoinDecision.RUN):
         return "the node has resolved already and is in no loop that could run it again"
     return None
