@@ -22,9 +22,7 @@ never blocks the event loop, so a web app calls it from its handlers;
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -37,6 +35,11 @@ from .context import PatchOperation, public_view
 from .core.options import RuntimeOptions
 from .core.routing import AWAITING_IDS_KEY
 from .distributed.adapter import FINAL_STATUSES, RESTING_STATUSES, now_iso
+from .distributed.backend import RunPage as RunPage
+from .distributed.backend import RunSummary as RunSummary
+from .distributed.backend import decode_cursor as decode_cursor
+from .distributed.backend import encode_cursor as encode_cursor
+from .distributed.backend import iso_datetime
 from .distributed.context import BLUEPRINT_KEY, RUN_STATE_KEY
 from .errors import FlowcraftError
 from .runview import NodeState as NodeState
@@ -113,31 +116,6 @@ class RunResult:
                            for e in self.errors]}
 
 
-@dataclass(frozen=True)
-class RunSummary:
-    run_id: str
-    status: str
-    blueprint_id: str | None
-    updated_at: datetime | None
-    record: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
-    """The status record as stored (start time, error, ...), for views that show more."""
-
-
-@dataclass(frozen=True)
-class RunPage:
-    items: list[RunSummary]
-    next_cursor: str | None
-
-
-def _timestamp(value: Any) -> datetime | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-
-
 def node_states(blueprint: WorkflowBlueprint | None, data: Mapping[str, Any],
                 now: float | None = None) -> dict[str, NodeState]:
     """Each node's state from a stored context, as :func:`flowcraft.runview.node_states`
@@ -165,21 +143,6 @@ def _effective_status(record: Mapping[str, Any], data: Mapping[str, Any]) -> Run
         return "cancelled"  # the context is written first: it decides
     status = record.get("status")
     return status if status in RUN_STATES else "running"
-
-
-def encode_cursor(value: Mapping[str, Any]) -> str:
-    return base64.urlsafe_b64encode(json.dumps(value, separators=(",", ":")).encode()).decode()
-
-
-def decode_cursor(cursor: str) -> dict[str, Any]:
-    try:
-        value = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-    except (ValueError, TypeError):
-        raise FlowcraftError(f"cursor {cursor[:40]!r} is not one list_runs returned; pass the "
-                             "next_cursor of the previous page unchanged") from None
-    if not isinstance(value, dict):
-        raise FlowcraftError("cursor is not one list_runs returned")
-    return value
 
 
 class Client:
@@ -328,13 +291,13 @@ class Client:
         blueprint_id = record.get("blueprintId") or data.get(BLUEPRINT_KEY)
         blueprint = self.blueprints.get(blueprint_id) if blueprint_id else None
         status = _effective_status(record, data)
-        updated = _timestamp(record.get("lastUpdated"))
+        updated = iso_datetime(record.get("lastUpdated"))
         run_state = data.get(RUN_STATE_KEY)
         reason = (run_state.get("reason") if isinstance(run_state, Mapping) else None) or (
             record.get("error") or record.get("reason"))
         return RunStatus(
             run_id=run_id, status=status, blueprint_id=blueprint_id,
-            started_at=_timestamp(record.get("startedAt")), updated_at=updated,
+            started_at=iso_datetime(record.get("startedAt")), updated_at=updated,
             finished_at=updated if status in FINAL_STATUSES else None,
             nodes=node_states(blueprint, data), errors=_run_errors(record, data),
             awaiting=list(data.get(AWAITING_IDS_KEY) or ()), reason=reason,

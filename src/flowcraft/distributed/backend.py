@@ -31,17 +31,17 @@ status values and the timestamp helpers every part shares are defined here too.
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
+from ..errors import FlowcraftError
 from ..runview import parse_time
 from .context import DistributedContext
 from .job import JobPayload
-
-if TYPE_CHECKING:
-    from ..client import RunPage
 
 FINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
 RESTING_STATUSES = FINAL_STATUSES | {"awaiting"}
@@ -56,6 +56,50 @@ def parse_timestamp(value: Any) -> float | None:
     """``lastUpdated`` as epoch seconds: numbers (seconds or milliseconds) as they are,
     ISO-8601 strings parsed (what the TypeScript library's client writes)."""
     return parse_time(value)
+
+
+# -- listing runs through a status index ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    run_id: str
+    status: str
+    blueprint_id: str | None
+    updated_at: datetime | None
+    record: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    """The status record as stored (start time, error, ...), for views that show more."""
+
+
+@dataclass(frozen=True)
+class RunPage:
+    items: list[RunSummary]
+    next_cursor: str | None
+
+
+def iso_datetime(value: Any) -> datetime | None:
+    """An ISO-8601 ``lastUpdated`` (as the status records hold it) as a datetime."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def encode_cursor(value: Mapping[str, Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(value, separators=(",", ":")).encode()).decode()
+
+
+def decode_cursor(cursor: str) -> dict[str, Any]:
+    try:
+        value = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+    except (ValueError, TypeError):
+        raise FlowcraftError(f"cursor {cursor[:40]!r} is not one list_runs returned; pass the "
+                             "next_cursor of the previous page unchanged") from None
+    if not isinstance(value, dict):
+        raise FlowcraftError("cursor is not one list_runs returned")
+    return value
 
 
 @dataclass(slots=True)

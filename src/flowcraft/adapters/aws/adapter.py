@@ -17,11 +17,11 @@ builds their backend:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Unpack
+from typing import Any, Unpack
 
 from ...core.options import RuntimeOptions
 from ...distributed.adapter import BaseDistributedAdapter, Delegated
-from ...distributed.backend import Backend, IndexedStatusStore
+from ...distributed.backend import Backend, IndexedStatusStore, RunPage
 from ...distributed.coordination import CoordinationStore
 from ...distributed.options import WorkerOptions, check_option_names
 from ...events import EventBus
@@ -30,9 +30,6 @@ from .queue import SqsJobQueue
 from .statuses import DynamoDbRunStore, DynamoDbStatusStore
 from .statuses import query_status_index as query_status_index
 from .statuses import scan_status_table as scan_status_table
-
-if TYPE_CHECKING:
-    from ...client import RunPage
 
 
 class SqsAdapter(BaseDistributedAdapter):
@@ -86,7 +83,8 @@ class SqsAdapter(BaseDistributedAdapter):
     async def list_statuses(self, statuses: Sequence[str], *, blueprint_id: str | None = None,
                             since: str | None = None, limit: int = 50,
                             cursor: str | None = None) -> RunPage:
-        """A :class:`~flowcraft.client.RunPage` through the status index (never a scan)."""
+        """A :class:`~flowcraft.distributed.backend.RunPage` through the status index (no
+        scan)."""
         store = self.backend.statuses
         if not isinstance(store, IndexedStatusStore):
             raise TypeError(f"the status store {type(store).__name__} has no index to list")

@@ -16,14 +16,12 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ...distributed.backend import RunPage, RunSummary, decode_cursor, encode_cursor, iso_datetime
 from ._dynamo import Expression, from_item
 from .context import DynamoDbContext
 from .provision import CONTEXT_TTL_ATTRIBUTE, STATUS_INDEX
-
-if TYPE_CHECKING:
-    from ...client import RunPage
 
 
 class DynamoDbRunStore:
@@ -101,14 +99,14 @@ class DynamoDbStatusStore:
     async def list_statuses(self, statuses: Sequence[str], *, blueprint_id: str | None = None,
                             since: str | None = None, limit: int = 50,
                             cursor: str | None = None) -> RunPage:
-        """A :class:`~flowcraft.client.RunPage` through the status index (never a scan)."""
-        from ...client import RunPage, RunSummary, _timestamp
+        """A :class:`~flowcraft.distributed.backend.RunPage` through the status index (no
+        scan)."""
 
         items, next_cursor = await query_status_index(
             self.dynamodb, self.table_name, statuses, blueprint_id=blueprint_id,
             since=since, limit=limit, cursor=cursor)
         return RunPage([RunSummary(str(i["runId"]), str(i.get("status")), i.get("blueprintId"),
-                                   _timestamp(i.get("lastUpdated")), i) for i in items],
+                                   iso_datetime(i.get("lastUpdated")), i) for i in items],
                        next_cursor)
 
 
@@ -138,7 +136,6 @@ async def query_status_index(client: Any, table_name: str, statuses: Sequence[st
                                                                  str | None]:
     """A page of status items through the status index (newest ``lastUpdated`` first within
     each status, the statuses one after another) and the cursor of the next page."""
-    from ...client import decode_cursor, encode_cursor
 
     position = decode_cursor(cursor) if cursor else {"s": 0}
     index, start_key = int(position.get("s", 0)), position.get("k")

@@ -17,11 +17,11 @@ builds their backend:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Unpack
+from typing import Any, Unpack
 
 from ...core.options import RuntimeOptions
 from ...distributed.adapter import BaseDistributedAdapter, Delegated
-from ...distributed.backend import Backend, IndexedStatusStore
+from ...distributed.backend import Backend, IndexedStatusStore, RunPage
 from ...distributed.coordination import CoordinationStore
 from ...distributed.options import WorkerOptions, check_option_names
 from ...events import EventBus
@@ -30,9 +30,6 @@ from .queue import AzureJobQueue
 from .statuses import CosmosDbRunStore, CosmosDbStatusStore
 from .statuses import query_status_container as query_status_container
 from .statuses import scan_status_container as scan_status_container
-
-if TYPE_CHECKING:
-    from ...client import RunPage
 
 
 class AzureQueueAdapter(BaseDistributedAdapter):

@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ...distributed.backend import RunPage, RunSummary, decode_cursor, encode_cursor, iso_datetime
 from ._cosmos import literal, pointer, status_code, strip_system, with_throttling_retries
 from .context import CosmosDbContext
-
-if TYPE_CHECKING:
-    from ...client import RunPage
 
 logger = logging.getLogger("flowcraft.azure")
 
@@ -198,15 +196,14 @@ class CosmosDbStatusStore:
     async def list_statuses(self, statuses: Sequence[str], *, blueprint_id: str | None = None,
                             since: str | None = None, limit: int = 50,
                             cursor: str | None = None) -> RunPage:
-        """A :class:`~flowcraft.client.RunPage`: a query across partitions ordered by
+        """A :class:`~flowcraft.distributed.backend.RunPage`: a query across partitions ordered by
         ``lastUpdated`` (newest first), paged with the server's continuation token."""
-        from ...client import RunPage, RunSummary, _timestamp, decode_cursor, encode_cursor
 
         items, token = await query_status_container(
             self.container, statuses, blueprint_id=blueprint_id, since=since, limit=limit,
             continuation=decode_cursor(cursor).get("c") if cursor else None)
         return RunPage([RunSummary(str(i.get("runId") or i.get("id")), str(i.get("status")),
-                                   i.get("blueprintId"), _timestamp(i.get("lastUpdated")),
+                                   i.get("blueprintId"), iso_datetime(i.get("lastUpdated")),
                                    strip_system(i))
                         for i in items], encode_cursor({"c": token}) if token else None)
 
