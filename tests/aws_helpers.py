@@ -1,5 +1,5 @@
 """Helpers for the AWS adapter tests: workers on the ``aws`` fixture's queue and tables,
-queue inspection, and the seed's JavaScript client.
+queue inspection, and the TypeScript library's client.
 
 Imported as a plain module (``tests/`` is on ``sys.path`` under pytest's default import
 mode), like ``distributed_helpers``.
@@ -184,7 +184,7 @@ async def raw_item(aws: Any, table: str, key: Mapping[str, str]) -> dict[str, An
     return response.get("Item")
 
 
-# -- the seed's JavaScript client -------------------------------------------------------------
+# -- the TypeScript library's client -------------------------------------------------------------
 
 # ESM ignores NODE_PATH, so bare imports ('flowcraft', '@aws-sdk/...') of tests/js/*.mjs are
 # resolved from tools/local-services by a module resolve hook, registered with
@@ -212,7 +212,7 @@ def node_resolve_hook_argument() -> str:
 def run_js_start_workflow(environment: Mapping[str, str], blueprint: WorkflowBlueprint,
                           initial_context: Mapping[str, Any], tmp_path: Path,
                           timeout: float = 60.0) -> tuple[str, subprocess.CompletedProcess[str]]:
-    """Start a run with the seed's JavaScript ``startWorkflow``; returns (run id, process)."""
+    """Start a run with the TypeScript library's ``startWorkflow``; returns (run id, process)."""
     assert (LOCAL_SERVICES / "node_modules" / "flowcraft").is_dir(), (
         "the reference's npm packages are missing: run scripts/setup")
     blueprint_file = tmp_path / f"{blueprint.id}.json"

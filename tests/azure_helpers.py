@@ -1,5 +1,5 @@
 """Helpers for the Azure adapter tests: workers on the ``azure`` fixture's queue, database and
-containers, queue and item inspection, and the seed's JavaScript client.
+containers, queue and item inspection, and the TypeScript library's client.
 
 Imported as a plain module (``tests/`` is on ``sys.path`` under pytest's default import
 mode), like ``distributed_helpers``.
@@ -207,19 +207,19 @@ def context_of(azure: Any, run_id: str) -> CosmosDbContext:
                            container_name=azure.context_container)
 
 
-# -- the seed's JavaScript client --------------------------------------------------------------
+# -- the TypeScript library's client --------------------------------------------------------------
 
 
-def seed_client_environment(azure: Any) -> dict[str, str]:
+def typescript_client_environment(azure: Any) -> dict[str, str]:
     """The fixture's settings, with TLS checks off for this node process only (the local
     Cosmos server's certificate is self-signed)."""
     return {**azure.environment(), "NODE_TLS_REJECT_UNAUTHORIZED": "0"}
 
 
-async def run_seed_client(azure: Any, blueprint: WorkflowBlueprint,
+async def run_typescript_client(azure: Any, blueprint: WorkflowBlueprint,
                           initial_context: Mapping[str, Any], tmp_path: Path,
                           timeout: float = 60.0) -> str:
-    """Start a run with the seed's JavaScript ``startWorkflow`` (tests/js); return its id."""
+    """Start a run with the TypeScript library's ``startWorkflow`` (tests/js); return its id."""
     assert (LOCAL_SERVICES / "node_modules" / "flowcraft").is_dir(), (
         "the reference's npm packages are missing: run scripts/setup")
     blueprint_file = tmp_path / f"{blueprint.id}.json"
@@ -227,7 +227,7 @@ async def run_seed_client(azure: Any, blueprint: WorkflowBlueprint,
     process = await asyncio.create_subprocess_exec(
         "node", str(SEED_CLIENT), str(blueprint_file),
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, env=seed_client_environment(azure), cwd=REPO,
+        stderr=asyncio.subprocess.PIPE, env=typescript_client_environment(azure), cwd=REPO,
     )
     out, err = await asyncio.wait_for(
         process.communicate(json.dumps(initial_context).encode()), timeout)

@@ -1,4 +1,4 @@
-"""The seed documentation's own JavaScript client (``tests/js/aws_start_workflow.mjs``: its
+"""The AWS guide's own JavaScript client (``tests/js/aws_start_workflow.mjs``: its
 ``startWorkflow`` snippet, run with Node and the AWS SDK v3) starts runs on the same moto
 server; our Python workers and reconciler must handle them.
 
@@ -59,7 +59,7 @@ def order_flow(runs: Executions) -> Flow:
         return {"greeting": ctx.input["greet"], **ctx.input["price"],
                 "tags": (await ctx.context.get("customer"))["tags"]}
 
-    return (Flow("seed-order", version="2")
+    return (Flow("ts-order", version="2")
             .node("greet", greet, inputs="customer")
             .node("price", price)
             .node("summary", summary)
@@ -81,8 +81,8 @@ async def test_run_started_by_the_seed_js_client_completes_on_a_python_worker(
     assert "S" in status_item["lastUpdated"] and "blueprintId" not in status_item
     jobs = [json.loads(m["Body"]) for m in await peek(aws.sqs, aws.queue_url)]
     assert sorted(jobs, key=lambda j: j["nodeId"]) == [
-        {"runId": run_id, "blueprintId": "seed-order", "nodeId": "greet"},
-        {"runId": run_id, "blueprintId": "seed-order", "nodeId": "price"}]
+        {"runId": run_id, "blueprintId": "ts-order", "nodeId": "greet"},
+        {"runId": run_id, "blueprintId": "ts-order", "nodeId": "price"}]
 
     async with workers(aws, [bp], flow.registry(), count=2) as (worker, _):
         status = await worker.get_run_status(run_id)
@@ -100,7 +100,7 @@ async def test_run_started_by_the_seed_js_client_completes_on_a_python_worker(
     assert (await worker.get_run_status(run_id))["finalStatus"] == "completed"
 
 
-async def test_stalled_seed_client_run_is_found_by_the_reconciler(
+async def test_stalled_typescript_client_run_is_found_by_the_reconciler(
         aws: Any, tmp_path: Path) -> None:
     """The reference compares the ISO ``lastUpdated`` with a number and never finds these
     runs; ours does."""
@@ -126,7 +126,7 @@ async def test_stalled_seed_client_run_is_found_by_the_reconciler(
     assert runs.counts == {"greet": 1, "price": 1, "summary": 1}  # duplicates ran nothing
 
 
-async def test_seed_client_run_that_lost_a_message_is_reconciled_by_a_multi_blueprint_worker(
+async def test_typescript_client_run_that_lost_a_message_is_reconciled_by_a_multi_blueprint_worker(
         aws: Any, tmp_path: Path) -> None:
     """A real worker knows several blueprints. The snippet's status record names none, so
     the worker that processes a job of the run must record it for ``reconcile``."""

@@ -24,7 +24,7 @@ from azure_helpers import (
     make_adapter,
     peek,
     receive_all,
-    run_seed_client,
+    run_typescript_client,
     wait_for,
     wait_queue_empty,
     workers,
@@ -54,7 +54,7 @@ def checkout_flow(runs: Executions, seen: dict[str, Any]) -> Flow:
         runs.record(ctx)
         return f"{ctx.input['fetchUser']['name']} pays {ctx.input['loadCart']['total']}"
 
-    return (Flow("seed-checkout")
+    return (Flow("ts-checkout")
             .node("fetchUser", fetch_user).node("loadCart", load_cart)
             .node("checkout", checkout)
             .edge("fetchUser", "checkout").edge("loadCart", "checkout"))
@@ -64,13 +64,13 @@ INITIAL = {"customer": {"name": "Ada", "tier": "gold"}, "items": [{"price": 3}, 
            "note": "ünïcode ✓"}
 
 
-async def test_seed_client_run_is_completed_by_the_python_worker(azure: Any,
+async def test_typescript_client_run_is_completed_by_the_python_worker(azure: Any,
                                                                  tmp_path: Path) -> None:
     runs, seen = Executions(), {}
     flow = checkout_flow(runs, seen)
     bp = flow.to_blueprint()
     before = time.time()
-    run_id = await run_seed_client(azure, bp, INITIAL, tmp_path)
+    run_id = await run_typescript_client(azure, bp, INITIAL, tmp_path)
 
     # What the snippet wrote, exactly as the docs have it.
     context_items, status_items = containers(azure)
@@ -110,12 +110,12 @@ async def test_seed_client_run_is_completed_by_the_python_worker(azure: Any,
     assert (await worker.get_run_status(run_id))["finalStatus"] == "completed"
 
 
-async def test_stalled_seed_client_run_is_found_by_the_reconciler(azure: Any,
+async def test_stalled_typescript_client_run_is_found_by_the_reconciler(azure: Any,
                                                                  tmp_path: Path) -> None:
     runs, seen = Executions(), {}
     flow = checkout_flow(runs, seen)
     bp = flow.to_blueprint()
-    run_id = await run_seed_client(azure, bp, INITIAL, tmp_path)
+    run_id = await run_typescript_client(azure, bp, INITIAL, tmp_path)
     # No worker ran, and the start messages are lost: only the reconciler can revive it.
     assert len(await receive_all(azure.queue)) == 2
     adapter = make_adapter(azure, [bp], flow.registry())
@@ -137,7 +137,7 @@ async def test_stalled_seed_client_run_is_found_by_the_reconciler(azure: Any,
     assert runs.counts == {"fetchUser": 1, "loadCart": 1, "checkout": 1}
 
 
-async def test_seed_client_run_stalled_midway_is_reconciled_by_a_multi_blueprint_worker(
+async def test_typescript_client_run_stalled_midway_is_reconciled_by_a_multi_blueprint_worker(
         azure: Any, tmp_path: Path) -> None:
     """The snippet's status item has no ``blueprintId``. After our worker ran part of the run,
     a reconciler of a deployment that knows several blueprints must still tell which one the
@@ -150,12 +150,12 @@ async def test_seed_client_run_stalled_midway_is_reconciled_by_a_multi_blueprint
         await release.wait()
         return "second"
 
-    flow = Flow("seed-two-step").node("first", runs.node()).node("second", second) \
+    flow = Flow("ts-two-step").node("first", runs.node()).node("second", second) \
         .edge("first", "second")
     other = Flow("unrelated").node("x", runs.node())
     bps = [flow.to_blueprint(), other.to_blueprint()]
     registry = {**flow.registry(), **other.registry()}
-    run_id = await run_seed_client(azure, bps[0], {"k": 1}, tmp_path)
+    run_id = await run_typescript_client(azure, bps[0], {"k": 1}, tmp_path)
     worker = make_adapter(azure, bps, registry)
     await worker.start()
     await wait_for(lambda: runs.counts["second"] == 1, timeout=20)
