@@ -109,18 +109,48 @@ class Ready:
 
 
 class Successors:
-    """The decision for the successors of some resolved nodes."""
+    """The decision for the successors of some resolved nodes.
 
-    __slots__ = ("certain_skips", "ready", "skip")
+    The successors that run are kept column by column (``ready_ids``, ``ready_sources``,
+    ...), so a 10,000-way fan-out costs no object per successor; :attr:`ready` gives them as
+    :class:`Ready` entries."""
+
+    __slots__ = ("_ready", "certain_skips", "ready_certain", "ready_delivered",
+                 "ready_generations", "ready_ids", "ready_sources", "ready_wakes", "skip")
 
     def __init__(self) -> None:
-        self.ready: list[Ready] = []
+        self.ready_ids: list[str] = []
+        self.ready_generations: list[int] = []
+        self.ready_sources: list[str] = []
+        self.ready_delivered: list[bool] = []
+        self.ready_wakes: list[float | None] = []
+        self.ready_certain: list[bool] = []
         self.skip: list[str] = []
         """Successors to skip now, in order; each skip resolves them for their own
         successors."""
         self.certain_skips: list[str] = []
         """The skips whose only way in is a source that just resolved (no other predecessor
         can change them): a worker writes them with the source's own commit."""
+        self._ready: list[Ready] | None = None
+
+    def add_ready(self, node_id: str, generation: int, source: str, delivered: bool,
+                  wake_up_at: float | None, certain: bool) -> None:
+        self.ready_ids.append(node_id)
+        self.ready_generations.append(generation)
+        self.ready_sources.append(source)
+        self.ready_delivered.append(delivered)
+        self.ready_wakes.append(wake_up_at)
+        self.ready_certain.append(certain)
+        self._ready = None
+
+    @property
+    def ready(self) -> list[Ready]:
+        """The successors that run now, in order."""
+        if self._ready is None:
+            self._ready = [Ready(*row) for row in zip(
+                self.ready_ids, self.ready_generations, self.ready_sources,
+                self.ready_delivered, self.ready_wakes, self.ready_certain, strict=True)]
+        return self._ready
 
 
 class JoinTally:
@@ -203,8 +233,7 @@ def decide(graph: Graph, data: Mapping[str, Any], sources: Iterable[str],
     sources, so skipping propagates (a worker decides that next round from the context its
     write returned). With ``tally``, every source must have resolved just now.
     """
-    decision = Successors()
-    skipping: set[str] = set()
+    decision: Successors | None = None  # made on the first decision: most arrivals wait
     if not isinstance(sources, list) or len(sources) > 1:
         sources = dict.fromkeys(sources)
     outgoing = graph.outgoing
@@ -217,21 +246,24 @@ def decide(graph: Graph, data: Mapping[str, Any], sources: Iterable[str],
         edges = outgoing.get(source, ())
         if not edges:
             continue
+        taken = record.taken
+        only: str | None = None  # the one target delivered to, or
+        delivered: frozenset[str] | set[str] = frozenset()  # all of them
         if record.skipped:
-            delivered: frozenset[str] | set[str] = frozenset()
-        elif len(record.taken) == 1:
-            delivered = {edges[record.taken[0]].target}
+            pass
+        elif len(taken) == 1:
+            only = edges[taken[0]].target
         else:
-            delivered = {edges[i].target for i in record.taken}
+            delivered = {edges[i].target for i in taken}
         targets = (edges[0].target,) if len(edges) == 1 else dict.fromkeys(
             e.target for e in edges)
         for target in targets:
-            hit = target in delivered
+            hit = target == only or target in delivered
             if (source, target) in back_edges:
                 count = resolution_count(data, target)
                 if hit and fresh_record(graph, data, source, target, count, True) is not None:
-                    decision.ready.append(Ready(target, count, source, True,
-                                                record.wake_up_at, True))
+                    decision = decision or Successors()
+                    decision.add_ready(target, count, source, True, record.wake_up_at, True)
                 continue
             target_record = read_record(data, target)
             if target_record is not None and _settled(graph, data, target, target_record, hit):
@@ -247,17 +279,22 @@ def decide(graph: Graph, data: Mapping[str, Any], sources: Iterable[str],
                 verdict = join_decision(graph.nodes[target].join_strategy,
                                         len(predecessors.get(target, ())),
                                         len(resolved), len(arrived))
+            if verdict is JoinDecision.WAIT:
+                continue
+            decision = decision or Successors()
             if verdict is JoinDecision.RUN:
                 certain = only_way_in and (target_record is None
                                            or graph.same_cycle(target, target))
-                decision.ready.append(Ready(target, count, source, hit, record.wake_up_at,
-                                            certain))
-            elif verdict is JoinDecision.SKIP and target not in skipping:
-                skipping.add(target)
+                decision.add_ready(target, count, source, hit, record.wake_up_at, certain)
+            elif target not in decision.skip:
                 decision.skip.append(target)
                 if only_way_in and target_record is None:
                     decision.certain_skips.append(target)
-    return decision
+    return decision or _NOTHING
+
+
+_NOTHING = Successors()
+"""What :func:`decide` returns when nothing follows yet (shared: never changed)."""
 
 
 def frontier(graph: Graph, data: Mapping[str, Any]) -> Successors:
@@ -270,21 +307,21 @@ def frontier(graph: Graph, data: Mapping[str, Any]) -> Successors:
     running are in it (a worker filters them by their leases).
     """
     awaiting = set(data.get(AWAITING_IDS_KEY) or ())
+    left_out = awaiting | graph.fallback_only
     resolved = [node_id for node_id in graph.nodes if read_record(data, node_id) is not None]
     decision = decide(graph, data, resolved)
-    ready = [
-        Ready(node_id, 0, node_id, False)
-        for node_id in graph.start_node_ids
-        if not graph.forward_predecessors.get(node_id) and read_record(data, node_id) is None
-    ]
-    seen = {r.node_id for r in ready}
+    result = Successors()
+    seen: set[str] = set()
+    for node_id in graph.start_node_ids:
+        if (not graph.forward_predecessors.get(node_id) and read_record(data, node_id) is None
+                and node_id not in left_out):
+            seen.add(node_id)
+            result.add_ready(node_id, 0, node_id, False, None, False)
     for entry in decision.ready:
-        if entry.node_id not in seen:
+        if entry.node_id not in seen and entry.node_id not in left_out:
             seen.add(entry.node_id)
-            ready.append(entry)
-    decision.ready = [r for r in ready
-                      if r.node_id not in awaiting and r.node_id not in graph.fallback_only]
-    decision.skip = [n for n in decision.skip
-                     if n not in awaiting and n not in graph.fallback_only]
-    decision.certain_skips = [n for n in decision.certain_skips if n in decision.skip]
-    return decision
+            result.add_ready(entry.node_id, entry.generation, entry.source, entry.delivered,
+                             entry.wake_up_at, entry.certain)
+    result.skip = [n for n in decision.skip if n not in left_out]
+    result.certain_skips = [n for n in decision.certain_skips if n in result.skip]
+    return result

@@ -433,10 +433,10 @@ class _InMemoryRun:
     async def _execute(self, node_id: str, generation: int,
                        resume: dict[str, Any] | None) -> None:
         job: tuple[str, int, dict[str, Any] | None] | None = (node_id, generation, resume)
+        handoff: list[tuple[str, int, dict[str, Any] | None]] = []  # emptied every round
         while job is not None:
             node_id, generation, resume = job
             job = None
-            handoff: list[tuple[str, int, dict[str, Any] | None]] = []
             try:
                 if self.limit is not None or not self.inline_successors:
                     async with self.limit or contextlib.nullcontext():
@@ -456,6 +456,7 @@ class _InMemoryRun:
             finally:
                 for left in handoff:  # not taken over (an error, a cancellation): its own task
                     self._spawn(*left)
+                handoff.clear()
                 self.running -= 1
                 if job is None and self.backlog and not self.signal.is_set():
                     job = self.backlog.popleft()
@@ -569,8 +570,8 @@ class _InMemoryRun:
         with what follows them."""
         while sources:
             decision = decide(self.graph, self.data, sources, self.tally)
-            for ready in decision.ready:
-                self._schedule(ready.node_id, first_arrival=ready.source)
+            for node_id, source in zip(decision.ready_ids, decision.ready_sources, strict=True):
+                self._schedule(node_id, first_arrival=source)
             sources = [node_id for node_id in decision.skip if self._skip(node_id, events)]
 
     def _skip(self, node_id: str, events: list[FlowcraftEvent] | None) -> bool:
