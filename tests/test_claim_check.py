@@ -32,10 +32,16 @@ from flowcraft.adapters.claimcheck import (
     PayloadStoreMissingError,
 )
 from flowcraft.context import PatchOperation
-from flowcraft.distributed.context import ClaimStatus, DistributedContext
+from flowcraft.distributed.context import (
+    LOCK_PREFIX,
+    ClaimStatus,
+    DistributedContext,
+    InMemoryRunStore,
+)
 
 pytestmark = pytest.mark.integration
 
+OWNER = "Worker-A:1"
 BIG = 200_000
 """Characters of each large value: six of them make a run of more than 1 MB."""
 SMALL_ITEM = 64 * 1024
@@ -374,3 +380,71 @@ async def test_a_value_shaped_like_a_reference_reads_back_as_written(stack: Stac
     async with stack.store() as fresh:
         data = await stack.context(run_id, fresh).load() or {}
     assert data["v"] == lookalike and data["w"] == lookalike
+
+
+# -- the context's operations, unchanged -------------------------------------------------------
+
+
+def _without_expiry(data: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A context with its leases' expiry times dropped (they are taken from the clock)."""
+    if data is None:
+        return None
+    return {key: ({k: v for k, v in value.items() if k != "expires"}
+                  if key.startswith(LOCK_PREFIX) else value) for key, value in data.items()}
+
+
+async def test_every_operation_returns_what_the_in_memory_store_returns(stack: Stack) -> None:
+    """With a threshold of 0 every string, list and object written goes to the object store;
+    create, claim, commit, apply, release and load still return exactly what the in-memory
+    store returns, and the item holds references for them."""
+    run_id = f"ops-{uuid.uuid4().hex[:6]}"
+    memory = InMemoryRunStore().context(run_id)
+    async with stack.store(threshold_bytes=0) as store:
+        stored = stack.context(run_id, store)
+        both = (memory, stored)
+
+        async def same(call: Any) -> Any:
+            results = [await call(context) for context in both]
+            assert results[0] == results[1]
+            return results[0]
+
+        await same(lambda c: c.create({"order": {"id": "o-1", "lines": [1, 2]}, "note": "n",
+                                       "count": 3}))
+        claim = await same(lambda c: _claim(c, "a"))
+        assert claim[0] is ClaimStatus.CLAIMED
+        await same(lambda c: _commit(c, "a", [
+            PatchOperation("set", "_outputs.a", {"total": 7, "items": ["x", "y"]}),
+            PatchOperation("set", "_flowcraft.node.a", {"n": 1, "taken": ["b"]}),
+            PatchOperation("set", "note", "changed"),
+            PatchOperation("delete", "order")], claims=[("b", 0)]))
+        await same(lambda c: _apply(c, [PatchOperation("set", "tags", ["t1", "t2"])]))
+        await same(lambda c: _release(c, "b"))
+        assert (await same(lambda c: _claim(c, "a")))[0] is ClaimStatus.DONE
+        await same(lambda c: _load(c))
+    item = await stack.raw_item(run_id)
+    for key in ("note", "tags", "_outputs.a"):
+        assert REFERENCE_KEY in item[key], key
+    assert item["count"] == 3 and item["_flowcraft.node.a"] == {"n": 1, "taken": ["b"]}
+
+
+async def _claim(context: DistributedContext, node: str) -> tuple[ClaimStatus, Any]:
+    claim = await context.claim(node, 0, OWNER, lease_seconds=30)
+    return claim.status, _without_expiry(claim.data)
+
+
+async def _commit(context: DistributedContext, node: str, operations: list[PatchOperation],
+                  claims: list[tuple[str, int]]) -> Any:
+    return _without_expiry(await context.commit(node, 0, OWNER, operations, claims))
+
+
+async def _apply(context: DistributedContext, operations: list[PatchOperation]) -> Any:
+    return _without_expiry(await context.apply(operations))
+
+
+async def _release(context: DistributedContext, node: str) -> Any:
+    await context.release(node, OWNER, attempts=0)
+    return _without_expiry(await context.load())
+
+
+async def _load(context: DistributedContext) -> Any:
+    return _without_expiry(await context.load())
