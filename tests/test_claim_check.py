@@ -448,3 +448,25 @@ async def _release(context: DistributedContext, node: str) -> Any:
 
 async def _load(context: DistributedContext) -> Any:
     return _without_expiry(await context.load())
+
+
+# -- configuration -----------------------------------------------------------------------------
+
+
+def test_flags_and_environment_name_the_bucket_and_the_container(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from flowcraft.cli import build_parser
+    from flowcraft.cli.common import settings
+
+    for variable in ("FLOWCRAFT_PAYLOAD_BUCKET", "FLOWCRAFT_PAYLOAD_CONTAINER"):
+        monkeypatch.delenv(variable, raising=False)
+    parse = build_parser().parse_args
+    assert settings(parse(["provision", "aws"])).payload_bucket is None  # off by default
+    assert settings(parse(["provision", "azure"])).payload_container is None
+    assert settings(parse(["provision", "aws", "--payload-bucket", "b1"])).payload_bucket == "b1"
+    monkeypatch.setenv("FLOWCRAFT_PAYLOAD_BUCKET", "b2")
+    monkeypatch.setenv("FLOWCRAFT_PAYLOAD_CONTAINER", "c2")
+    assert settings(parse(["status", "aws", "run-1"])).payload_bucket == "b2"
+    assert settings(parse(["status", "azure", "run-1"])).payload_container == "c2"
+    assert settings(parse(["status", "azure", "run-1", "--payload-container", "c3"])
+                    ).payload_container == "c3"

@@ -32,10 +32,14 @@ object, so it reads back as it was written.
 **Reading.** Every read that returns the context (``load``, ``claim``, ``commit``,
 ``apply``, and ``get`` / ``to_dict`` over them) returns the values themselves: the
 references are resolved, in parallel, through a bounded in-process cache keyed by sha256
-(an object never changes; ``cache_bytes``, 64 MiB unless set). Each value is decoded anew,
-so callers never share one. A download is checked against its hash. A reference whose
+(an object never changes; ``cache_bytes``, 64 MiB unless set); concurrent readers of one
+object share one download. Each value is decoded anew, so callers never share one. A
+download is checked against its hash. A reference whose
 object is gone raises :class:`PayloadMissingError` naming the run, the key, the object and
 what to do; one read by a context without a store raises :class:`PayloadStoreMissingError`.
+
+The TypeScript library's workers and clients do not read references: a deployment that
+mixes them with Python workers keeps the claim check off.
 """
 
 from __future__ import annotations
@@ -98,6 +102,7 @@ class Upload:
     location: str
     name: str
     data: bytes
+    sha256: str
 
 
 def encoding(value: Any) -> bytes | None:
@@ -175,6 +180,8 @@ class PayloadStore(abc.ABC):
         self.threshold_bytes = threshold_bytes
         self._cache = _ByteCache(cache_bytes)
         self._present: OrderedDict[str, None] = OrderedDict()
+        self._downloads: dict[tuple[str, str], asyncio.Task[bytes | None]] = {}
+        """Downloads under way, so concurrent readers of one object share one request."""
 
     # -- the service ---------------------------------------------------------------------------
 
@@ -226,7 +233,7 @@ class PayloadStore(abc.ABC):
         name = self.object_name(run_id, sha256)
         reference = {REFERENCE_KEY: self.uri(self.location, name), "bytes": len(data),
                      "sha256": sha256}
-        return reference, Upload(self.location, name, data)
+        return reference, Upload(self.location, name, data, sha256)
 
     async def upload(self, uploads: Sequence[Upload]) -> None:
         """Upload what is not there yet (see the module docstring), in parallel."""
@@ -237,7 +244,7 @@ class PayloadStore(abc.ABC):
         if known not in self._present and not await self.exists(upload.location, upload.name):
             await self.put(upload.location, upload.name, upload.data)
         self._remember(known)
-        self._cache.put(hashlib.sha256(upload.data).hexdigest(), upload.data)
+        self._cache.put(upload.sha256, upload.data)
 
     def _remember(self, known: str) -> None:
         self._present[known] = None
@@ -258,7 +265,7 @@ class PayloadStore(abc.ABC):
                     f"run '{run_id}': context key '{key}' refers to {uri}, which this "
                     f"worker's store ({self.scheme}://{self.location}) cannot read",
                     run_id=run_id)
-            data = await self.get(*where)
+            data = await self._download(*where)
             if data is None:
                 raise PayloadMissingError(run_id, key, uri, self.missing_reason())
             if hashlib.sha256(data).hexdigest() != sha256:
@@ -269,6 +276,22 @@ class PayloadStore(abc.ABC):
             self._cache.put(sha256, data)
             self._remember("/".join(where))
         return json.loads(data)
+
+    async def _download(self, location: str, name: str) -> bytes | None:
+        key = (location, name)
+        task = self._downloads.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self.get(location, name))
+            self._downloads[key] = task
+
+            def done(finished: asyncio.Task[bytes | None]) -> None:
+                self._downloads.pop(key, None)
+                if not finished.cancelled():
+                    finished.exception()  # retrieved here too: every reader may be gone
+
+            task.add_done_callback(done)
+        # Shielded: one reader cancelled (its job stopped) does not fail the others.
+        return await asyncio.shield(task)
 
 
 def plan_values(store: PayloadStore | None, run_id: str,
