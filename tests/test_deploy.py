@@ -528,8 +528,7 @@ async def test_azure_payload_container_matches_what_provision_creates(azure: Any
     names = AzureNames(azure.queue_name, azure.database, azure.context_container,
                        azure.status_container, name)
     settings = AzureSettings(
-        storage_connection_string=azure.services.endpoints.storage_connection_string,
-        cosmos_connection_string="unused", redis_url="unused")
+        storage_connection_string=azure.services.endpoints.storage_connection_string)
     async with azure_blob_service(settings) as blobs:
         first = await provision_azure(azure.queue_service, azure.cosmos, names, blobs)
         assert f"blob container {name}" in first["created"]

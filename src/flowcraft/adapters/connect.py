@@ -314,8 +314,9 @@ async def azure_blob_service(settings: AzureSettings,
         raise FlowcraftError(
             "the Azure claim check needs the azure extra: pip install 'flowcraft-py[azure]'"
         ) from None
-    settings.require()
-    assert settings.storage_connection_string
+    if not settings.storage_connection_string:
+        raise FlowcraftError("the Azure claim check needs AZURE_STORAGE_CONNECTION_STRING (or "
+                             "--storage-connection-string)")
     async with BlobServiceClient.from_connection_string(
             settings.storage_connection_string, **_azure_counter(calls, "blob")) as service:
         yield service

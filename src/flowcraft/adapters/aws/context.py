@@ -247,13 +247,14 @@ class DynamoDbContext(AsyncContextBase):
             data = (await self._flatten_client_item(item) if self._is_client_item(item)
                     else self._data(item))
             return Claim(ClaimStatus.CLAIMED, await self._resolved(data), owner)
-        current = await self.load()  # why the condition failed
+        current = self._data(await self._get_item())  # why the condition failed
         status = claim_status(current, node_id, iteration, owner, time.time())
         if status is ClaimStatus.CLAIMED:  # the lease expired in between: try once more
             return await self.claim(node_id, iteration, owner, lease_seconds,
                                     count_attempt=count_attempt)
         lease_now = (current or {}).get(lock_key(node_id)) or {}
-        return Claim(status, current, lease_now.get("owner"), lease_now.get("expires"))
+        return Claim(status, await self._resolved(current), lease_now.get("owner"),
+                     lease_now.get("expires"))
 
     async def commit(self, node_id: str, iteration: int, owner: str,
                      operations: Sequence[PatchOperation],
