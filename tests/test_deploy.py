@@ -280,10 +280,13 @@ def test_compose_variables_are_the_ones_flowcraft_reads(backend: str,
     for name, service in flowcraft_services(backend).items():
         environment = {key: str(value) for key, value in service["environment"].items()}
         assert set(environment) <= read, f"{name}: {set(environment) - read} is read by nobody"
-        # Names given explicitly are the defaults `flowcraft provision` creates.
+        # Names given explicitly are the defaults `flowcraft provision` creates; the claim
+        # check's bucket or container has none (it is off unless named): the stack names it.
         for field in fields(settings_class):
             variable = settings_class.ENVIRONMENT.get(field.name, "")
-            if variable.startswith("FLOWCRAFT_") and variable in environment:
+            if getattr(defaults, field.name) is None and variable.startswith("FLOWCRAFT_"):
+                assert environment.get(variable), f"{name}: {variable} is not set"
+            elif variable.startswith("FLOWCRAFT_") and variable in environment:
                 assert environment[variable] == getattr(defaults, field.name), variable
 
 
@@ -333,6 +336,8 @@ def test_azure_compose_reaches_the_emulators_on_loopback(
     assert settings.storage_connection_string == (
         f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
         f"QueueEndpoint=http://127.0.0.1:{option(azurite['command'], '--queuePort')}/"
+        f"{AZURITE_ACCOUNT};"
+        f"BlobEndpoint=http://127.0.0.1:{option(azurite['command'], '--blobPort')}/"
         f"{AZURITE_ACCOUNT};")
     assert settings.cosmos_connection_string == (
         f"AccountEndpoint=https://127.0.0.1:{option(cosmos['command'], '-p')}/;"
@@ -347,14 +352,17 @@ def test_azure_compose_reaches_the_emulators_on_loopback(
 
 # -- the Terraform modules -------------------------------------------------------------------------
 
-# IAM grants a batch request under the single request's action.
+# IAM grants a batch request under the single request's action, and HeadObject under
+# GetObject.
 IAM_ACTION = {"SendMessageBatch": "SendMessage", "DeleteMessageBatch": "DeleteMessage",
-              "ChangeMessageVisibilityBatch": "ChangeMessageVisibility"}
+              "ChangeMessageVisibilityBatch": "ChangeMessageVisibility",
+              "HeadObject": "GetObject"}
 
 
 def aws_requests_of_the_workers() -> set[str]:
-    """Every SQS / DynamoDB request the worker, client and reconciler code makes, as IAM
-    actions (provisioning excluded: it is not the workers' job)."""
+    """Every SQS / DynamoDB / S3 request the worker, client and reconciler code makes, as
+    IAM actions (provisioning excluded: it is not the workers' job), and s3:ListBucket for
+    reading objects: without it S3 answers 403 instead of 404 for one that is missing."""
     import botocore.session
     from botocore import xform_name
 
@@ -365,10 +373,12 @@ def aws_requests_of_the_workers() -> set[str]:
         if path.name != "provision.py")
     session = botocore.session.get_session()
     actions = set()
-    for service in ("sqs", "dynamodb"):
+    for service in ("sqs", "dynamodb", "s3"):
         for operation in session.get_service_model(service).operation_names:
             if re.search(rf"\.{xform_name(operation)}\(", code):
                 actions.add(f"{service}:{IAM_ACTION.get(operation, operation)}")
+    if "s3:GetObject" in actions:
+        actions.add("s3:ListBucket")
     return actions
 
 
@@ -379,6 +389,15 @@ def test_aws_worker_policy_allows_exactly_the_requests_the_code_makes() -> None:
     assert granted == aws_requests_of_the_workers()
     scans = [s for s in document["statement"] if "dynamodb:Scan" in s["actions"]]
     assert [s["resources"] for s in scans] == [["${aws_dynamodb_table.statuses.arn}"]]
+    # Objects only under the claim check's prefix; listing only in its bucket.
+    from flowcraft.adapters.claimcheck import DEFAULT_PREFIX
+
+    objects = [s for s in document["statement"]
+               if any(a in s["actions"] for a in ("s3:GetObject", "s3:PutObject"))]
+    assert [s["resources"] for s in objects] == [
+        [f"${{aws_s3_bucket.payloads.arn}}/{DEFAULT_PREFIX}/*"]]
+    listing = [s for s in document["statement"] if "s3:ListBucket" in s["actions"]]
+    assert [s["resources"] for s in listing] == [["${aws_s3_bucket.payloads.arn}"]]
 
 
 async def test_aws_module_matches_what_provision_creates(aws: Any) -> None:
@@ -425,6 +444,39 @@ async def test_aws_module_matches_what_provision_creates(aws: Any) -> None:
         "redrive_policy"]
 
 
+async def test_aws_payload_bucket_matches_what_provision_creates(aws: Any) -> None:
+    """The claim check's bucket: the lifecycle rule provision writes is the module's, and
+    both expire the objects with the runs (the status store's retention)."""
+    import uuid
+
+    from flowcraft.adapters.aws import AwsNames, provision_aws
+    from flowcraft.adapters.aws.statuses import DynamoDbStatusStore
+    from flowcraft.adapters.connect import AwsSettings, aws_s3_client
+
+    module = terraform("aws")
+    variables = module["variable"]
+    assert "default" not in variables["payload_bucket_name"]  # global names: no default
+    (bucket,) = module["resource"]["aws_s3_bucket"].values()
+    assert bucket["bucket"] == "${var.payload_bucket_name}"
+    (lifecycle,) = module["resource"]["aws_s3_bucket_lifecycle_configuration"].values()
+    (declared,) = lifecycle["rule"]
+    name = f"payloads-{uuid.uuid4().hex[:8]}"
+    names = AwsNames(aws.queue_name, aws.context_table, aws.status_table,
+                     aws.coordination_table, name)
+    async with aws_s3_client(AwsSettings(region="us-east-1",
+                                         endpoint_url=aws.endpoint.url)) as s3:
+        first = await provision_aws(aws.sqs, aws.dynamodb, names, s3)
+        assert f"bucket {name}" in first["created"]
+        again = await provision_aws(aws.sqs, aws.dynamodb, names, s3)
+        assert again["created"] == []
+        (rule,) = (await s3.get_bucket_lifecycle_configuration(Bucket=name))["Rules"]
+    assert (declared["id"], declared["status"]) == (rule["ID"], rule["Status"])
+    assert declared["filter"] == [{"prefix": rule["Filter"]["Prefix"]}]
+    days = resolve(declared["expiration"][0]["days"], variables)
+    assert days == rule["Expiration"]["Days"]
+    assert days * 24 * 3600 == DynamoDbStatusStore.retention_seconds
+
+
 async def test_azure_module_matches_what_provision_creates(azure: Any) -> None:
     from flowcraft.adapters.azure import AzureNames
 
@@ -447,6 +499,43 @@ async def test_azure_module_matches_what_provision_creates(azure: Any) -> None:
         properties = await database_client.get_container_client(name).read()
         assert container["partition_key_paths"] == properties["partitionKey"]["paths"]
     assert resources["azurerm_redis_cache"]["main"]["non_ssl_port_enabled"] is False
+
+
+async def test_azure_payload_container_matches_what_provision_creates(azure: Any) -> None:
+    """The claim check's container is private; the module's management policy deletes its
+    blobs under the claim check's prefix with the runs (the status store's retention)."""
+    import uuid
+
+    from flowcraft.adapters.azure import AzureNames, provision_azure
+    from flowcraft.adapters.azure.statuses import CosmosDbStatusStore
+    from flowcraft.adapters.claimcheck import DEFAULT_PREFIX
+    from flowcraft.adapters.connect import AzureSettings, azure_blob_service
+
+    module = terraform("azure")
+    variables, resources = module["variable"], module["resource"]
+    (container,) = resources["azurerm_storage_container"].values()
+    assert container["container_access_type"] == "private"
+    assert container["name"] == "${var.payload_container_name}"
+    (policy,) = resources["azurerm_storage_management_policy"].values()
+    (rule,) = policy["rule"]
+    (filters,) = rule["filters"]
+    assert filters["prefix_match"] == [f"${{var.payload_container_name}}/{DEFAULT_PREFIX}/"]
+    (actions,) = rule["actions"]
+    days = resolve(actions["base_blob"][0][
+        "delete_after_days_since_modification_greater_than"], variables)
+    assert days * 24 * 3600 == CosmosDbStatusStore.retention_seconds
+    name = f"payloads-{uuid.uuid4().hex[:8]}"
+    names = AzureNames(azure.queue_name, azure.database, azure.context_container,
+                       azure.status_container, name)
+    settings = AzureSettings(
+        storage_connection_string=azure.services.endpoints.storage_connection_string)
+    async with azure_blob_service(settings) as blobs:
+        first = await provision_azure(azure.queue_service, azure.cosmos, names, blobs)
+        assert f"blob container {name}" in first["created"]
+        again = await provision_azure(azure.queue_service, azure.cosmos, names, blobs)
+        assert again["created"] == []
+        properties = await blobs.get_container_client(name).get_container_properties()
+    assert properties.public_access is None  # private
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,5 +1,6 @@
 # What flowcraft's AWS workers need: the job queue with a dead-letter queue, the three
-# DynamoDB tables, and a least-privilege IAM policy to attach to the workers' role.
+# DynamoDB tables, the S3 bucket of the claim check, and a least-privilege IAM policy to
+# attach to the workers' role.
 # The names and keys are those `flowcraft provision aws` uses, so a stack made here and one
 # made by the command are interchangeable.
 
@@ -113,6 +114,36 @@ resource "aws_dynamodb_table" "coordination" {
   tags = var.tags
 }
 
+# The claim check: context values too large for a run's item (over 32 KiB of JSON) are
+# objects flowcraft/<runId>/<sha256>, and the item holds references to them. They expire
+# with the runs (counted from when they were written).
+resource "aws_s3_bucket" "payloads" {
+  bucket = var.payload_bucket_name
+  tags   = var.tags
+}
+
+resource "aws_s3_bucket_public_access_block" "payloads" {
+  bucket                  = aws_s3_bucket.payloads.id
+  block_public_acls       = true
+  block_public_policy     = true
+  ignore_public_acls      = true
+  restrict_public_buckets = true
+}
+
+resource "aws_s3_bucket_lifecycle_configuration" "payloads" {
+  bucket = aws_s3_bucket.payloads.id
+  rule {
+    id     = "flowcraft-payload-expiry"
+    status = "Enabled"
+    filter {
+      prefix = "flowcraft/"
+    }
+    expiration {
+      days = var.payload_expiry_days
+    }
+  }
+}
+
 # Exactly the requests a worker, the reconciler and `flowcraft start` / `status` make.
 data "aws_iam_policy_document" "worker" {
   statement {
@@ -160,11 +191,26 @@ data "aws_iam_policy_document" "worker" {
     actions   = ["dynamodb:Query"]
     resources = ["${aws_dynamodb_table.statuses.arn}/index/status-lastUpdated"]
   }
+
+  # HeadObject (is a value uploaded already?) is allowed by s3:GetObject.
+  statement {
+    sid       = "Payloads"
+    actions   = ["s3:GetObject", "s3:PutObject"]
+    resources = ["${aws_s3_bucket.payloads.arn}/flowcraft/*"]
+  }
+
+  # Without it S3 answers 403 for an object that is not there, not 404: a worker could not
+  # tell a missing object from a forbidden one.
+  statement {
+    sid       = "PayloadsMissing"
+    actions   = ["s3:ListBucket"]
+    resources = [aws_s3_bucket.payloads.arn]
+  }
 }
 
 resource "aws_iam_policy" "worker" {
   name        = "${var.queue_name}-worker"
-  description = "flowcraft workers and reconciler: the job queue and the run tables"
+  description = "flowcraft workers and reconciler: the job queue, the run tables and the payload bucket"
   policy      = data.aws_iam_policy_document.worker.json
   tags        = var.tags
 }

@@ -20,3 +20,8 @@ output "worker_policy_arn" {
   description = "Attach to the workers' (and the reconciler's) IAM role"
   value       = aws_iam_policy.worker.arn
 }
+
+output "payload_bucket" {
+  description = "FLOWCRAFT_PAYLOAD_BUCKET"
+  value       = aws_s3_bucket.payloads.bucket
+}

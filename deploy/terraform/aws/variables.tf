@@ -1,6 +1,7 @@
 # Defaults are the names `flowcraft provision aws` and the workers use when nothing else
 # is configured (flags or FLOWCRAFT_* variables). Change them together with the workers'
-# settings.
+# settings. The payload bucket is the claim check's, on only where the workers name it
+# (FLOWCRAFT_PAYLOAD_BUCKET).
 
 variable "queue_name" {
   description = "SQS job queue (FLOWCRAFT_QUEUE_NAME); the dead-letter queue is <name>-dlq"
@@ -24,6 +25,17 @@ variable "coordination_table_name" {
   description = "DynamoDB table of coordination records, key `key`, TTL on `ttl` (FLOWCRAFT_COORDINATION_TABLE)"
   type        = string
   default     = "flowcraft-coordination"
+}
+
+variable "payload_bucket_name" {
+  description = "S3 bucket of the claim check, for values too large for a run's item (FLOWCRAFT_PAYLOAD_BUCKET); bucket names are global: choose your own"
+  type        = string
+}
+
+variable "payload_expiry_days" {
+  description = "Days after which the claim check's objects expire: the run retention (30 days)"
+  type        = number
+  default     = 30
 }
 
 variable "lease_seconds" {

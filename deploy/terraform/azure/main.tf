@@ -1,7 +1,8 @@
 # What flowcraft's Azure workers need: a storage queue (and the -poison queue Azure
-# Functions and the workers move unprocessable messages to), a Cosmos DB (SQL API) database
-# with the contexts and statuses containers partitioned on /runId, and a Redis cache for
-# coordination. The names and keys are those `flowcraft provision azure` uses.
+# Functions and the workers move unprocessable messages to), the blob container of the
+# claim check, a Cosmos DB (SQL API) database with the contexts and statuses containers
+# partitioned on /runId, and a Redis cache for coordination. The names and keys are those
+# `flowcraft provision azure` uses.
 
 terraform {
   required_version = ">= 1.3"
@@ -31,6 +32,33 @@ resource "azurerm_storage_queue" "jobs" {
 resource "azurerm_storage_queue" "poison" {
   name                 = "${var.queue_name}-poison"
   storage_account_id = azurerm_storage_account.main.id
+}
+
+# The claim check: context values too large for a run's item (over 32 KiB of JSON) are
+# blobs flowcraft/<runId>/<sha256>, and the item holds references to them.
+resource "azurerm_storage_container" "payloads" {
+  name                  = var.payload_container_name
+  storage_account_id    = azurerm_storage_account.main.id
+  container_access_type = "private"
+}
+
+# They expire with the runs (counted from when they were written); `flowcraft provision`
+# cannot set this: it is the storage account's management policy.
+resource "azurerm_storage_management_policy" "payloads" {
+  storage_account_id = azurerm_storage_account.main.id
+  rule {
+    name    = "flowcraft-payload-expiry"
+    enabled = true
+    filters {
+      prefix_match = ["${var.payload_container_name}/flowcraft/"]
+      blob_types   = ["blockBlob"]
+    }
+    actions {
+      base_blob {
+        delete_after_days_since_modification_greater_than = var.payload_expiry_days
+      }
+    }
+  }
 }
 
 resource "azurerm_cosmosdb_account" "main" {

@@ -1,6 +1,8 @@
 # Defaults for the queue, database and containers are the names `flowcraft provision
 # azure` and the workers use when nothing else is configured (flags or FLOWCRAFT_*
-# variables). The account names must be unique across Azure: choose your own.
+# variables); the payload container is the claim check's, which is on only where the
+# workers name it (FLOWCRAFT_PAYLOAD_CONTAINER). The account names must be unique across
+# Azure: choose your own.
 
 variable "resource_group_name" {
   description = "An existing resource group"
@@ -13,7 +15,7 @@ variable "location" {
 }
 
 variable "storage_account_name" {
-  description = "Storage account for the job queue (3-24 lower-case letters and digits, unique)"
+  description = "Storage account for the job queue and the claim check's blobs (3-24 lower-case letters and digits, unique)"
   type        = string
 }
 
@@ -49,6 +51,18 @@ variable "status_container_name" {
   description = "Container of run statuses, partition key /runId (FLOWCRAFT_STATUS_CONTAINER)"
   type        = string
   default     = "statuses"
+}
+
+variable "payload_container_name" {
+  description = "Blob container of the claim check, for values too large for a run's item (FLOWCRAFT_PAYLOAD_CONTAINER)"
+  type        = string
+  default     = "flowcraft-payloads"
+}
+
+variable "payload_expiry_days" {
+  description = "Days after which the claim check's blobs are deleted: the run retention (30 days)"
+  type        = number
+  default     = 30
 }
 
 variable "max_throughput" {

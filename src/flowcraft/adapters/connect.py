@@ -4,11 +4,16 @@
 flags (keyword arguments), else the usual environment variables, else the names
 of the setup guides (queue ``flowcraft-jobs``; tables ``flowcraft-contexts``,
 ``flowcraft-statuses``, ``flowcraft-coordination``; Cosmos database
-``flowcraft-db`` with containers ``contexts`` and ``statuses``).
+``flowcraft-db`` with containers ``contexts`` and ``statuses``). The claim check
+(:mod:`flowcraft.adapters.claimcheck`) is on where a payload bucket
+(``FLOWCRAFT_PAYLOAD_BUCKET``) or blob container (``FLOWCRAFT_PAYLOAD_CONTAINER``) is
+named; there is no default name (S3 bucket names are global), so without one a run's
+values stay in its item, as they always did.
 
 The rest turns settings into open things, each an async context manager that
 closes what it opened: the SDK clients (:func:`aws_clients`,
-:func:`azure_clients`), an adapter on them (:func:`aws_adapter`,
+:func:`azure_clients`, and :func:`aws_payloads` / :func:`azure_payloads` for the
+claim check's store), an adapter on them (:func:`aws_adapter`,
 :func:`azure_adapter`, or :func:`open_adapter` for either), a reconciler over
 the status store (:func:`open_reconciler`); :func:`provision` creates what is
 missing. ``calls`` counts every request the clients send, by
@@ -46,12 +51,15 @@ class AwsSettings:
     context_table: str = "flowcraft-contexts"
     status_table: str = "flowcraft-statuses"
     coordination_table: str = "flowcraft-coordination"
+    payload_bucket: str | None = None
+    """The S3 bucket of the claim check (values too large for a run's item); ``None``: off."""
 
     ENVIRONMENT = {
         "region": "AWS_REGION", "endpoint_url": "AWS_ENDPOINT_URL", "queue_url": "SQS_QUEUE_URL",
         "queue_name": "FLOWCRAFT_QUEUE_NAME", "context_table": "FLOWCRAFT_CONTEXT_TABLE",
         "status_table": "FLOWCRAFT_STATUS_TABLE",
         "coordination_table": "FLOWCRAFT_COORDINATION_TABLE",
+        "payload_bucket": "FLOWCRAFT_PAYLOAD_BUCKET",
     }
 
     @classmethod
@@ -80,9 +88,7 @@ async def aws_clients(settings: AwsSettings,
         raise FlowcraftError(
             "the AWS backend needs the aws extra: pip install 'flowcraft-py[aws]'") from None
     session = get_session()
-    options = {"region_name": settings.region}
-    if settings.endpoint_url:
-        options["endpoint_url"] = settings.endpoint_url
+    options = _aws_options(settings)
     async with session.create_client("sqs", **options) as sqs, session.create_client(
         "dynamodb", **options
     ) as dynamodb:
@@ -90,6 +96,46 @@ async def aws_clients(settings: AwsSettings,
             for client, service in ((sqs, "sqs"), (dynamodb, "dynamodb")):
                 client.meta.events.register(f"before-send.{service}", _aws_counter(calls))
         yield sqs, dynamodb
+
+
+def _aws_options(settings: AwsSettings) -> dict[str, Any]:
+    options = {"region_name": settings.region}
+    if settings.endpoint_url:
+        options["endpoint_url"] = settings.endpoint_url
+    return options
+
+
+@contextlib.asynccontextmanager
+async def aws_s3_client(settings: AwsSettings,
+                        calls: Counter[str] | None = None) -> AsyncIterator[Any]:
+    """An aiobotocore S3 client for the settings; ``calls`` counts its requests."""
+    from aiobotocore.session import get_session
+
+    async with get_session().create_client("s3", **_aws_options(settings)) as s3:
+        if calls is not None:
+            s3.meta.events.register("before-send.s3", _aws_counter(calls))
+        yield s3
+
+
+@contextlib.asynccontextmanager
+async def aws_payloads(settings: AwsSettings,
+                       calls: Counter[str] | None = None) -> AsyncIterator[Any]:
+    """An :class:`~flowcraft.adapters.aws.payloads.S3PayloadStore` on the settings'
+    payload bucket (with an S3 client of its own), or ``None`` when no bucket is named."""
+    if not settings.payload_bucket:
+        yield None
+        return
+    from .aws.payloads import S3PayloadStore
+
+    async with aws_s3_client(settings, calls) as s3:
+        yield S3PayloadStore(s3, settings.payload_bucket)
+
+
+def _use_payloads(adapter: Any, payloads: Any) -> Any:
+    """Give the adapter's run store (its context factory) the claim check's store."""
+    if payloads is not None:
+        adapter.backend.runs.payloads = payloads
+    return adapter
 
 
 def _aws_counter(calls: Counter[str]) -> Any:
@@ -117,8 +163,10 @@ async def aws_adapter(settings: AwsSettings, runtime_options: Any,
                       calls: Counter[str] | None = None,
                       **adapter_options: Any) -> AsyncIterator[Any]:
     """A ready :class:`~flowcraft.adapters.aws.SqsAdapter` for the settings."""
-    async with aws_clients(settings, calls) as (sqs, dynamodb):
-        yield await _sqs_adapter(settings, runtime_options, sqs, dynamodb, **adapter_options)
+    async with aws_clients(settings, calls) as (sqs, dynamodb), aws_payloads(
+            settings, calls) as payloads:
+        yield _use_payloads(await _sqs_adapter(settings, runtime_options, sqs, dynamodb,
+                                               **adapter_options), payloads)
 
 
 async def _sqs_adapter(settings: AwsSettings, runtime_options: Any, sqs: Any, dynamodb: Any,
@@ -144,6 +192,9 @@ class AzureSettings:
     database: str = "flowcraft-db"
     context_container: str = "contexts"
     status_container: str = "statuses"
+    payload_container: str | None = None
+    """The blob container of the claim check (values too large for a run's item), in the
+    storage account of the connection string; ``None``: off."""
     verify_tls: bool = True
 
     ENVIRONMENT = {
@@ -153,6 +204,7 @@ class AzureSettings:
         "database": "FLOWCRAFT_COSMOS_DATABASE",
         "context_container": "FLOWCRAFT_CONTEXT_CONTAINER",
         "status_container": "FLOWCRAFT_STATUS_CONTAINER",
+        "payload_container": "FLOWCRAFT_PAYLOAD_CONTAINER",
     }
 
     @classmethod
@@ -244,9 +296,44 @@ async def azure_adapter(settings: AzureSettings, runtime_options: Any,
                         calls: Counter[str] | None = None,
                         **adapter_options: Any) -> AsyncIterator[Any]:
     """A ready :class:`~flowcraft.adapters.azure.AzureQueueAdapter` for the settings."""
-    async with azure_clients(settings, calls) as (queue, _service, cosmos, redis):
-        yield _queue_adapter(settings, runtime_options, queue, cosmos, redis, calls,
-                             **adapter_options)
+    async with azure_clients(settings, calls) as (queue, _service, cosmos, redis), \
+            azure_payloads(settings, calls) as payloads:
+        yield _use_payloads(_queue_adapter(settings, runtime_options, queue, cosmos, redis,
+                                           calls, **adapter_options), payloads)
+
+
+@contextlib.asynccontextmanager
+async def azure_blob_service(settings: AzureSettings,
+                             calls: Counter[str] | None = None) -> AsyncIterator[Any]:
+    """An ``azure.storage.blob.aio.BlobServiceClient`` on the storage connection string
+    (which must reach Blob Storage: a real account's does; Azurite's names a
+    ``BlobEndpoint``); ``calls`` counts its requests as ``blob.METHOD``."""
+    try:
+        from azure.storage.blob.aio import BlobServiceClient
+    except ImportError:
+        raise FlowcraftError(
+            "the Azure claim check needs the azure extra: pip install 'flowcraft-py[azure]'"
+        ) from None
+    if not settings.storage_connection_string:
+        raise FlowcraftError("the Azure claim check needs AZURE_STORAGE_CONNECTION_STRING (or "
+                             "--storage-connection-string)")
+    async with BlobServiceClient.from_connection_string(
+            settings.storage_connection_string, **_azure_counter(calls, "blob")) as service:
+        yield service
+
+
+@contextlib.asynccontextmanager
+async def azure_payloads(settings: AzureSettings,
+                         calls: Counter[str] | None = None) -> AsyncIterator[Any]:
+    """A :class:`~flowcraft.adapters.azure.payloads.BlobPayloadStore` on the settings'
+    payload container, or ``None`` when no container is named."""
+    if not settings.payload_container:
+        yield None
+        return
+    from .azure.payloads import BlobPayloadStore
+
+    async with azure_blob_service(settings, calls) as service:
+        yield BlobPayloadStore(service, settings.payload_container)
 
 
 def _queue_adapter(settings: AzureSettings, runtime_options: Any, queue: Any, cosmos: Any,
@@ -277,10 +364,13 @@ async def provision_azure(settings: AzureSettings) -> dict[str, Any]:
     from .azure import AzureNames
     from .azure import provision_azure as provision
 
+    names = AzureNames(settings.queue_name, settings.database, settings.context_container,
+                       settings.status_container, settings.payload_container)
     async with azure_clients(settings) as (_queue, service, cosmos, _redis):
-        return await provision(service, cosmos, AzureNames(
-            settings.queue_name, settings.database, settings.context_container,
-            settings.status_container))
+        if not names.payload_container:
+            return await provision(service, cosmos, names)
+        async with azure_blob_service(settings) as blobs:
+            return await provision(service, cosmos, names, blobs)
 
 
 Settings = AwsSettings | AzureSettings
@@ -303,27 +393,34 @@ async def open_reconciler(settings: Settings, runtime_options: Any,
     if isinstance(settings, AwsSettings):
         from .aws import create_sqs_reconciler
 
-        async with aws_clients(settings) as (sqs, dynamodb):
-            adapter = await _sqs_adapter(settings, runtime_options, sqs, dynamodb)
+        async with aws_clients(settings) as (sqs, dynamodb), aws_payloads(settings) as payloads:
+            adapter = _use_payloads(await _sqs_adapter(settings, runtime_options, sqs,
+                                                       dynamodb), payloads)
             yield create_sqs_reconciler(adapter, dynamodb, settings.status_table,
                                         stalled_threshold_seconds)
         return
     from .azure import create_azure_reconciler
 
-    async with azure_clients(settings) as (queue, _service, cosmos, redis):
-        adapter = _queue_adapter(settings, runtime_options, queue, cosmos, redis, None)
+    async with azure_clients(settings) as (queue, _service, cosmos, redis), \
+            azure_payloads(settings) as payloads:
+        adapter = _use_payloads(
+            _queue_adapter(settings, runtime_options, queue, cosmos, redis, None), payloads)
         yield create_azure_reconciler(adapter, cosmos, settings.database,
                                       settings.status_container, stalled_threshold_seconds)
 
 
 async def provision(settings: Settings) -> dict[str, Any]:
     """Create the queue and tables (AWS) or the queues, database and containers (Azure)
-    the settings name, where missing; ``created`` lists what was made."""
+    the settings name, and the claim check's bucket or blob container where one is named,
+    where missing; ``created`` lists what was made."""
     if isinstance(settings, AzureSettings):
         return await provision_azure(settings)
     from .aws import AwsNames, provision_aws
 
+    names = AwsNames(settings.queue_name, settings.context_table, settings.status_table,
+                     settings.coordination_table, settings.payload_bucket)
     async with aws_clients(settings) as (sqs, dynamodb):
-        return await provision_aws(sqs, dynamodb, AwsNames(
-            settings.queue_name, settings.context_table, settings.status_table,
-            settings.coordination_table))
+        if not names.payload_bucket:
+            return await provision_aws(sqs, dynamodb, names)
+        async with aws_s3_client(settings) as s3:
+            return await provision_aws(sqs, dynamodb, names, s3)

@@ -125,10 +125,12 @@ def settings(args: argparse.Namespace) -> Any:
             region=args.region, endpoint_url=args.endpoint_url, queue_url=args.queue_url,
             queue_name=args.queue_name, context_table=args.context_table,
             status_table=args.status_table, coordination_table=args.coordination_table,
+            payload_bucket=args.payload_bucket,
         )
     return AzureSettings.resolve(
         storage_connection_string=args.storage_connection_string,
         cosmos_connection_string=args.cosmos_connection_string,
         redis_url=args.redis_url, queue_name=args.queue_name, database=args.database,
         context_container=args.context_container, status_container=args.status_container,
+        payload_container=args.payload_container,
     )

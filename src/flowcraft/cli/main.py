@@ -62,6 +62,8 @@ def _add_cloud_options(parser: argparse.ArgumentParser) -> None:
     aws.add_argument("--context-table", help="context table (flowcraft-contexts)")
     aws.add_argument("--status-table", help="status table (flowcraft-statuses)")
     aws.add_argument("--coordination-table", help="coordination table (flowcraft-coordination)")
+    aws.add_argument("--payload-bucket", help="S3 bucket for values too large for a run's "
+                                              "item (FLOWCRAFT_PAYLOAD_BUCKET; none: off)")
     azure = parser.add_argument_group("Azure")
     azure.add_argument("--storage-connection-string",
                        help="storage account (AZURE_STORAGE_CONNECTION_STRING)")
@@ -70,6 +72,8 @@ def _add_cloud_options(parser: argparse.ArgumentParser) -> None:
     azure.add_argument("--database", help="Cosmos database (flowcraft-db)")
     azure.add_argument("--context-container", help="context container (contexts)")
     azure.add_argument("--status-container", help="status container (statuses)")
+    azure.add_argument("--payload-container", help="blob container for values too large for "
+                       "a run's item (FLOWCRAFT_PAYLOAD_CONTAINER; none: off)")
     parser.add_argument("--queue-name", help="queue name (flowcraft-jobs)")
 
 

@@ -1,10 +1,10 @@
 """Local stand-ins for the cloud services, on loopback: for ``flowcraft demo``, the tests,
 the benchmarks and development — never for a worker in production.
 
-* :mod:`.aws` — a moto server (SQS + DynamoDB) in this process (:func:`moto_server`);
+* :mod:`.aws` — a moto server (SQS, DynamoDB, S3) in this process (:func:`moto_server`);
   needs the ``local`` extra (``pip install "flowcraft-py[local]"``, which brings
   ``moto[server]``).
-* :mod:`.azure` — Azurite's queue service, a Cosmos DB SQL API server (npm packages;
+* :mod:`.azure` — Azurite's queue and blob services, a Cosmos DB SQL API server (npm packages;
   see that module for where they are found) and ``redis-server``, each a child process
   on a free port (:func:`azure_services`).
 * :mod:`.processes` — free ports, child processes, and :class:`LocalServiceError`, the one
@@ -28,6 +28,7 @@ from .azure import (
     AzureEndpoints,
     AzureServices,
     azure_services,
+    azurite_blob_process,
     azurite_process,
     check_cosmos_patched,
     cosmos_process,
@@ -51,6 +52,7 @@ __all__ = [
     "LocalServiceError",
     "MotoEndpoint",
     "azure_services",
+    "azurite_blob_process",
     "azurite_process",
     "check_cosmos_patched",
     "cosmos_process",

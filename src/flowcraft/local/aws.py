@@ -1,4 +1,4 @@
-"""A local AWS: a moto server (SQS + DynamoDB) on a background thread of this process.
+"""A local AWS: a moto server (SQS, DynamoDB, S3) on a background thread of this process.
 
 It needs the ``local`` extra (``moto[server]``). moto applies requests on threads without
 a lock, which DynamoDB never does to one item; :func:`moto_server` makes its DynamoDB
@@ -39,7 +39,7 @@ class MotoEndpoint:
 
 @contextlib.contextmanager
 def moto_server(port: int | None = None) -> Iterator[MotoEndpoint]:
-    """A moto server (SQS, DynamoDB) in a background thread of this process."""
+    """A moto server (SQS, DynamoDB, S3) in a background thread of this process."""
     try:
         from moto.server import ThreadedMotoServer
     except ImportError:

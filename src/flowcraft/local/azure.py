@@ -1,5 +1,7 @@
-"""Local Azure: Azurite's queue service, a Cosmos DB SQL API server and ``redis-server``,
-each a child process on a free loopback port (:func:`azure_services`).
+"""Local Azure: Azurite's queue and blob services, a Cosmos DB SQL API server and
+``redis-server``, each a child process on a free loopback port (:func:`azure_services`).
+The storage connection string names both Azurite endpoints, so queue and blob clients
+(the claim check's) are made from the one string, as on a real storage account.
 
 Azurite and the Cosmos DB server are npm packages, pinned by
 ``tools/local-services/package-lock.json`` of the source tree; ``npm ci`` there installs
@@ -94,14 +96,25 @@ class AzureEndpoints:
 class AzureServices:
     endpoints: AzureEndpoints
     azurite: LocalProcess
+    """Azurite's queue service."""
     cosmos: LocalProcess
     redis: LocalProcess
+    azurite_blob: LocalProcess
+    """Azurite's blob service."""
 
 
 def azurite_process(log_dir: Path, port: int | None = None) -> LocalProcess:
     port = port or free_port()
     return LocalProcess("azurite", [
         node_binary("azurite-queue"), "--queueHost", "127.0.0.1", "--queuePort", str(port),
+        "--inMemoryPersistence", "--skipApiVersionCheck", "--disableTelemetry", "--silent",
+    ], port, log_dir)
+
+
+def azurite_blob_process(log_dir: Path, port: int | None = None) -> LocalProcess:
+    port = port or free_port()
+    return LocalProcess("azurite-blob", [
+        node_binary("azurite-blob"), "--blobHost", "127.0.0.1", "--blobPort", str(port),
         "--inMemoryPersistence", "--skipApiVersionCheck", "--disableTelemetry", "--silent",
     ], port, log_dir)
 
@@ -141,22 +154,29 @@ def redis_process(log_dir: Path, port: int | None = None) -> LocalProcess:
 
 @contextlib.contextmanager
 def azure_services(log_dir: Path | None = None) -> Iterator[AzureServices]:
-    """Azurite (queues), a Cosmos DB SQL API server and Redis, on free loopback ports."""
+    """Azurite (queues and blobs), a Cosmos DB SQL API server and Redis, on free loopback
+    ports."""
     with contextlib.ExitStack() as stack:
         if log_dir is None:
             log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="flowcraft-")))
-        azurite, cosmos, redis = (azurite_process(log_dir), cosmos_process(log_dir),
-                                  redis_process(log_dir))
-        for process in (azurite, cosmos, redis):
+        azurite, cosmos, redis, blob = (azurite_process(log_dir), cosmos_process(log_dir),
+                                        redis_process(log_dir), azurite_blob_process(log_dir))
+        for process in (azurite, cosmos, redis, blob):
             process.start()
             stack.callback(process.stop)
-        storage = (
-            f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};"
-            f"AccountKey={AZURITE_KEY};"
-            f"QueueEndpoint=http://127.0.0.1:{azurite.port}/{AZURITE_ACCOUNT};"
-        )
         yield AzureServices(
-            AzureEndpoints(storage, f"https://127.0.0.1:{cosmos.port}", COSMOS_EMULATOR_KEY,
+            AzureEndpoints(storage_connection_string(azurite.port, blob.port),
+                           f"https://127.0.0.1:{cosmos.port}", COSMOS_EMULATOR_KEY,
                            f"redis://127.0.0.1:{redis.port}/0"),
-            azurite, cosmos, redis,
+            azurite, cosmos, redis, blob,
         )
+
+
+def storage_connection_string(queue_port: int, blob_port: int | None = None,
+                              host: str = "127.0.0.1") -> str:
+    """Azurite's storage account at its queue (and blob) endpoint."""
+    blob = (f"BlobEndpoint=http://{host}:{blob_port}/{AZURITE_ACCOUNT};"
+            if blob_port is not None else "")
+    return (f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};"
+            f"AccountKey={AZURITE_KEY};"
+            f"QueueEndpoint=http://{host}:{queue_port}/{AZURITE_ACCOUNT};{blob}")

@@ -25,6 +25,12 @@ raises :class:`~flowcraft.errors.UnstorableValueError` before anything is sent.
 ``create`` is a put conditioned on ``attribute_not_exists(runId)``: a run id that
 is taken is refused and the existing run left as it is. The claim counts the
 attempt with ``if_not_exists(attempts, 0) + 1`` in the same ``UpdateItem``.
+
+With a payload store (``payloads``, an
+:class:`~flowcraft.adapters.aws.payloads.S3PayloadStore`), values larger than its
+threshold are kept in S3 and the item holds references to them; every context this
+class returns has them resolved (:mod:`flowcraft.adapters.claimcheck`). The item limit
+then counts the references, not the values. Without one, the item holds every value.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from ...distributed.context import (
     run_exists_error,
 )
 from ...errors import ContextTooLargeError, UnstorableValueError
+from ..claimcheck import PayloadStore, offload, plan_values, resolve
 from ._dynamo import ITEM_LIMIT_BYTES, Expression, approximate_size, from_item, to_item
 
 KEY = "runId"
@@ -73,10 +80,13 @@ def context_key(attribute: str) -> str:
 class DynamoDbContext(AsyncContextBase):
     """The stored context of one run (``AsyncContext`` plus the distributed operations)."""
 
-    def __init__(self, run_id: str, *, client: Any, table_name: str) -> None:
+    def __init__(self, run_id: str, *, client: Any, table_name: str,
+                 payloads: PayloadStore | None = None) -> None:
         self.run_id = run_id
         self.client = client
         self.table_name = table_name
+        self.payloads = payloads
+        """Where values too large for the item are kept (``None``: in the item)."""
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -122,7 +132,7 @@ class DynamoDbContext(AsyncContextBase):
                 ReturnValues="ALL_NEW", **expression.arguments(),
             )
         except self.client.exceptions.ConditionalCheckFailedException:
-            return await self.load()  # flattened meanwhile by another worker
+            return self._data(await self._get_item())  # flattened meanwhile by another worker
         return self._data(response.get("Attributes"))
 
     async def _update(self, operations: Sequence[PatchOperation], *, condition: str = "",
@@ -167,7 +177,7 @@ class DynamoDbContext(AsyncContextBase):
             return None
         except ClientError as exc:
             if _is_size_error(exc):
-                current = await self.load() or {}
+                current = self._data(await self._get_item()) or {}
                 size = approximate_size({**current, **(size_hint or {})})
                 raise ContextTooLargeError(self.run_id, max(size, ITEM_LIMIT_BYTES + 1),
                                            ITEM_LIMIT_BYTES, "DynamoDB") from None
@@ -181,14 +191,25 @@ class DynamoDbContext(AsyncContextBase):
 
     # -- distributed operations ------------------------------------------------------------
 
-    async def load(self) -> dict[str, Any] | None:
+    async def _get_item(self) -> dict[str, Any] | None:
         response = await self.client.get_item(TableName=self.table_name, Key=self._key(),
                                               ConsistentRead=True)
-        return self._data(response.get("Item"))
+        item = response.get("Item")
+        return None if item is None else dict(item)
+
+    async def _resolved(self, data: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The context as callers get it: references replaced by their values."""
+        return await resolve(self.payloads, self.run_id, data)
+
+    async def load(self) -> dict[str, Any] | None:
+        return await self._resolved(self._data(await self._get_item()))
 
     async def create(self, initial: Mapping[str, Any]) -> None:
-        self.check_size(initial)
-        item = to_item({attribute_name(k): v for k, v in initial.items()})
+        stored, uploads = plan_values(self.payloads, self.run_id, initial)
+        self.check_size(stored)  # before anything is uploaded or written
+        if self.payloads is not None:
+            await self.payloads.upload(uploads)
+        item = to_item({attribute_name(k): v for k, v in stored.items()})
         item[KEY] = {"S": self.run_id}
         item[FLAT_MARKER] = {"BOOL": True}
         try:
@@ -199,7 +220,7 @@ class DynamoDbContext(AsyncContextBase):
             raise run_exists_error(self.run_id) from None
         except ClientError as exc:
             if _is_size_error(exc):
-                raise ContextTooLargeError(self.run_id, approximate_size(initial),
+                raise ContextTooLargeError(self.run_id, approximate_size(stored),
                                            ITEM_LIMIT_BYTES, "DynamoDB") from None
             raise
 
@@ -225,14 +246,15 @@ class DynamoDbContext(AsyncContextBase):
         if item is not None:
             data = (await self._flatten_client_item(item) if self._is_client_item(item)
                     else self._data(item))
-            return Claim(ClaimStatus.CLAIMED, data, owner)
-        current = await self.load()  # why the condition failed
+            return Claim(ClaimStatus.CLAIMED, await self._resolved(data), owner)
+        current = self._data(await self._get_item())  # why the condition failed
         status = claim_status(current, node_id, iteration, owner, time.time())
         if status is ClaimStatus.CLAIMED:  # the lease expired in between: try once more
             return await self.claim(node_id, iteration, owner, lease_seconds,
                                     count_attempt=count_attempt)
         lease_now = (current or {}).get(lock_key(node_id)) or {}
-        return Claim(status, current, lease_now.get("owner"), lease_now.get("expires"))
+        return Claim(status, await self._resolved(current), lease_now.get("owner"),
+                     lease_now.get("expires"))
 
     async def commit(self, node_id: str, iteration: int, owner: str,
                      operations: Sequence[PatchOperation],
@@ -241,9 +263,11 @@ class DynamoDbContext(AsyncContextBase):
         expression = Expression()
         lease = expression.name(lock_key(node_id))
         condition = f"{lease}.{expression.name('owner')} = {expression.value(owner)}"
-        full = commit_operations(node_id, operations, claims, owner, lease_seconds, time.time())
-        return await self._update(full, condition=condition, expression=expression,
-                                  size_hint={op.key: op.value for op in full})
+        full = await offload(self.payloads, self.run_id, commit_operations(
+            node_id, operations, claims, owner, lease_seconds, time.time()))
+        return await self._resolved(await self._update(
+            full, condition=condition, expression=expression,
+            size_hint={op.key: op.value for op in full}))
 
     async def renew(self, node_id: str, owner: str, lease_seconds: float) -> bool:
         expression = Expression()
@@ -272,14 +296,14 @@ class DynamoDbContext(AsyncContextBase):
     async def apply(self, operations: Sequence[PatchOperation]) -> dict[str, Any] | None:
         if any(op.op == "delete" for op in operations):
             # A key of a TypeScript-client item may live in its nested context: flatten it first.
-            response = await self.client.get_item(TableName=self.table_name, Key=self._key(),
-                                                  ConsistentRead=True)
-            if self._is_client_item(response.get("Item")):
-                await self._flatten_client_item(response["Item"])
+            item = await self._get_item()
+            if item is not None and self._is_client_item(item):
+                await self._flatten_client_item(item)
+        operations = await offload(self.payloads, self.run_id, operations)
         expression = Expression()
-        return await self._update(operations, condition=f"attribute_exists({expression.name(KEY)})",
-                                  expression=expression,
-                                  size_hint={op.key: op.value for op in operations})
+        return await self._resolved(await self._update(
+            operations, condition=f"attribute_exists({expression.name(KEY)})",
+            expression=expression, size_hint={op.key: op.value for op in operations}))
 
 
 def _is_size_error(exc: ClientError) -> bool:

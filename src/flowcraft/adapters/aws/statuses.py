@@ -1,7 +1,8 @@
 """Runs and status records in DynamoDB: ``DynamoDbRunStore`` and ``DynamoDbStatusStore``.
 
 * contexts: one item per run in the context table
-  (:class:`~flowcraft.adapters.aws.context.DynamoDbContext`);
+  (:class:`~flowcraft.adapters.aws.context.DynamoDbContext`), large values in S3 when
+  the store has a payload store;
 * status records: one item per run in the status table (``runId``,
   ``status``, ``lastUpdated``, ``finalStatus``, ...), written with
   ``UpdateItem`` (conditioned on ``status = running`` where the algorithm
@@ -19,20 +20,25 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from ...distributed.backend import RunPage, RunSummary, decode_cursor, encode_cursor, iso_datetime
+from ..claimcheck import PayloadStore
 from ._dynamo import Expression, from_item
 from .context import DynamoDbContext
 from .provision import CONTEXT_TTL_ATTRIBUTE, STATUS_INDEX
 
 
 class DynamoDbRunStore:
-    """The runs' contexts, one item per run in ``table_name``."""
+    """The runs' contexts, one item per run in ``table_name``; with ``payloads``, values
+    too large for the item in S3 (one store, and so one cache, for every context)."""
 
-    def __init__(self, dynamodb_client: Any, table_name: str) -> None:
+    def __init__(self, dynamodb_client: Any, table_name: str, *,
+                 payloads: PayloadStore | None = None) -> None:
         self.dynamodb = dynamodb_client
         self.table_name = table_name
+        self.payloads = payloads
 
     def context(self, run_id: str) -> DynamoDbContext:
-        return DynamoDbContext(run_id, client=self.dynamodb, table_name=self.table_name)
+        return DynamoDbContext(run_id, client=self.dynamodb, table_name=self.table_name,
+                               payloads=self.payloads)
 
 
 class DynamoDbStatusStore:

@@ -29,6 +29,12 @@ layout any more).
 Items created by the TypeScript library's client have ``id`` but no ``runId``, and the
 initial context as top-level properties: they are adopted on first use (copied into the
 run's partition with ``runId`` set, the original removed). Throttling (429) is retried.
+
+With a payload store (``payloads``, a
+:class:`~flowcraft.adapters.azure.payloads.BlobPayloadStore`), values larger than its
+threshold are kept in Blob Storage and the item holds references to them; every context
+this class returns has them resolved (:mod:`flowcraft.adapters.claimcheck`). The item
+limit then counts the references, not the values. Without one, the item holds every value.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ from ...distributed.context import (
     run_exists_error,
 )
 from ...errors import ContextTooLargeError, FlowcraftError
+from ..claimcheck import PayloadStore, offload, plan_values, resolve
 from ._cosmos import (
     COLLIDING,
     ITEM_LIMIT_BYTES,
@@ -84,9 +91,11 @@ class CosmosDbContext(AsyncContextBase):
     """The stored context of one run (``AsyncContext`` plus the distributed operations)."""
 
     def __init__(self, run_id: str, *, client: Any, database_name: str,
-                 container_name: str) -> None:
+                 container_name: str, payloads: PayloadStore | None = None) -> None:
         self.run_id = run_id
         self.client = client
+        self.payloads = payloads
+        """Where values too large for the item are kept (``None``: in the item)."""
         self.container = client.get_database_client(database_name).get_container_client(
             container_name)
         self._size: int | None = None
@@ -364,15 +373,21 @@ class CosmosDbContext(AsyncContextBase):
 
     # -- distributed operations ------------------------------------------------------------
 
+    async def _resolved(self, data: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The context as callers get it: references replaced by their values."""
+        return await resolve(self.payloads, self.run_id, data)
+
     async def load(self) -> dict[str, Any] | None:
-        return self._data(await self._read())
+        return await self._resolved(self._data(await self._read()))
 
     async def create(self, initial: Mapping[str, Any]) -> None:
         from azure.cosmos.exceptions import CosmosHttpResponseError
 
-        item = dict(initial)
+        item, uploads = plan_values(self.payloads, self.run_id, initial)
         body = self._item(item)
-        self._check_size(body)
+        self._check_size(body)  # before anything is uploaded or written
+        if self.payloads is not None:
+            await self.payloads.upload(uploads)
         try:
             await with_throttling_retries(lambda: self.container.create_item(body),
                                           what=f"creating run {self.run_id}")
@@ -406,23 +421,25 @@ class CosmosDbContext(AsyncContextBase):
             add_to={attempts_key(node_id): 1} if count_attempt else None,
         )
         if item is not None:
-            return Claim(ClaimStatus.CLAIMED, self._data(item), owner)
-        current = self._refused if self._refused is not None else await self.load()
+            return Claim(ClaimStatus.CLAIMED, await self._resolved(self._data(item)), owner)
+        current = self._refused if self._refused is not None else self._data(await self._read())
         status = claim_status(current, node_id, iteration, owner, time.time())
         if status is ClaimStatus.CLAIMED:  # the lease expired in between
             return await self.claim(node_id, iteration, owner, lease_seconds,
                                     count_attempt=count_attempt)
         held = (current or {}).get(lock_key(node_id)) or {}
-        return Claim(status, current, held.get("owner"), held.get("expires"))
+        return Claim(status, await self._resolved(current), held.get("owner"),
+                     held.get("expires"))
 
     async def commit(self, node_id: str, iteration: int, owner: str,
                      operations: Sequence[PatchOperation],
                      claims: Iterable[tuple[str, int]] = (),
                      lease_seconds: float = 60.0) -> dict[str, Any] | None:
-        full = commit_operations(node_id, operations, claims, owner, lease_seconds, time.time())
+        full = await offload(self.payloads, self.run_id, commit_operations(
+            node_id, operations, claims, owner, lease_seconds, time.time()))
         item = await self._patch(full, where=[self._lease_held(node_id, owner)],
                                  check=lambda data: owns_lease(data, node_id, owner))
-        return self._data(item)
+        return await self._resolved(self._data(item))
 
     async def renew(self, node_id: str, owner: str, lease_seconds: float) -> bool:
         from azure.cosmos.exceptions import CosmosHttpResponseError
@@ -453,4 +470,5 @@ class CosmosDbContext(AsyncContextBase):
                           check=lambda data: owns_lease(data, node_id, owner))
 
     async def apply(self, operations: Sequence[PatchOperation]) -> dict[str, Any] | None:
-        return self._data(await self._patch(operations))
+        operations = await offload(self.payloads, self.run_id, operations)
+        return await self._resolved(self._data(await self._patch(operations)))

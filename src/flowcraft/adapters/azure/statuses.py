@@ -1,7 +1,8 @@
 """Runs and status records in Cosmos DB: ``CosmosDbRunStore`` and ``CosmosDbStatusStore``.
 
 * contexts: one item per run in the context container, partitioned on
-  ``/runId`` (:class:`~flowcraft.adapters.azure.context.CosmosDbContext`);
+  ``/runId`` (:class:`~flowcraft.adapters.azure.context.CosmosDbContext`), large values
+  in Blob Storage when the store has a payload store;
 * status records: one item per run in the status container, partitioned on
   ``/runId``; updates are partial, conditioned on the status where needed. A
   record a TypeScript client wrote without ``runId`` is found by a query across
@@ -18,6 +19,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from ...distributed.backend import RunPage, RunSummary, decode_cursor, encode_cursor, iso_datetime
+from ..claimcheck import PayloadStore
 from ._cosmos import literal, pointer, status_code, strip_system, with_throttling_retries
 from .context import CosmosDbContext
 
@@ -25,17 +27,21 @@ logger = logging.getLogger("flowcraft.azure")
 
 
 class CosmosDbRunStore:
-    """The runs' contexts, one item per run in ``container_name`` of ``database_name``."""
+    """The runs' contexts, one item per run in ``container_name`` of ``database_name``; with
+    ``payloads``, values too large for the item in Blob Storage (one store, and so one cache,
+    for every context)."""
 
-    def __init__(self, cosmos_client: Any, database_name: str, container_name: str) -> None:
+    def __init__(self, cosmos_client: Any, database_name: str, container_name: str, *,
+                 payloads: PayloadStore | None = None) -> None:
         self.cosmos_client = cosmos_client
         self.database_name = database_name
         self.container_name = container_name
+        self.payloads = payloads
 
     def context(self, run_id: str) -> CosmosDbContext:
         return CosmosDbContext(run_id, client=self.cosmos_client,
                                database_name=self.database_name,
-                               container_name=self.container_name)
+                               container_name=self.container_name, payloads=self.payloads)
 
 
 class CosmosDbStatusStore:
