@@ -23,7 +23,7 @@ import pytest
 import aws_helpers
 import azure_helpers
 from distributed_helpers import comparable, oracle
-from flowcraft import ContextTooLargeError, Flow, FlowRuntime, NodeContext
+from flowcraft import ContextTooLargeError, Flow, FlowRuntime, NodeContext, WorkflowBlueprint
 from flowcraft.adapters import connect
 from flowcraft.adapters.claimcheck import (
     REFERENCE_KEY,
@@ -31,6 +31,7 @@ from flowcraft.adapters.claimcheck import (
     PayloadStore,
     PayloadStoreMissingError,
 )
+from flowcraft.client import Client
 from flowcraft.context import PatchOperation
 from flowcraft.distributed.context import (
     LOCK_PREFIX,
@@ -85,6 +86,10 @@ class Stack(abc.ABC):
         """The stored context of a run, with ``payloads`` as its payload store."""
 
     @abc.abstractmethod
+    def own_client(self, blueprint: WorkflowBlueprint, payloads: PayloadStore) -> Client:
+        """A Client on SDK clients the test owns (``Client.from_aws`` / ``from_azure``)."""
+
+    @abc.abstractmethod
     async def raw_item(self, run_id: str) -> dict[str, Any]:
         """The run's item as the database holds it."""
 
@@ -119,6 +124,12 @@ class AwsStack(Stack):
 
         return DynamoDbContext(run_id, client=self.aws.dynamodb,
                                table_name=self.settings.context_table, payloads=payloads)
+
+    def own_client(self, blueprint: WorkflowBlueprint, payloads: PayloadStore) -> Client:
+        return Client.from_aws(
+            self.aws.sqs, self.aws.dynamodb, self.settings.queue_url, blueprints=[blueprint],
+            context_table=self.settings.context_table, status_table=self.settings.status_table,
+            coordination_table=self.settings.coordination_table, payloads=payloads)
 
     async def raw_item(self, run_id: str) -> dict[str, Any]:
         from flowcraft.adapters.aws._dynamo import from_item
@@ -163,6 +174,12 @@ class AzureStack(Stack):
                                database_name=self.settings.database,
                                container_name=self.settings.context_container,
                                payloads=payloads)
+
+    def own_client(self, blueprint: WorkflowBlueprint, payloads: PayloadStore) -> Client:
+        return Client.from_azure(
+            self.azure.queue, self.azure.cosmos, self.azure.redis, blueprints=[blueprint],
+            database=self.settings.database, context_container=self.settings.context_container,
+            status_container=self.settings.status_container, payloads=payloads)
 
     async def raw_item(self, run_id: str) -> dict[str, Any]:
         container = self.azure.cosmos.get_database_client(
@@ -279,6 +296,23 @@ async def test_a_run_of_more_than_a_megabyte_completes_with_small_items(stack: S
         stored = await context.to_dict()
     public = comparable(expected.context)
     assert {key: stored[key] for key in public} == public
+
+
+async def test_a_client_on_its_own_sdk_clients_reads_the_large_values(stack: Stack) -> None:
+    flow = Flow("one-large").node("make", lambda ctx: big_value("make"))
+    blueprint = flow.to_blueprint()
+    runtime = FlowRuntime(blueprints={blueprint.id: blueprint}, registry=flow.registry())
+    async with stack.adapter(runtime) as worker:
+        await worker.start()
+        try:
+            run_id = await worker.start_workflow(blueprint, {})
+            await worker.wait_for_result(run_id, timeout=30)
+        finally:
+            await worker.stop(5)
+    async with stack.store() as store:
+        result = await stack.own_client(blueprint, store).result(run_id, timeout=10)
+    assert result.status == "completed"
+    assert result.context["_outputs.make"] == big_value("make")
 
 
 # -- content addressing ------------------------------------------------------------------------

@@ -204,16 +204,20 @@ class Client:
     def from_aws(cls, sqs: Any, dynamodb: Any, queue_url: str, *, blueprints: Any = None,
                  context_table: str = "flowcraft-contexts",
                  status_table: str = "flowcraft-statuses",
-                 coordination_table: str = "flowcraft-coordination") -> Client:
-        """A client on aiobotocore clients the caller opened (and closes)."""
+                 coordination_table: str = "flowcraft-coordination",
+                 payloads: Any = None) -> Client:
+        """A client on aiobotocore clients the caller opened (and closes). ``payloads``: the
+        workers' claim-check store (an ``S3PayloadStore``), when they use one."""
         from .adapters.aws import DynamoDbCoordinationStore, SqsAdapter
+        from .adapters.connect import use_payloads
 
         client: Client
 
         async def open_aws(stack: contextlib.AsyncExitStack) -> Any:
-            return SqsAdapter(_options(client.blueprints), DynamoDbCoordinationStore(
+            adapter = SqsAdapter(_options(client.blueprints), DynamoDbCoordinationStore(
                 client=dynamodb, table_name=coordination_table), sqs, dynamodb, queue_url,
                 context_table_name=context_table, status_table_name=status_table)
+            return use_payloads(adapter, payloads)
         client = cls(open_aws, "aws", blueprints)
         return client
 
@@ -221,18 +225,22 @@ class Client:
     def from_azure(cls, queue_client: Any, cosmos_client: Any, redis: Any, *,
                    blueprints: Any = None, database: str = "flowcraft-db",
                    context_container: str = "contexts",
-                   status_container: str = "statuses") -> Client:
-        """A client on Azure SDK clients (and a ``redis.asyncio`` client) the caller owns."""
+                   status_container: str = "statuses", payloads: Any = None) -> Client:
+        """A client on Azure SDK clients (and a ``redis.asyncio`` client) the caller owns.
+        ``payloads``: the workers' claim-check store (a ``BlobPayloadStore``), when they use
+        one."""
         from .adapters.azure import AzureQueueAdapter, RedisCoordinationStore
+        from .adapters.connect import use_payloads
 
         client: Client
 
         async def open_azure(stack: contextlib.AsyncExitStack) -> Any:
-            return AzureQueueAdapter(
+            adapter = AzureQueueAdapter(
                 _options(client.blueprints), RedisCoordinationStore(redis), queue_client,
                 cosmos_client, cosmos_database_name=database,
                 context_container_name=context_container,
                 status_container_name=status_container)
+            return use_payloads(adapter, payloads)
         client = cls(open_azure, "azure", blueprints)
         return client
 

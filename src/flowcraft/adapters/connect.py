@@ -131,7 +131,7 @@ async def aws_payloads(settings: AwsSettings,
         yield S3PayloadStore(s3, settings.payload_bucket)
 
 
-def _use_payloads(adapter: Any, payloads: Any) -> Any:
+def use_payloads(adapter: Any, payloads: Any) -> Any:
     """Give the adapter's run store (its context factory) the claim check's store."""
     if payloads is not None:
         adapter.backend.runs.payloads = payloads
@@ -165,7 +165,7 @@ async def aws_adapter(settings: AwsSettings, runtime_options: Any,
     """A ready :class:`~flowcraft.adapters.aws.SqsAdapter` for the settings."""
     async with aws_clients(settings, calls) as (sqs, dynamodb), aws_payloads(
             settings, calls) as payloads:
-        yield _use_payloads(await _sqs_adapter(settings, runtime_options, sqs, dynamodb,
+        yield use_payloads(await _sqs_adapter(settings, runtime_options, sqs, dynamodb,
                                                **adapter_options), payloads)
 
 
@@ -298,7 +298,7 @@ async def azure_adapter(settings: AzureSettings, runtime_options: Any,
     """A ready :class:`~flowcraft.adapters.azure.AzureQueueAdapter` for the settings."""
     async with azure_clients(settings, calls) as (queue, _service, cosmos, redis), \
             azure_payloads(settings, calls) as payloads:
-        yield _use_payloads(_queue_adapter(settings, runtime_options, queue, cosmos, redis,
+        yield use_payloads(_queue_adapter(settings, runtime_options, queue, cosmos, redis,
                                            calls, **adapter_options), payloads)
 
 
@@ -394,7 +394,7 @@ async def open_reconciler(settings: Settings, runtime_options: Any,
         from .aws import create_sqs_reconciler
 
         async with aws_clients(settings) as (sqs, dynamodb), aws_payloads(settings) as payloads:
-            adapter = _use_payloads(await _sqs_adapter(settings, runtime_options, sqs,
+            adapter = use_payloads(await _sqs_adapter(settings, runtime_options, sqs,
                                                        dynamodb), payloads)
             yield create_sqs_reconciler(adapter, dynamodb, settings.status_table,
                                         stalled_threshold_seconds)
@@ -403,7 +403,7 @@ async def open_reconciler(settings: Settings, runtime_options: Any,
 
     async with azure_clients(settings) as (queue, _service, cosmos, redis), \
             azure_payloads(settings) as payloads:
-        adapter = _use_payloads(
+        adapter = use_payloads(
             _queue_adapter(settings, runtime_options, queue, cosmos, redis, None), payloads)
         yield create_azure_reconciler(adapter, cosmos, settings.database,
                                       settings.status_container, stalled_threshold_seconds)
