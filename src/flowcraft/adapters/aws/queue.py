@@ -41,7 +41,9 @@ class SqsJobQueue:
         self.sqs = sqs_client
         self.queue_url = queue_url
         self.visibility_seconds = visibility_seconds
-        self.delete_batch_seconds = min(0.5, visibility_seconds / 10)
+        # Up to 2 s, a tenth of the visibility timeout at most: on a busy worker ten jobs
+        # finish in that time, so one DeleteMessageBatch acknowledges them all.
+        self.delete_batch_seconds = min(2.0, visibility_seconds / 10)
         self._pending_deletes: list[QueueMessage] = []
         self._delete_flush: asyncio.Task[None] | None = None
         self._dead_letter_url: str | bool | None = False  # False: not looked up yet
@@ -100,8 +102,8 @@ class SqsJobQueue:
             self._delete_flush = asyncio.get_running_loop().create_task(self._flush_soon())
 
     async def _flush_soon(self) -> None:
-        # Jobs finish one by one, rarely within a few ms of each other: gather deletes for
-        # half a second (far inside the visibility timeout; a message redelivered before its
+        # Jobs finish one by one, rarely within a few ms of each other: gather deletes for a
+        # moment (far inside the visibility timeout; a message redelivered before its
         # delete lands finds its node done).
         await asyncio.sleep(self.delete_batch_seconds)
         await self._flush_deletes()
