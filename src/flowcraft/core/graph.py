@@ -18,6 +18,8 @@ node of the next wave, and only the last wave's nodes lead on to the gather.
 
 from __future__ import annotations
 
+import json
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -260,8 +262,29 @@ def dynamic_additions(data: Mapping[str, Any]) -> list[Mapping[str, Any]]:
 
 
 def graph_for(base: Graph, data: Mapping[str, Any]) -> Graph:
+    """``base`` with the dynamic nodes stored in ``data``.
+
+    A worker rebuilds this for every job of a run it reads afresh; the graphs are kept
+    (a few, keyed by the additions' JSON: exact, and far cheaper to compute than extending
+    a graph by thousands of dynamic nodes)."""
     additions = dynamic_additions(data)
-    return base.extended(additions) if additions else base
+    if not additions:
+        return base
+    key = (id(base), json.dumps(additions, sort_keys=True, separators=(",", ":"),
+                                default=str))
+    cached = _EXTENDED.get(key)
+    if cached is not None and cached[0] is base:
+        _EXTENDED.move_to_end(key)
+        return cached[1]
+    graph = base.extended(additions)
+    _EXTENDED[key] = (base, graph)
+    if len(_EXTENDED) > _EXTENDED_LIMIT:
+        _EXTENDED.popitem(last=False)
+    return graph
+
+
+_EXTENDED: OrderedDict[tuple[int, str], tuple[Graph, Graph]] = OrderedDict()
+_EXTENDED_LIMIT = 32
 
 
 def dynamic_addition(graph: Graph, node_id: str, nodes: Any) -> dict[str, Any]:
