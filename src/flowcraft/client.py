@@ -209,15 +209,14 @@ class Client:
         """A client on aiobotocore clients the caller opened (and closes). ``payloads``: the
         workers' claim-check store (an ``S3PayloadStore``), when they use one."""
         from .adapters.aws import DynamoDbCoordinationStore, SqsAdapter
-        from .adapters.connect import use_payloads
 
         client: Client
 
         async def open_aws(stack: contextlib.AsyncExitStack) -> Any:
-            adapter = SqsAdapter(_options(client.blueprints), DynamoDbCoordinationStore(
+            return SqsAdapter(_options(client.blueprints), DynamoDbCoordinationStore(
                 client=dynamodb, table_name=coordination_table), sqs, dynamodb, queue_url,
-                context_table_name=context_table, status_table_name=status_table)
-            return use_payloads(adapter, payloads)
+                context_table_name=context_table, status_table_name=status_table,
+                payloads=payloads)
         client = cls(open_aws, "aws", blueprints)
         return client
 
@@ -230,17 +229,15 @@ class Client:
         ``payloads``: the workers' claim-check store (a ``BlobPayloadStore``), when they use
         one."""
         from .adapters.azure import AzureQueueAdapter, RedisCoordinationStore
-        from .adapters.connect import use_payloads
 
         client: Client
 
         async def open_azure(stack: contextlib.AsyncExitStack) -> Any:
-            adapter = AzureQueueAdapter(
+            return AzureQueueAdapter(
                 _options(client.blueprints), RedisCoordinationStore(redis), queue_client,
                 cosmos_client, cosmos_database_name=database,
                 context_container_name=context_container,
-                status_container_name=status_container)
-            return use_payloads(adapter, payloads)
+                status_container_name=status_container, payloads=payloads)
         client = cls(open_azure, "azure", blueprints)
         return client
 

@@ -131,13 +131,6 @@ async def aws_payloads(settings: AwsSettings,
         yield S3PayloadStore(s3, settings.payload_bucket)
 
 
-def use_payloads(adapter: Any, payloads: Any) -> Any:
-    """Give the adapter's run store (its context factory) the claim check's store."""
-    if payloads is not None:
-        adapter.backend.runs.payloads = payloads
-    return adapter
-
-
 def _aws_counter(calls: Counter[str]) -> Any:
     def count(event_name: str, **_: Any) -> None:
         # event_name is "before-send.<service>.<Operation>"
@@ -165,8 +158,8 @@ async def aws_adapter(settings: AwsSettings, runtime_options: Any,
     """A ready :class:`~flowcraft.adapters.aws.SqsAdapter` for the settings."""
     async with aws_clients(settings, calls) as (sqs, dynamodb), aws_payloads(
             settings, calls) as payloads:
-        yield use_payloads(await _sqs_adapter(settings, runtime_options, sqs, dynamodb,
-                                               **adapter_options), payloads)
+        yield await _sqs_adapter(settings, runtime_options, sqs, dynamodb,
+                                 payloads=payloads, **adapter_options)
 
 
 async def _sqs_adapter(settings: AwsSettings, runtime_options: Any, sqs: Any, dynamodb: Any,
@@ -298,8 +291,8 @@ async def azure_adapter(settings: AzureSettings, runtime_options: Any,
     """A ready :class:`~flowcraft.adapters.azure.AzureQueueAdapter` for the settings."""
     async with azure_clients(settings, calls) as (queue, _service, cosmos, redis), \
             azure_payloads(settings, calls) as payloads:
-        yield use_payloads(_queue_adapter(settings, runtime_options, queue, cosmos, redis,
-                                           calls, **adapter_options), payloads)
+        yield _queue_adapter(settings, runtime_options, queue, cosmos, redis, calls,
+                             payloads=payloads, **adapter_options)
 
 
 @contextlib.asynccontextmanager
@@ -394,8 +387,8 @@ async def open_reconciler(settings: Settings, runtime_options: Any,
         from .aws import create_sqs_reconciler
 
         async with aws_clients(settings) as (sqs, dynamodb), aws_payloads(settings) as payloads:
-            adapter = use_payloads(await _sqs_adapter(settings, runtime_options, sqs,
-                                                       dynamodb), payloads)
+            adapter = await _sqs_adapter(settings, runtime_options, sqs, dynamodb,
+                                         payloads=payloads)
             yield create_sqs_reconciler(adapter, dynamodb, settings.status_table,
                                         stalled_threshold_seconds)
         return
@@ -403,8 +396,8 @@ async def open_reconciler(settings: Settings, runtime_options: Any,
 
     async with azure_clients(settings) as (queue, _service, cosmos, redis), \
             azure_payloads(settings) as payloads:
-        adapter = use_payloads(
-            _queue_adapter(settings, runtime_options, queue, cosmos, redis, None), payloads)
+        adapter = _queue_adapter(settings, runtime_options, queue, cosmos, redis, None,
+                                 payloads=payloads)
         yield create_azure_reconciler(adapter, cosmos, settings.database,
                                       settings.status_container, stalled_threshold_seconds)
 

@@ -26,6 +26,7 @@ from ...distributed.coordination import CoordinationStore
 from ...distributed.options import WorkerOptions, check_option_names
 from ...events import EventBus
 from .._worker import check_worker_options
+from ..claimcheck import PayloadStore
 from .queue import SqsJobQueue
 from .statuses import DynamoDbRunStore, DynamoDbStatusStore
 from .statuses import query_status_index as query_status_index
@@ -36,7 +37,8 @@ class SqsAdapter(BaseDistributedAdapter):
     """A worker (and client) over SQS + DynamoDB.
 
     ``sqs_client`` and ``dynamodb_client`` are aiobotocore clients; see
-    ``docs/aws.md`` for a complete worker. Other keyword arguments are the
+    ``docs/aws.md`` for a complete worker. ``payloads`` (an ``S3PayloadStore``) keeps values
+    too large for the item in S3 (the claim check). Other keyword arguments are the
     :class:`~flowcraft.distributed.options.WorkerOptions` (``concurrency``,
     ``lease_seconds``, ...); an unknown one is a ``TypeError``.
     """
@@ -60,9 +62,10 @@ class SqsAdapter(BaseDistributedAdapter):
         status_table_name: str = "flowcraft-statuses",
         *,
         event_bus: EventBus | None = None,
+        payloads: PayloadStore | None = None,
         **options: Unpack[WorkerOptions],
     ) -> None:
-        check_option_names("SqsAdapter", options, extra=("event_bus",))
+        check_option_names("SqsAdapter", options, extra=("event_bus", "payloads"))
         check_worker_options(options, max_lease_seconds=self.max_visibility_seconds)
         if not queue_url:
             raise ValueError("SqsAdapter needs a queue_url (set SQS_QUEUE_URL)")
@@ -71,12 +74,13 @@ class SqsAdapter(BaseDistributedAdapter):
         self.queue_url = queue_url
         self.context_table_name = context_table_name
         self.status_table_name = status_table_name
+        self.payloads = payloads
         super().__init__(runtime_options, coordination_store, event_bus, **options)
 
     def create_backend(self) -> Backend:
         return Backend(
             SqsJobQueue(self.sqs, self.queue_url, visibility_seconds=self.lease_seconds),
-            DynamoDbRunStore(self.dynamodb, self.context_table_name),
+            DynamoDbRunStore(self.dynamodb, self.context_table_name, payloads=self.payloads),
             DynamoDbStatusStore(self.dynamodb, self.status_table_name, self.context_table_name),
         )
 

@@ -26,6 +26,7 @@ from ...distributed.coordination import CoordinationStore
 from ...distributed.options import WorkerOptions, check_option_names
 from ...events import EventBus
 from .._worker import check_worker_options
+from ..claimcheck import PayloadStore
 from .queue import AzureJobQueue
 from .statuses import CosmosDbRunStore, CosmosDbStatusStore
 from .statuses import query_status_container as query_status_container
@@ -36,7 +37,8 @@ class AzureQueueAdapter(BaseDistributedAdapter):
     """A worker (and client) over Azure Queue Storage + Cosmos DB (+ Redis coordination).
 
     ``queue_client`` is an ``azure.storage.queue.aio.QueueClient``, ``cosmos_client`` an
-    ``azure.cosmos.aio.CosmosClient``. Other keyword arguments are the
+    ``azure.cosmos.aio.CosmosClient``; ``payloads`` (a ``BlobPayloadStore``) keeps values too
+    large for the item in Blob Storage (the claim check). Other keyword arguments are the
     :class:`~flowcraft.distributed.options.WorkerOptions`; an unknown one is a ``TypeError``.
     """
 
@@ -60,10 +62,12 @@ class AzureQueueAdapter(BaseDistributedAdapter):
         max_poll_interval: float = 1.0,
         poison_queue_client: Any = None,
         event_bus: EventBus | None = None,
+        payloads: PayloadStore | None = None,
         **options: Unpack[WorkerOptions],
     ) -> None:
         check_option_names("AzureQueueAdapter", options,
-                           extra=("max_poll_interval", "poison_queue_client", "event_bus"))
+                           extra=("max_poll_interval", "poison_queue_client", "event_bus",
+                                  "payloads"))
         options.setdefault("batch_size", 32)
         check_worker_options({**options, "max_poll_interval": max_poll_interval},
                              max_lease_seconds=self.max_visibility_seconds,
@@ -75,6 +79,7 @@ class AzureQueueAdapter(BaseDistributedAdapter):
         self.status_container_name = status_container_name
         self._max_poll_interval = max_poll_interval  # the queue's, once it is built
         self._poison_queue_client = poison_queue_client
+        self.payloads = payloads
         super().__init__(runtime_options, coordination_store, event_bus, **options)
 
     def create_backend(self) -> Backend:
@@ -83,7 +88,7 @@ class AzureQueueAdapter(BaseDistributedAdapter):
                           max_poll_interval=self._max_poll_interval,
                           poison_queue_client=self._poison_queue_client),
             CosmosDbRunStore(self.cosmos_client, self.cosmos_database_name,
-                             self.context_container_name),
+                             self.context_container_name, payloads=self.payloads),
             CosmosDbStatusStore(self.cosmos_client, self.cosmos_database_name,
                                 self.status_container_name, self.context_container_name),
         )
