@@ -362,3 +362,13 @@ async def test_hooks_given_as_a_generator_all_run() -> None:
     async with Worker(adapter, on_startup=hooks):
         pass
     assert ran == ["start 1", "start 2"]
+
+
+def test_every_worker_option_is_a_resolved_setting() -> None:
+    """``WorkerOptions`` (what callers may pass) and ``WorkerSettings`` (what the parts read)
+    name the same options: a new option added to one only is caught here."""
+    import dataclasses
+
+    from flowcraft.distributed.options import WORKER_OPTION_NAMES, WorkerSettings
+
+    assert {f.name for f in dataclasses.fields(WorkerSettings)} == WORKER_OPTION_NAMES
