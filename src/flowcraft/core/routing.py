@@ -167,6 +167,46 @@ def skipped_record(previous_count: int) -> dict[str, Any]:
     return _stored({"n": previous_count + 1, "skipped": True})
 
 
+# Records equal between nodes (``{"n": 1, "taken": [0]}`` for most nodes of a large run),
+# kept once. Only for engines that never change a stored record in place: the workers add
+# commit details to theirs, so they use the functions above.
+_SHARED_RECORDS: dict[tuple[int, tuple[int, ...], str | None, bool], StoredRecord] = {}
+_SHARED_RECORDS_LIMIT = 4096
+
+
+def shared_completed_record(
+    previous_count: int, taken: list[int], action: str | None
+) -> dict[str, Any]:
+    """:func:`completed_record`, the same object for every equal record. The caller must
+    never change it in place (the in-memory runtime replaces records, never edits them)."""
+    if previous_count > 2 or len(taken) > 4 or (action is not None and len(action) > 64):
+        return completed_record(previous_count, taken, action)
+    key = (previous_count, tuple(taken), action, False)
+    shared = _SHARED_RECORDS.get(key)
+    if shared is None:
+        shared = _stored_once(key, completed_record(previous_count, taken, action))
+    return shared
+
+
+def shared_skipped_record(previous_count: int) -> dict[str, Any]:
+    """:func:`skipped_record`, shared as :func:`shared_completed_record` is."""
+    if previous_count > 2:
+        return skipped_record(previous_count)
+    key = (previous_count, (), None, True)
+    shared = _SHARED_RECORDS.get(key)
+    if shared is None:
+        shared = _stored_once(key, skipped_record(previous_count))
+    return shared
+
+
+def _stored_once(key: tuple[int, tuple[int, ...], str | None, bool],
+                 record: dict[str, Any]) -> StoredRecord:
+    assert type(record) is StoredRecord
+    if len(_SHARED_RECORDS) < _SHARED_RECORDS_LIMIT:
+        _SHARED_RECORDS[key] = record
+    return record
+
+
 def failed_record(previous_count: int, message: str,
                   details: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """A failed node's record; ``details`` (error type, traceback) are kept with it."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import json
 import logging
 import uuid
@@ -36,14 +37,14 @@ from ..core.routing import (
     AWAITING_IDS_KEY,
     INPUTS_PREFIX,
     OUTPUTS_PREFIX,
-    completed_record,
     output_key,
     read_record,
     record_key,
     resolution_count,
     resolve_input,
     route,
-    skipped_record,
+    shared_completed_record,
+    shared_skipped_record,
 )
 from ..core.successors import JoinTally, decide, frontier
 from ..errors import (
@@ -329,7 +330,7 @@ class _InMemoryRun:
         """The context as strict JSON. A value the store cannot hold (changed in place by a
         node, after the checks on its writes) is removed and fails the run, saying where."""
         try:
-            return json.dumps(self.data, separators=(",", ":"), allow_nan=False)
+            return _to_json(self.data)
         except (TypeError, ValueError, RecursionError):
             pass
         for key, value in list(self.data.items()):
@@ -342,7 +343,7 @@ class _InMemoryRun:
                     owner, f"{exc.message} (it was changed in place after it was written, so "
                     "it is left out of the result); write a new value with ctx.context.set",
                     0, type(exc).__name__, self.run_id))
-        return json.dumps(self.data, separators=(",", ":"), allow_nan=False)
+        return _to_json(self.data)
 
     def _fail(self, error: NodeError) -> None:
         self.errors.append(error)
@@ -560,7 +561,9 @@ class _InMemoryRun:
         if addition is not None:
             self.data[DYNAMIC_PREFIX + node_id] = addition
             self.graph = graph
-        self.data[record_key(node_id)] = completed_record(generation, taken, result.action)
+        self.data[record_key(node_id)] = shared_completed_record(generation, taken,
+                                                               result.action)
+        self.scheduled.discard((node_id, generation))  # what runs next is a new generation
         self._propagate([node_id], events)
         return events
 
@@ -578,10 +581,9 @@ class _InMemoryRun:
         """Record that ``node_id`` is skipped (unless it was already decided this generation)."""
         generation = resolution_count(self.data, node_id)
         key = (node_id, generation)
-        if key in self.scheduled:
+        if key in self.scheduled:  # it runs, or ran and failed, in this generation
             return False
-        self.scheduled.add(key)
-        self.data[record_key(node_id)] = skipped_record(generation)
+        self.data[record_key(node_id)] = shared_skipped_record(generation)
         logger.debug("run %s node %s: skipped", self.run_id, node_id)
         if events is not None and self.bus is not None:
             events.append(FlowcraftEvent("node:skipped", {"runId": self.run_id, "nodeId": node_id}))
@@ -612,6 +614,22 @@ class _InMemoryRun:
     async def _emit(self, event_type: str, **payload: Any) -> None:
         if self.bus is not None:
             await safe_emit(self.bus, FlowcraftEvent(event_type, {"runId": self.run_id, **payload}))
+
+
+_JSON_SLICE = 2048
+
+
+def _to_json(data: dict[str, Any]) -> str:
+    """``data`` as compact strict JSON. A large context is written a slice of keys at a time:
+    the encoder holds every piece of its output until it joins them, which for a run of
+    100,000 nodes is several times the size of the text."""
+    if len(data) <= _JSON_SLICE:
+        return json.dumps(data, separators=(",", ":"), allow_nan=False)
+    items = iter(data.items())
+    parts = []
+    while piece := dict(itertools.islice(items, _JSON_SLICE)):
+        parts.append(json.dumps(piece, separators=(",", ":"), allow_nan=False)[1:-1])
+    return "{" + ",".join(parts) + "}"
 
 
 def _wake(future: asyncio.Future[None]) -> None:
