@@ -58,11 +58,7 @@ class Graph:
             raise BlueprintValidationError(blueprint.id, problems)
         self.blueprint = blueprint
         self.nodes: dict[str, NodeDefinition] = {node.id: node for node in blueprint.nodes}
-        self.outgoing: dict[str, list[EdgeDefinition]] = {node_id: [] for node_id in self.nodes}
-        self.incoming: dict[str, list[EdgeDefinition]] = {node_id: [] for node_id in self.nodes}
-        for edge in blueprint.edges:
-            self.outgoing[edge.source].append(edge)
-            self.incoming[edge.target].append(edge)
+        self.outgoing, self.incoming = _adjacency(self.nodes, {}, {}, blueprint.edges)
         cycles = find_cycles(blueprint) if blueprint.edges else []
         self.start_node_ids: list[str] = start_node_ids(blueprint, cycles)
         self.terminal_node_ids: list[str] = terminal_node_ids(blueprint)
@@ -78,7 +74,7 @@ class Graph:
             node_id: self._forward_sources(node_id) for node_id in self.incoming
         }
         self.dynamic_node_ids: tuple[str, ...] = ()
-        self._edge_index: dict[tuple[str, str], tuple[int, ...]] = {}
+        self._edge_index: dict[str, dict[str, tuple[int, ...]]] = {}
         self.repeatable: frozenset[str] = self._repeatable()
 
     def _find_back_edges(self, roots: Sequence[str]) -> set[tuple[str, str]]:
@@ -138,16 +134,18 @@ class Graph:
 
     def edge_indices(self, source: str, target: str) -> tuple[int, ...]:
         """Indices into ``outgoing[source]`` of the edges that lead to ``target``."""
-        key = (source, target)
-        found = self._edge_index.get(key)
-        if found is None:
-            if not self._edge_index:
-                for node_id, edges in self.outgoing.items():
-                    for index, edge in enumerate(edges):
-                        pair = (node_id, edge.target)
-                        self._edge_index[pair] = (*self._edge_index.get(pair, ()), index)
-            found = self._edge_index.get(key, ())
-        return found
+        edges = self.outgoing.get(source, _NO_EDGES)
+        if len(edges) <= _SCAN_LIMIT:  # most nodes: a scan costs less than an index
+            if len(edges) == 1:
+                return _FIRST if edges[0].target == target else ()
+            return tuple(i for i, edge in enumerate(edges) if edge.target == target)
+        index = self._edge_index.get(source)
+        if index is None:  # a wide fan-out: indexed once, by target
+            index = {}
+            for i, edge in enumerate(edges):
+                index[edge.target] = (*index.get(edge.target, ()), i)
+            self._edge_index[source] = index
+        return index.get(target, ())
 
     def forward_successors(self, node_id: str) -> list[str]:
         return list(
@@ -166,8 +164,6 @@ class Graph:
         clone = object.__new__(Graph)
         clone.blueprint = self.blueprint
         clone.nodes = dict(self.nodes)
-        clone.outgoing = {k: list(v) for k, v in self.outgoing.items()}
-        clone.incoming = {k: list(v) for k, v in self.incoming.items()}
         clone.start_node_ids = self.start_node_ids
         clone.terminal_node_ids = self.terminal_node_ids
         clone.fallback_only = self.fallback_only
@@ -175,21 +171,19 @@ class Graph:
         clone.strongly_connected = self.strongly_connected
         clone.forward_predecessors = dict(self.forward_predecessors)
         dynamic = list(self.dynamic_node_ids)
-        touched: set[str] = set()
+        added: dict[str, NodeDefinition] = {}
+        edges: list[EdgeDefinition] = []
         for addition in additions:
             for raw in addition.get("nodes", ()):
                 node = NodeDefinition.model_validate(raw)
-                if node.id in clone.nodes:
+                if node.id in clone.nodes or node.id in added:
                     continue
-                clone.nodes[node.id] = node
-                clone.outgoing[node.id] = []
-                clone.incoming[node.id] = []
+                added[node.id] = node
                 dynamic.append(node.id)
-            for raw in addition.get("edges", ()):
-                edge = EdgeDefinition.model_validate(raw)
-                clone.outgoing[edge.source].append(edge)
-                clone.incoming[edge.target].append(edge)
-                touched.add(edge.target)
+            edges.extend(EdgeDefinition.model_validate(raw) for raw in addition.get("edges", ()))
+        clone.nodes.update(added)
+        clone.outgoing, clone.incoming = _adjacency(added, self.outgoing, self.incoming, edges)
+        touched = {edge.target for edge in edges}
         for node_id in touched:
             clone.forward_predecessors[node_id] = clone._forward_sources(node_id)
         clone.dynamic_node_ids = tuple(dynamic)
@@ -198,7 +192,44 @@ class Graph:
         return clone
 
 
-def _strongly_connected_components(outgoing: Mapping[str, list[EdgeDefinition]]) -> dict[str, int]:
+_NO_EDGES: tuple[EdgeDefinition, ...] = ()
+_FIRST = (0,)
+_SCAN_LIMIT = 8  # a node with more outgoing edges gets an index of them by target
+
+
+def _adjacency(
+    new_nodes: Mapping[str, NodeDefinition],
+    outgoing: Mapping[str, Sequence[EdgeDefinition]],
+    incoming: Mapping[str, Sequence[EdgeDefinition]],
+    edges: Iterable[EdgeDefinition],
+) -> tuple[dict[str, Sequence[EdgeDefinition]], dict[str, Sequence[EdgeDefinition]]]:
+    """Outgoing and incoming edges per node: ``outgoing``/``incoming`` (left unchanged) plus
+    ``new_nodes`` and ``edges``. Tuples, with one shared empty tuple: a graph of 100,000
+    nodes holds 200,000 of them."""
+    out = dict(outgoing)
+    into = dict(incoming)
+    for node_id in new_nodes:
+        out[node_id] = _NO_EDGES
+        into[node_id] = _NO_EDGES
+    grown_out: dict[str, list[EdgeDefinition]] = {}
+    grown_in: dict[str, list[EdgeDefinition]] = {}
+    for edge in edges:
+        source = grown_out.get(edge.source)
+        if source is None:
+            source = grown_out[edge.source] = list(out[edge.source])
+        source.append(edge)
+        target = grown_in.get(edge.target)
+        if target is None:
+            target = grown_in[edge.target] = list(into[edge.target])
+        target.append(edge)
+    out.update((node_id, tuple(found)) for node_id, found in grown_out.items())
+    into.update((node_id, tuple(found)) for node_id, found in grown_in.items())
+    return out, into
+
+
+def _strongly_connected_components(
+    outgoing: Mapping[str, Sequence[EdgeDefinition]],
+) -> dict[str, int]:
     """Component number per node, only for nodes on a cycle (Tarjan, iterative)."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
