@@ -30,6 +30,8 @@ from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequenc
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from .errors import InvalidContextError, UnstorableValueError
+
 INTERNAL_PREFIX = "_flowcraft."
 """Bookkeeping keys the engine keeps in a run's context; hidden from ``WorkflowResult.context``."""
 
@@ -255,7 +257,6 @@ def check_storable(value: Any, what: str = "value") -> None:
     (``"output of node 'charge'"``). One shared check, so a value is refused the same way
     in memory and on every backend, before anything is written.
     """
-    from .errors import UnstorableValueError
 
     ancestors: set[int] = set()  # containers on the current path: a shared value is fine
 
@@ -313,9 +314,9 @@ def validate_initial_context(initial: Mapping[str, Any] | None) -> dict[str, Any
     otherwise plant outputs or skip nodes) and values that cannot be stored. The same check
     runs in memory and on every backend, before anything is written.
     """
-    from .errors import InvalidContextError, UnstorableValueError
-
     if initial is None:
+        return {}
+    if type(initial) is dict and not initial:
         return {}
     if not isinstance(initial, Mapping):
         raise InvalidContextError(

@@ -153,6 +153,19 @@ async def execute_node(
 ) -> NodeOutcome:
     """Run ``node`` with its retry/timeout/fallback settings and report what happened."""
     config = node.config
+    if (config is None and fallback is None and _is_async(implementation)
+            and not is_node_class(implementation)):
+        # The common node: one attempt of an async function, no timeout, no fallback.
+        ctx = make_context(1)
+        try:
+            return NodeOutcome(result=as_result(await implementation(ctx)), attempts=1)
+        except AwaitingSignal as signal:
+            return NodeOutcome(awaiting=signal.details, attempts=1)
+        except Exception as exc:
+            return NodeOutcome(error=NodeError(
+                node_id=node.id, message=_describe(exc), attempt=1,
+                error_type=type(exc).__name__, run_id=run_id or None,
+                traceback=_traceback(exc)), attempts=1)
     attempts = max(1, (config.max_retries if config and config.max_retries else 1))
     timeout = config.timeout / 1000.0 if config and config.timeout else None
     node_class = is_node_class(implementation)

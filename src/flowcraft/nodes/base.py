@@ -73,7 +73,7 @@ class CancellationSignal:
     loops.
     """
 
-    __slots__ = ("__weakref__", "_callbacks", "_children", "_is_set", "_lock")
+    __slots__ = ("__weakref__", "_callbacks", "_children", "_is_set", "_lock", "_parent")
 
     def __init__(self, parent: CancellationSignal | None = None) -> None:
         # A flag under a lock, not a threading.Event: one signal is made per node attempt,
@@ -84,10 +84,19 @@ class CancellationSignal:
         # Weak (and made on first use), so the attempts of a long run do not pile up in
         # the run's signal.
         self._children: weakref.WeakSet[CancellationSignal] | None = None
+        # Until something waits on this signal (a callback, a child that has one), it only
+        # asks its parent in is_set(); then the parent sets it. Most attempts never wait.
+        self._parent = parent
+
+    def _attach(self) -> None:
+        """Have the parent set this signal when it is set (from now on)."""
+        parent = self._parent
         if parent is not None:
+            self._parent = None
             parent._adopt(self)
 
     def _adopt(self, child: CancellationSignal) -> None:
+        self._attach()
         with self._lock:
             if not self._is_set:
                 if self._children is None:
@@ -97,7 +106,10 @@ class CancellationSignal:
         child.set()
 
     def is_set(self) -> bool:
-        return self._is_set
+        if self._is_set:
+            return True
+        parent = self._parent
+        return parent is not None and parent.is_set()
 
     def set(self) -> None:
         with self._lock:
@@ -115,6 +127,7 @@ class CancellationSignal:
     def add_callback(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` (from the thread that sets the signal) once it is set; at once
         if it already is."""
+        self._attach()
         with self._lock:
             if not self._is_set:
                 self._callbacks.append(callback)
