@@ -19,7 +19,7 @@ import contextlib
 import itertools
 import json
 import logging
-import uuid
+import random
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -155,7 +155,7 @@ class FlowRuntime:
         ``_inputs.*`` keys)."""
         bp = self._blueprint(blueprint)
         engine = self._engine_for(registry)
-        run = _InMemoryRun(engine, bp, data, run_id or str(uuid.uuid4()), signal, concurrency)
+        run = _InMemoryRun(engine, bp, data, run_id or new_run_id(), signal, concurrency)
         return await run.start()
 
     async def resume(
@@ -188,7 +188,7 @@ class FlowRuntime:
                 f"cannot resume node '{target}': it is not awaiting (awaiting: {awaiting})",
                 node_id=target, run_id=run_id,
             )
-        run = _InMemoryRun(engine, bp, data, run_id or str(uuid.uuid4()), signal, None)
+        run = _InMemoryRun(engine, bp, data, run_id or new_run_id(), signal, None)
         return await run.resume(target, dict(resume_data or {}))
 
     def replay(self, events: Any) -> list[Any]:
@@ -214,7 +214,20 @@ class FlowRuntime:
         bp = self._blueprint(blueprint)
         engine = self._engine_for(registry)
         data = _initial_data(initial_context)
-        return Stepper(engine, bp, data, run_id or str(uuid.uuid4()), signal)
+        return Stepper(engine, bp, data, run_id or new_run_id(), signal)
+
+
+def new_run_id() -> str:
+    """A random (version 4) UUID for a run started without an id: from the ``random`` module,
+    which costs a third of ``uuid.uuid4()``'s system call. Run ids name runs; they are not
+    secrets."""
+    bits = (random.getrandbits(128) & _UUID_CLEAR) | _UUID_V4
+    text = f"{bits:032x}"
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+
+
+_UUID_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))  # the version and variant bits
+_UUID_V4 = (0x4000 << 64) | (0x8000 << 48)
 
 
 def _initial_data(initial_context: Mapping[str, Any] | str | None) -> dict[str, Any]:
@@ -617,6 +630,8 @@ class _InMemoryRun:
 
 
 _JSON_SLICE = 2048
+# Made once: json.dumps() with options makes an encoder per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 
 def _to_json(data: dict[str, Any]) -> str:
@@ -624,11 +639,11 @@ def _to_json(data: dict[str, Any]) -> str:
     the encoder holds every piece of its output until it joins them, which for a run of
     100,000 nodes is several times the size of the text."""
     if len(data) <= _JSON_SLICE:
-        return json.dumps(data, separators=(",", ":"), allow_nan=False)
+        return _ENCODER.encode(data)
     items = iter(data.items())
     parts = []
     while piece := dict(itertools.islice(items, _JSON_SLICE)):
-        parts.append(json.dumps(piece, separators=(",", ":"), allow_nan=False)[1:-1])
+        parts.append(_ENCODER.encode(piece)[1:-1])
     return "{" + ",".join(parts) + "}"
 
 
