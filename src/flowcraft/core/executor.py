@@ -153,9 +153,11 @@ async def execute_node(
 ) -> NodeOutcome:
     """Run ``node`` with its retry/timeout/fallback settings and report what happened."""
     config = node.config
-    if (config is None and fallback is None and _is_async(implementation)
-            and not is_node_class(implementation)):
-        # The common node: one attempt of an async function, no timeout, no fallback.
+    if (fallback is None and (config is None or (not config.timeout
+                                                  and (config.max_retries or 1) <= 1))
+            and _is_async(implementation) and not is_node_class(implementation)):
+        # The common node: one attempt of an async function, no timeout, no fallback (a
+        # fallback the implementation's own class offers needs a node class).
         ctx = make_context(1)
         try:
             return NodeOutcome(result=as_result(await implementation(ctx)), attempts=1)

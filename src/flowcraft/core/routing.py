@@ -241,6 +241,8 @@ def route(
     edges = graph.outgoing.get(source_id, ())
     if not edges:
         return []
+    if len(edges) == 1 and edges[0].condition is None and edges[0].action is None:
+        return [0]  # one plain edge: taken whatever the action (the rules below agree)
     names: ConditionNames | None = None
     verdicts: dict[int, bool] = {}
 
