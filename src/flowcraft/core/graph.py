@@ -19,7 +19,7 @@ node of the next wave, and only the last wave's nodes lead on to the gather.
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -28,7 +28,6 @@ from ..analysis import (
     find_cycles,
     loop_problems,
     start_node_ids,
-    terminal_node_ids,
 )
 from ..blueprint import EdgeDefinition, NodeDefinition, WorkflowBlueprint
 from ..errors import BlueprintValidationError, FlowcraftError
@@ -59,10 +58,17 @@ class Graph:
         self.blueprint = blueprint
         self.nodes: dict[str, NodeDefinition] = {node.id: node for node in blueprint.nodes}
         self.outgoing, self.incoming = _adjacency(self.nodes, {}, {}, blueprint.edges)
-        cycles = find_cycles(blueprint) if blueprint.edges else []
-        self.start_node_ids: list[str] = start_node_ids(blueprint, cycles)
-        self.terminal_node_ids: list[str] = terminal_node_ids(blueprint)
         self.fallback_only: set[str] = fallback_only_node_ids(blueprint)
+        # Most graphs are acyclic, which a topological count tells in one pass; only a graph
+        # with a cycle pays for the search that names them.
+        cycles = find_cycles(blueprint) if not _acyclic(self.outgoing, self.incoming) else []
+        starts = [node_id for node_id, edges in self.incoming.items()
+                  if not edges and node_id not in self.fallback_only]
+        self.start_node_ids: list[str] = (
+            starts if starts or not self.nodes else start_node_ids(blueprint, cycles))
+        self.terminal_node_ids: list[str] = [
+            node_id for node_id, edges in self.outgoing.items()
+            if not edges and node_id not in self.fallback_only]
         self.back_edges: set[tuple[str, str]] = (
             self._find_back_edges(self.start_node_ids) if cycles else set()
         )
@@ -114,6 +120,9 @@ class Graph:
     def _forward_sources(self, node_id: str) -> tuple[str, ...]:
         """The predecessors a join counts: not back edges, and not fallback-only nodes (they
         run only in another node's place, so they never arrive on their own)."""
+        edges = self.incoming[node_id]
+        if len(edges) <= 1 and not self.back_edges and not self.fallback_only:
+            return (edges[0].source,) if edges else ()
         return tuple(dict.fromkeys(
             edge.source for edge in self.incoming[node_id]
             if (edge.source, node_id) not in self.back_edges
@@ -208,23 +217,34 @@ def _adjacency(
     nodes holds 200,000 of them."""
     out = dict(outgoing)
     into = dict(incoming)
-    for node_id in new_nodes:
-        out[node_id] = _NO_EDGES
-        into[node_id] = _NO_EDGES
-    grown_out: dict[str, list[EdgeDefinition]] = {}
-    grown_in: dict[str, list[EdgeDefinition]] = {}
+    out.update(dict.fromkeys(new_nodes, _NO_EDGES))
+    into.update(dict.fromkeys(new_nodes, _NO_EDGES))
+    grown_out: defaultdict[str, list[EdgeDefinition]] = defaultdict(list)
+    grown_in: defaultdict[str, list[EdgeDefinition]] = defaultdict(list)
     for edge in edges:
-        source = grown_out.get(edge.source)
-        if source is None:
-            source = grown_out[edge.source] = list(out[edge.source])
-        source.append(edge)
-        target = grown_in.get(edge.target)
-        if target is None:
-            target = grown_in[edge.target] = list(into[edge.target])
-        target.append(edge)
-    out.update((node_id, tuple(found)) for node_id, found in grown_out.items())
-    into.update((node_id, tuple(found)) for node_id, found in grown_in.items())
+        grown_out[edge.source].append(edge)
+        grown_in[edge.target].append(edge)
+    for node_id, found in grown_out.items():
+        out[node_id] = (*out[node_id], *found)
+    for node_id, found in grown_in.items():
+        into[node_id] = (*into[node_id], *found)
     return out, into
+
+
+def _acyclic(outgoing: Mapping[str, Sequence[EdgeDefinition]],
+             incoming: Mapping[str, Sequence[EdgeDefinition]]) -> bool:
+    """Whether the graph has no cycle: Kahn's count of remaining incoming edges."""
+    remaining = {node_id: len(edges) for node_id, edges in incoming.items() if edges}
+    ready = [node_id for node_id, edges in incoming.items() if not edges]
+    while ready:
+        for edge in outgoing[ready.pop()]:
+            left = remaining[edge.target] - 1
+            if left:
+                remaining[edge.target] = left
+            else:
+                del remaining[edge.target]
+                ready.append(edge.target)
+    return not remaining
 
 
 def _strongly_connected_components(
