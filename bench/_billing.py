@@ -1,4 +1,6 @@
-"""DynamoDB write bytes, measured inside the moto server of ``bench/scale.py``.
+"""What ``bench/scale.py`` reads from the moto server in its process: DynamoDB write bytes
+(:class:`WriteMeter`), the executed nodes of a case that timed out (:func:`count_items`),
+and a lock for moto's request recorder (:func:`serialize_moto_recorder`).
 
 DynamoDB bills a write by the size of the item: for PutItem, UpdateItem and DeleteItem
 (also as parts of TransactWriteItems and BatchWriteItem) the larger of the item before
@@ -185,3 +187,59 @@ class WriteMeter:
     def uninstall(self) -> None:
         while self._undo:
             self._undo.pop()()
+
+
+# -- moto's request recorder ----------------------------------------------------------------
+
+
+def serialize_moto_recorder() -> None:
+    """Let moto's request recorder write one request at a time: it writes each request as
+    two writes to its file, so requests from parallel server threads can interleave into a
+    line that is not JSON."""
+    import threading
+
+    from moto.moto_api._internal.recorder.models import Recorder as MotoRecorder
+
+    original = MotoRecorder._record_request
+    lock = threading.Lock()
+
+    def record(self: Any, request: Any, body: bytes | None = None) -> None:
+        with lock:
+            original(self, request, body)
+
+    MotoRecorder._record_request = record  # type: ignore[method-assign]
+
+
+# -- executed nodes of a timed-out case, from moto's tables ---------------------------------
+
+
+def count_items(table_name: str, count: Any) -> int:
+    """Sum ``count(item)`` over the items of a moto table (in this process)."""
+    from moto.dynamodb.models import dynamodb_backends
+
+    total = 0
+    for account in list(dynamodb_backends.keys()):
+        for region in list(dynamodb_backends[account].keys()):
+            table = dynamodb_backends[account][region].tables.get(table_name)
+            if table is not None:
+                total += sum(count(item) for item in list(table.all_items()))
+    return total
+
+
+def flowcraft_outputs(item: Any) -> int:
+    return sum(1 for name in item.attrs if str(name).startswith("_outputs."))
+
+
+def celery_success(item: Any) -> int:
+    """1 for a stored Celery task result whose state is SUCCESS. (Celery's DynamoDB backend
+    keys an item by ``str()`` of the key's bytes: ``b'celery-task-meta-<id>'``.)"""
+    key = str(getattr(item.attrs.get("id"), "value", ""))
+    raw = getattr(item.attrs.get("result"), "value", b"")
+    text = raw if isinstance(raw, bytes) else str(raw).encode()
+    if "celery-task-meta-" not in key:
+        return 0
+    try:
+        text = base64.b64decode(text, validate=True)
+    except ValueError:
+        pass
+    return 1 if b'"SUCCESS"' in text else 0

@@ -57,7 +57,7 @@ deep-copies an item on each UpdateItem and scans a queue per message, and it sha
 interleaved within each repetition (the order rotates per repetition).
 
 This is a benchmark, not a test: it prints PASS/MISS per target and always exits 0
-(unless moto cannot start or the Celery environment cannot be installed).
+(unless moto cannot start; a Celery that cannot be installed is left out).
 """
 
 from __future__ import annotations
@@ -82,7 +82,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _billing import WriteMeter
+from _billing import (
+    WriteMeter,
+    celery_success,
+    count_items,
+    flowcraft_outputs,
+    serialize_moto_recorder,
+)
 from _shared import (
     BENCH_DIR,
     Budget,
@@ -109,7 +115,7 @@ from aws_calls import CLIENT_APP, WORKER_APP, Recorder, classify, provision
 SYSTEMS = ("flowcraft", "celery", "reference")
 SHORT = {"flowcraft": "fc", "celery": "celery", "reference": "ref"}
 DEFAULT_SHAPES = "chain-50,fan-20,fan-100,fan-1000"
-QUICK_SHAPES = "chain-50,fan-20"
+QUICK_SHAPES = "chain-50,fan-20,fan-100"
 LARGE = 500  # nodes: shapes above run --repeat-large times
 CELERY_VENV = BENCH_DIR / ".venv-celery"
 CELERY_REQUIREMENTS = BENCH_DIR / "celery-requirements.txt"
@@ -286,7 +292,7 @@ class Bench:
             case.nodes = int(report["nodes"])
             case.seconds = report["seconds"]
             case.problems += report["problems"]
-            case.timed_out = report["seconds"] is None
+            case.timed_out = any("did not finish" in p for p in report["problems"])
         except Exception as exc:
             case.problems.append(f"{type(exc).__name__}: {exc}")
         finally:
@@ -355,41 +361,6 @@ def children_cpu() -> float:
     """CPU seconds of the reaped child processes (the workers, the Celery driver)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
-
-
-# -- executed nodes of a timed-out case, from moto's tables --------------------------------------
-
-
-def count_items(table_name: str, count: Any) -> int:
-    """Sum ``count(item)`` over the items of a moto table (in this process)."""
-    from moto.dynamodb.models import dynamodb_backends
-
-    total = 0
-    for account in list(dynamodb_backends.keys()):
-        for region in list(dynamodb_backends[account].keys()):
-            table = dynamodb_backends[account][region].tables.get(table_name)
-            if table is not None:
-                total += sum(count(item) for item in list(table.all_items()))
-    return total
-
-
-def flowcraft_outputs(item: Any) -> int:
-    return sum(1 for name in item.attrs if str(name).startswith("_outputs."))
-
-
-def celery_success(item: Any) -> int:
-    key = str(getattr(item.attrs.get("id"), "value", ""))
-    raw = getattr(item.attrs.get("result"), "value", b"")
-    text = raw if isinstance(raw, bytes) else str(raw).encode()
-    if not key.startswith("celery-task-meta-"):
-        return 0
-    import base64
-
-    try:
-        text = base64.b64decode(text, validate=True)
-    except ValueError:
-        pass
-    return 1 if b'"SUCCESS"' in text else 0
 
 
 # -- the Celery environment ----------------------------------------------------------------------
@@ -628,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"repetitions of shapes over {LARGE} nodes (default %(default)s)")
     parser.add_argument("--systems", default=",".join(SYSTEMS),
                         help="any of flowcraft, celery, reference (default %(default)s)")
-    parser.add_argument("--case-nodes", type=int, default=200,
+    parser.add_argument("--case-nodes", type=int, default=150,
                         help="runs per case = ceil(this / nodes per run), all started at "
                              "once (default %(default)s)")
     parser.add_argument("--concurrency", type=int, default=8,
@@ -636,20 +607,20 @@ def main(argv: list[str] | None = None) -> int:
                              "Celery's solo pool runs one)")
     parser.add_argument("--timeout", type=float, default=120.0,
                         help="seconds one case may wait for its runs (default %(default)s)")
-    parser.add_argument("--budget", type=float, default=1140.0,
+    parser.add_argument("--budget", type=float, default=1200.0,
                         help="seconds for all cases: later cases that no longer fit are "
                              "skipped (default %(default)s)")
     parser.add_argument("--no-bytes", action="store_true",
                         help="do not measure bytes billed (to see what measuring them costs "
                              "moto, which runs in this process)")
     parser.add_argument("--quick", action="store_true",
-                        help=f"--shapes {QUICK_SHAPES},fan-100 --repeat 1 --case-nodes 100")
+                        help=f"--shapes {QUICK_SHAPES} --repeat 1 --case-nodes 100")
     parser.add_argument("--json", metavar="PATH", help="also write every case as JSON here")
     parser.add_argument("--log-dir", metavar="DIR",
                         help="keep worker logs here (default: a temporary directory)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.shapes, args.repeat, args.case_nodes = f"{QUICK_SHAPES},fan-100", 1, 100
+        args.shapes, args.repeat, args.case_nodes = QUICK_SHAPES, 1, 100
     try:
         shapes = parse_shapes(args.shapes)
         worker_counts = parse_ints(args.workers)
@@ -664,8 +635,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             versions = ensure_celery_venv()
         except (subprocess.CalledProcessError, OSError, ValueError) as exc:
-            print(f"cannot install Celery into {CELERY_VENV}: {exc}")
-            return 1
+            print(f"cannot install Celery into {CELERY_VENV}, so it is left out: {exc}")
+            systems.remove("celery")
     if "reference" in systems:
         print(f"reference: {REFERENCE_NA}")
     running = [s for s in systems if s != "reference"]
@@ -684,6 +655,7 @@ def main(argv: list[str] | None = None) -> int:
 
         blueprint_dir = scratch / "blueprints"
         write_blueprints(blueprint_dir, shapes)
+        serialize_moto_recorder()
         meter = WriteMeter(agent_party)
         if not args.no_bytes:
             meter.install()  # before moto_server() puts its DynamoDB lock around it
@@ -703,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
             for repetition, shape, workers, system in order:
                 limit = budget.timeout(reserve=25.0)
                 label = f"  [{repetition + 1}] {system:9} {shape.name:9} x{workers}"
-                if limit is None:
+                if limit is None or limit < min(args.timeout, 60.0):
                     print(f"{label}: skipped (not enough of --budget left)", flush=True)
                     continue
                 print(f"{label} ...", end=" ", flush=True)
