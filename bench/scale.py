@@ -5,9 +5,9 @@
     .venv/bin/python bench/scale.py --shapes fan-100 --workers 1,3 --repeat 3 --json out.json
 
 One moto server (SQS + DynamoDB) runs in this process (``flowcraft.local.moto_server``).
-Each case gets its own queue and tables, starts its worker processes, starts
-``--runs``-many runs of one shape at once, waits for all of them, then stops the workers.
-Systems:
+Each case gets its own queue and tables (deleted afterwards), starts its worker
+processes, starts ceil(``--case-nodes`` / nodes per run) runs of one shape at once, waits
+for all of them, then stops the workers. Systems:
 
 * ``flowcraft``: ``python -m flowcraft worker aws`` processes (``--concurrency`` jobs at
   once each, default 8), loading the ``step`` node of ``bench/_shared.py``; this process
@@ -43,13 +43,17 @@ What is printed, per system x shape x worker processes (median of ``--repeat``):
   divided by the executed nodes. The sizes are measured inside moto: see
   ``bench/_billing.py`` (wrapped ``DynamoDBBackend.put_item/update_item/delete_item``;
   DynamoDB's item-size rules applied to moto's stored item). Transactions are billed at
-  this size, not at DynamoDB's double rate for transactional writes.
+  this size, not at DynamoDB's double rate for transactional writes. ``--no-bytes``
+  leaves moto unwrapped, to check that measuring does not slow it down.
+* CPU seconds per case, of this process (moto, and flowcraft's driver) and of the child
+  processes (workers, and Celery's driver): steadier than wall-clock on a shared machine.
 
 Case time limit ``--timeout`` (a timed-out case shows ``TIMEOUT`` with the nodes done so far,
 read from moto's tables, and its bytes/requests per node over those nodes: a lower bound
 for bytes per node, which grows as a run's item grows). ``--budget`` caps the whole
 benchmark; cases that no longer fit are skipped. Shapes over 500 nodes run
-``--repeat-large`` times (default 1), because one such case can use the whole time limit.
+``--repeat-large`` times (default 1) with the time limit ``--timeout-large`` (150 s),
+because one such case can use its whole time limit.
 
 Numbers are for moto, not AWS: moto answers every DynamoDB request under one lock,
 deep-copies an item on each UpdateItem and scans a queue per message, and it shares
@@ -607,6 +611,9 @@ def main(argv: list[str] | None = None) -> int:
                              "Celery's solo pool runs one)")
     parser.add_argument("--timeout", type=float, default=120.0,
                         help="seconds one case may wait for its runs (default %(default)s)")
+    parser.add_argument("--timeout-large", type=float, default=150.0,
+                        help=f"the time limit of shapes over {LARGE} nodes "
+                             "(default %(default)s)")
     parser.add_argument("--budget", type=float, default=1200.0,
                         help="seconds for all cases: later cases that no longer fit are "
                              "skipped (default %(default)s)")
@@ -644,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
     cells: dict[tuple[str, str, int], Cell] = {
         (system, shape.name, workers): Cell([]) for shape in shapes
         for workers in worker_counts for system in running}
-    budget = Budget(args.budget, args.timeout)
+    budget = Budget(args.budget, max(args.timeout, args.timeout_large))
     with tempfile.TemporaryDirectory(prefix="flowcraft-scale-") as scratch_text:
         scratch = Path(args.log_dir or scratch_text)
         scratch.mkdir(parents=True, exist_ok=True)
@@ -668,12 +675,16 @@ def main(argv: list[str] | None = None) -> int:
         try:
             os.environ.update(endpoint.environment())
             print(f"moto server {endpoint.url} (in this process); {versions}; "
-                  f"{len(order)} cases; time limit {args.timeout:g} s per case, "
+                  f"{len(order)} cases; time limit {args.timeout:g} s per case "
+                  f"({args.timeout_large:g} s over {LARGE} nodes), "
                   f"{args.budget:g} s in all\n", flush=True)
             bench = Bench(endpoint, Recorder(endpoint.url), meter, scratch, blueprint_dir,
                           args.concurrency)
             for repetition, shape, workers, system in order:
                 limit = budget.timeout(reserve=25.0)
+                if limit is not None:
+                    limit = min(limit, args.timeout_large if shape.nodes > LARGE
+                                else args.timeout)
                 label = f"  [{repetition + 1}] {system:9} {shape.name:9} x{workers}"
                 if limit is None or limit < min(args.timeout, 60.0):
                     print(f"{label}: skipped (not enough of --budget left)", flush=True)
