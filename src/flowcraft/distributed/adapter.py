@@ -17,7 +17,7 @@ An adapter puts four parts together and offers them as one object:
 The worker's options live in one :class:`~flowcraft.distributed.options.WorkerSettings`
 (``settings``) that the parts share; ``adapter.lease_seconds`` and the other
 options read and write it. A few knobs belong to a part — ``max_delay_seconds``
-to the queue, ``receive_gather_seconds`` to the polling loop, a cloud adapter's
+to the queue, ``prefetch_job_seconds`` to the polling loop, a cloud adapter's
 ``retention_seconds`` to its status store — and read and write through to it; a
 subclass may still set one as a plain class attribute (``max_delay_seconds =
 2.0``), which is handed to the part when the adapter is built.
@@ -124,8 +124,8 @@ class BaseDistributedAdapter(abc.ABC):
 
     max_delay_seconds = Delegated[float]("backend.queue")
     """The longest delay the queue accepts on a message (longer sleeps are chained)."""
-    receive_gather_seconds = Delegated[float]("worker_loop")
-    """See :attr:`WorkerLoop.receive_gather_seconds`."""
+    prefetch_job_seconds = Delegated[float]("worker_loop")
+    """See :attr:`WorkerLoop.prefetch_job_seconds`."""
 
     concurrency = Delegated[int]("settings")
     lease_seconds = Delegated[float]("settings")

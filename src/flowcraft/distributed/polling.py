@@ -1,25 +1,30 @@
 """``WorkerLoop``: a worker's polling loop, which hands received messages to the job algorithm.
 
-The loop runs ``concurrency`` jobs at once. Before each receive it takes the
-free job slots (:meth:`WorkerLoop._take_slots`): one at least, then more up to
-``batch_size`` — those free now, and those that running jobs give back within
-``receive_gather_seconds`` (at most half the recent mean job time) — so a busy
-worker asks the queue for several messages at once instead of one per
-finished job. Each message becomes a task that:
+The loop runs ``concurrency`` jobs at once. It receives when no message it
+received is still waiting for a job slot and a slot is free, and asks for the
+free slots plus the messages its running jobs will have room for within
+``prefetch_job_seconds`` (judged by the recent mean job time; at most
+``concurrency`` more, at most ``batch_size`` in all): a busy worker fetches
+several messages per receive instead of one per finished job, and a message
+received ahead waits a moment at most.
+The loop holds no slot while its receive is open (a long poll on an empty
+queue). Each message becomes a task that:
 
-* keeps the message invisible while the job runs (``set_visibility`` every
-  third of ``lease_seconds``; a worker busy with long nodes is alive, so each
-  renewal is also a heartbeat for the health check);
-* runs :meth:`~flowcraft.distributed.algorithm.JobAlgorithm.handle_message`;
+* keeps the message invisible from its receive until the job ends
+  (``set_visibility`` every third of ``lease_seconds``; a worker busy with long
+  nodes is alive, so each renewal is also a heartbeat for the health check);
+* waits for a job slot, then runs
+  :meth:`~flowcraft.distributed.algorithm.JobAlgorithm.handle_message`;
 * acknowledges the message (``delete``) — or, when the job must wait
   (``deferred``), or failed unexpectedly (redelivered after at most 30 s),
   makes it visible again after the wait.
 
 A failed receive is logged and retried after a second. :meth:`WorkerLoop.stop`
-stops receiving, lets running jobs finish for up to the shutdown timeout, then
-cancels them (what they hold is released: their messages become visible again,
-their leases are dropped without counting an attempt), and finally closes the
-queue (:meth:`~flowcraft.distributed.backend.JobQueue.close`: gathered
+stops receiving, puts back at once the messages still waiting for a slot, lets
+running jobs finish for up to the shutdown timeout, then cancels them (what
+they hold is released: their messages become visible again, their leases are
+dropped without counting an attempt), and finally closes the queue
+(:meth:`~flowcraft.distributed.backend.JobQueue.close`: gathered
 acknowledgements are sent, receives still on the wire are put back).
 """
 
@@ -41,21 +46,27 @@ logger = logging.getLogger("flowcraft.distributed")
 class WorkerLoop:
     """Polls ``backend.queue`` and runs what it receives with ``algorithm``."""
 
-    receive_gather_seconds: float = 2.0
-    """The longest a busy worker waits for more of its jobs to finish before it receives (so
-    one receive fetches several messages); it waits at most half the recent mean job time,
-    so a free slot idles for a fraction of a job at worst."""
+    prefetch_job_seconds: float = 2.0
+    """How long a message received ahead of a free slot may expect to wait for one: a
+    receive asks for the free slots plus as many more as the running jobs (at their
+    recent mean duration) free within this time, at most ``concurrency`` more. With
+    long jobs that is none, so a busy worker never holds back messages an idle one
+    could run."""
 
     def __init__(self, backend: Backend, algorithm: JobAlgorithm,
                  settings: WorkerSettings) -> None:
         self.backend = backend
         self.algorithm = algorithm
         self.settings = settings
+        self._capacity = settings.concurrency
         self._active: set[asyncio.Task[None]] = set()
+        self._waiting: set[asyncio.Task[None]] = set()
+        """Tasks of received messages that wait for a job slot."""
         self._poll_task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
-        self._slots = asyncio.Semaphore(settings.concurrency)
-        self._job_started: dict[asyncio.Task[None], float] = {}
+        self._slots = asyncio.Semaphore(self._capacity)
+        self._running = 0
+        self._changed = asyncio.Event()
         self._mean_job_seconds = 0.0
 
     @property
@@ -65,7 +76,7 @@ class WorkerLoop:
 
     @property
     def jobs(self) -> frozenset[asyncio.Task[None]]:
-        """The tasks of the jobs running now."""
+        """The tasks of the received messages: jobs running now and those waiting for a slot."""
         return frozenset(self._active)
 
     async def start(self) -> None:
@@ -83,14 +94,17 @@ class WorkerLoop:
         await self._poll_task
 
     async def stop(self, timeout_seconds: float | None = None) -> None:
-        """Stop polling; let running jobs finish for up to ``timeout_seconds``, then cancel
-        them and release what they hold (their messages become visible again); then close
-        the queue (see the module docstring)."""
+        """Stop polling; put back the messages still waiting for a slot; let running jobs
+        finish for up to ``timeout_seconds``, then cancel them and release what they hold
+        (their messages become visible again); then close the queue (see the module
+        docstring)."""
         self._stopping.set()
         if self._poll_task is not None:
             self._poll_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poll_task
+        for task in list(self._waiting):
+            task.cancel()  # not started: its message is made visible again at once
         timeout = (self.settings.shutdown_timeout_seconds if timeout_seconds is None
                    else timeout_seconds)
         if self._active:
@@ -104,78 +118,66 @@ class WorkerLoop:
 
     async def _poll(self) -> None:
         while not self._stopping.is_set():
-            free = await self._take_slots()
+            wanted = await self._room()
             try:
-                messages = await self.backend.queue.receive(free,
+                messages = await self.backend.queue.receive(wanted,
                                                             self.settings.poll_wait_seconds)
             except asyncio.CancelledError:
-                for _ in range(free):
-                    self._slots.release()
                 raise
             except Exception:
                 logger.exception("worker %s: receiving failed; retrying in 1 s",
                                  self.settings.worker_id)
-                for _ in range(free):
-                    self._slots.release()
                 await asyncio.sleep(1.0)
                 continue
             heartbeat()
-            for _ in range(free - len(messages)):
-                self._slots.release()
             for message in messages:
                 task = asyncio.get_running_loop().create_task(self._process_message(message))
                 self._active.add(task)
-                self._job_started[task] = time.monotonic()
+                self._waiting.add(task)
                 task.add_done_callback(self._job_done)
 
-    async def _take_slots(self) -> int:
-        """Take one free job slot, then more up to ``batch_size``: those free now, and those
-        that running jobs give back soon (see ``receive_gather_seconds``), so a busy worker asks
-        the queue for several messages at once instead of one per finished job."""
-        await self._slots.acquire()
-        free = 1
-        want = min(self.settings.batch_size, self.settings.concurrency)
-        loop = asyncio.get_running_loop()
-        deadline: float | None = None
-        try:
-            while free < want:
-                if not self._slots.locked():
-                    await self._slots.acquire()
-                    free += 1
-                    continue
-                if not self._active or self._stopping.is_set():
-                    break  # nothing running will give a slot back
-                if deadline is None:
-                    deadline = loop.time() + min(self.receive_gather_seconds,
-                                                 0.5 * self._mean_job_seconds)
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    await asyncio.wait_for(self._slots.acquire(), remaining)
-                except TimeoutError:
-                    break
-                free += 1
-        except asyncio.CancelledError:
-            for _ in range(free):
-                self._slots.release()
-            raise
-        return free
+    async def _room(self) -> int:
+        """Wait until no received message waits for a slot and a slot is free; return how many
+        messages to ask for (see the module docstring)."""
+        while self._waiting or self._running >= self._capacity:
+            self._changed.clear()
+            await self._changed.wait()
+        wanted = self._capacity - self._running
+        # The k-th message received ahead starts after about k * mean / capacity seconds (the
+        # running jobs end at that rate): receive ahead only as many as start within
+        # prefetch_job_seconds, and never more than one more round of jobs.
+        mean = self._mean_job_seconds
+        ahead = (self._capacity if mean <= 0
+                 else int(self._capacity * min(1.0, self.prefetch_job_seconds / mean)))
+        return max(1, min(self.settings.batch_size, wanted + ahead))
 
     def _job_done(self, task: asyncio.Task[None]) -> None:
         heartbeat()
         self._active.discard(task)
-        started = self._job_started.pop(task, None)
-        if started is not None:  # a moving mean of how long jobs take, for _take_slots
-            self._mean_job_seconds += 0.2 * (time.monotonic() - started - self._mean_job_seconds)
-        self._slots.release()
+        self._waiting.discard(task)
+        self._changed.set()
 
     async def _process_message(self, message: QueueMessage) -> None:
         keeper = asyncio.get_running_loop().create_task(self._keep_invisible(message))
         outcome: JobOutcome = "deferred"
         delay = 0.0
         try:
-            outcome, delay = await self.algorithm.handle_message(message)
+            await self._slots.acquire()
+            task = asyncio.current_task()
+            if task is not None:
+                self._waiting.discard(task)
+            self._running += 1
+            self._changed.set()
+            started = time.monotonic()
+            try:
+                outcome, delay = await self.algorithm.handle_message(message)
+            finally:
+                self._running -= 1
+                self._slots.release()
+                self._changed.set()
+                # A moving mean of how long jobs take, for _room.
+                self._mean_job_seconds += 0.2 * (time.monotonic() - started
+                                                 - self._mean_job_seconds)
         except asyncio.CancelledError:
             outcome, delay = "deferred", 0.0
             raise
