@@ -37,8 +37,9 @@ def blueprint(bp_id: str, nodes: list[tuple[str, str]], edges: list[tuple[str, s
 
 
 # s -> {p, q}; p, q -> j (all join); j -> k -> m (a chain).
-# With local continuation, p runs in s's job, q and j come from queue messages, and k and m
-# run in j's job (k claimed by j's commit, m by k's).
+# With local continuation, p runs in s's job, q in a job slot s's job is lent (or from a
+# queue message when no slot is free), j from a queue message or in p's or q's job, and k
+# and m run in j's job (k claimed by j's commit, m by k's).
 SHAPE = blueprint(
     "shape",
     [("s", "step"), ("p", "step"), ("q", "step"), ("j", "join"), ("k", "step"), ("m", "step")],
@@ -53,10 +54,10 @@ def shape_registry(runs: Executions) -> dict[str, Any]:
     }
 
 
-# A crash in a continuation after its commit (or after its enqueue) leaves the next node of
-# the chain leased with no message: only reconcile finds it. Every other crash is recovered
-# by the redelivery of the message that was being processed.
-NEEDS_RECONCILE = {("k", "after_commit"), ("k", "after_enqueue")}
+# Every crash is recovered by the redelivery of the message that was being processed. A
+# crash in a continuation after its commit (or after its enqueue) leaves the next node of
+# the chain leased with no message: the redelivered job re-announces the successors of
+# every node its execution committed, once that lease has run out.
 
 
 @pytest.mark.parametrize("node", ["q", "j", "k"])
@@ -72,13 +73,7 @@ async def test_crash_at_each_step_recovers_to_the_in_memory_result(step: str, no
         run_id = await cluster.client.start_workflow(SHAPE, {"in": 1}, run_id="crash-run")
         await cluster.settle(timeout=10, quiet=0.15)  # a crashed job stays queued: redelivered
         assert plan.fired == [(step, node)]
-        if (node, step) in NEEDS_RECONCILE:
-            assert cluster.status(run_id) == "running"
-            # The lost node is the one after the crashed continuation: m.
-            enqueued = await cluster.client.reconcile(run_id)
-            assert enqueued == ["m"]
-        else:
-            assert cluster.status(run_id) == "completed"
+        assert cluster.status(run_id) == "completed"
         result = await cluster.client.wait_for_result(run_id, timeout=10, poll_interval=0.02)
     assert result.status == "completed"
     assert comparable(result.context) == comparable(expected.context)
@@ -232,7 +227,9 @@ async def test_reconcile_after_crash_between_commit_and_enqueue_of_a_continuatio
         result, reconciled = await drive(cluster, run_id, reconcile_every=0.7)
     assert result.status == "completed"
     assert comparable(result.context) == comparable(expected.context)
-    assert [r for r in reconciled if r] == [["m"]]
+    # The redelivered job of j re-announces m once k's lease has run out; a reconcile pass
+    # that comes first finds m instead. Either way m runs once.
+    assert [r for r in reconciled if r] in ([], [["m"]])
     assert runs.counts == {n.id: 1 for n in SHAPE.nodes}
 
 

@@ -110,8 +110,9 @@ class BaseDistributedAdapter(abc.ABC):
             message visibility the worker keeps while it runs.
         max_receive_count: a message received more often than this is a poison
             message: removed (dead-lettered where possible) and its run failed.
-        local_continuation: run a node's single next node in the same worker
-            instead of a queue round trip (it is claimed in the same write).
+        local_continuation: run a node's next node in the same worker instead of
+            a queue round trip (it is claimed in the same write); of several next
+            nodes, also one per free job slot of the polling worker.
         status_touch_seconds: at most one ``lastUpdated`` write per run and
             worker in this interval; the reconciler's threshold must exceed it.
         unknown_blueprint_grace_seconds: how long a job naming a blueprint no worker

@@ -4,7 +4,7 @@ The loop runs ``concurrency`` jobs at once. It receives when no message it
 received is still waiting for a job slot and a slot is free, and asks for the
 free slots plus the messages its running jobs will have room for within
 ``prefetch_job_seconds`` (judged by the recent mean job time; at most
-``concurrency`` more, at most ``batch_size`` in all): a busy worker fetches
+``batch_size`` in all): a busy worker fetches
 several messages per receive instead of one per finished job, and a message
 received ahead waits a moment at most.
 The loop holds no slot while its receive is open (a long poll on an empty
@@ -15,9 +15,14 @@ queue). Each message becomes a task that:
   nodes is alive, so each renewal is also a heartbeat for the health check);
 * waits for a job slot, then runs
   :meth:`~flowcraft.distributed.algorithm.JobAlgorithm.handle_message`;
+* lends the job's commits the slots that are free then (none while a received
+  message waits for one), for the successors they claim in their writes
+  (:mod:`.slots`), and waits for those to end;
 * acknowledges the message (``delete``) — or, when the job must wait
   (``deferred``), or failed unexpectedly (redelivered after at most 30 s),
-  makes it visible again after the wait.
+  makes it visible again after the wait; so does a successor run in a lent
+  slot that failed unexpectedly or was stopped (its redelivered job
+  re-announces what was not done).
 
 A failed receive is logged and retried after a second. :meth:`WorkerLoop.stop`
 stops receiving, puts back at once the messages still waiting for a slot, lets
@@ -34,6 +39,8 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 from ..observability import heartbeat
 from .algorithm import JobAlgorithm, JobOutcome
@@ -49,7 +56,7 @@ class WorkerLoop:
     prefetch_job_seconds: float = 2.0
     """How long a message received ahead of a free slot may expect to wait for one: a
     receive asks for the free slots plus as many more as the running jobs (at their
-    recent mean duration) free within this time, at most ``concurrency`` more. With
+    recent mean duration) free within this time (at most ``batch_size`` in all). With
     long jobs that is none, so a busy worker never holds back messages an idle one
     could run."""
 
@@ -59,7 +66,7 @@ class WorkerLoop:
         self.algorithm = algorithm
         self.settings = settings
         self._capacity = settings.concurrency
-        self._active: set[asyncio.Task[None]] = set()
+        self._active: set[asyncio.Task[Any]] = set()
         self._waiting: set[asyncio.Task[None]] = set()
         """Tasks of received messages that wait for a job slot."""
         self._poll_task: asyncio.Task[None] | None = None
@@ -75,7 +82,7 @@ class WorkerLoop:
         return self._poll_task
 
     @property
-    def jobs(self) -> frozenset[asyncio.Task[None]]:
+    def jobs(self) -> frozenset[asyncio.Task[Any]]:
         """The tasks of the received messages: jobs running now and those waiting for a slot."""
         return frozenset(self._active)
 
@@ -145,13 +152,13 @@ class WorkerLoop:
         wanted = self._capacity - self._running
         # The k-th message received ahead starts after about k * mean / capacity seconds (the
         # running jobs end at that rate): receive ahead only as many as start within
-        # prefetch_job_seconds, and never more than one more round of jobs.
+        # prefetch_job_seconds (before the first job ended: one round of jobs).
         mean = self._mean_job_seconds
         ahead = (self._capacity if mean <= 0
-                 else int(self._capacity * min(1.0, self.prefetch_job_seconds / mean)))
+                 else int(self._capacity * self.prefetch_job_seconds / mean))
         return max(1, min(self.settings.batch_size, wanted + ahead))
 
-    def _job_done(self, task: asyncio.Task[None]) -> None:
+    def _job_done(self, task: asyncio.Task[Any]) -> None:
         heartbeat()
         self._active.discard(task)
         self._waiting.discard(task)
@@ -161,6 +168,7 @@ class WorkerLoop:
         keeper = asyncio.get_running_loop().create_task(self._keep_invisible(message))
         outcome: JobOutcome = "deferred"
         delay = 0.0
+        lent = _LentSlots(self, message)
         try:
             await self._slots.acquire()
             task = asyncio.current_task()
@@ -170,14 +178,20 @@ class WorkerLoop:
             self._changed.set()
             started = time.monotonic()
             try:
-                outcome, delay = await self.algorithm.handle_message(message)
+                outcome, delay = await self.algorithm.handle_message(message, slots=lent)
             finally:
-                self._running -= 1
-                self._slots.release()
-                self._changed.set()
-                # A moving mean of how long jobs take, for _room.
-                self._mean_job_seconds += 0.2 * (time.monotonic() - started
-                                                 - self._mean_job_seconds)
+                self._free_slots(1, started)
+            if lent.tasks:
+                # The message stays invisible until the successors its job claimed have
+                # ended; if one of them did not end normally, the message comes back and
+                # its redelivered job re-announces what is not done.
+                await asyncio.wait(lent.tasks)
+                ends = [asyncio.CancelledError() if t.cancelled() else t.result()
+                        for t in lent.tasks]
+                if any(end is not None for end in ends):
+                    stopped = any(isinstance(end, asyncio.CancelledError) for end in ends)
+                    outcome, delay = "deferred", (0.0 if stopped else
+                                                  min(30.0, self.settings.lease_seconds))
         except asyncio.CancelledError:
             outcome, delay = "deferred", 0.0
             raise
@@ -193,6 +207,43 @@ class WorkerLoop:
                 else:
                     await self.backend.queue.delete([message])
 
+    def _free_slots(self, count: int, started: float | None = None) -> None:
+        for _ in range(count):
+            self._slots.release()
+        self._running -= count
+        self._changed.set()
+        if started is not None:  # a moving mean of how long jobs take, for _room
+            self._mean_job_seconds += 0.2 * (time.monotonic() - started
+                                             - self._mean_job_seconds)
+
+    async def _take_free(self, wanted: int) -> int:
+        """Reserve up to ``wanted`` free slots without waiting (none while received messages
+        wait for one, or while stopping)."""
+        taken = 0
+        while (taken < wanted and not self._stopping.is_set() and not self._waiting
+               and not self._slots.locked()):
+            await self._slots.acquire()  # free: returns at once
+            taken += 1
+        self._running += taken
+        return taken
+
+    async def _run_lent(self, job: Coroutine[Any, Any, None],
+                        origin: QueueMessage) -> BaseException | None:
+        """Run a successor claimed by ``origin``'s job in a slot reserved for it; return why it
+        did not end normally (``None``: it did)."""
+        started = time.monotonic()
+        try:
+            await job
+        except asyncio.CancelledError as exc:
+            return exc
+        except Exception as exc:
+            logger.exception("message %s: a successor its job claimed failed unexpectedly; "
+                             "the message will be redelivered", origin.message_id)
+            return exc
+        finally:
+            self._free_slots(1, started)
+        return None
+
     async def _keep_invisible(self, message: QueueMessage) -> None:
         interval = self.settings.renew_interval
         while True:
@@ -203,3 +254,34 @@ class WorkerLoop:
             except Exception as exc:
                 logger.warning("message %s: could not extend visibility: %s",
                                message.message_id, exc)
+
+
+class _LentSlots:
+    """The :class:`~flowcraft.distributed.slots.LocalSlots` of one message's job: free slots
+    of the loop, and the tasks of the successors run in them."""
+
+    def __init__(self, loop: WorkerLoop, origin: QueueMessage) -> None:
+        self._loop = loop
+        self._origin = origin
+        self.tasks: list[asyncio.Task[BaseException | None]] = []
+
+    async def take(self, wanted: int) -> int:
+        return await self._loop._take_free(wanted)
+
+    def give_back(self, count: int) -> None:
+        if count:
+            self._loop._free_slots(count)
+
+    def run(self, job: Coroutine[Any, Any, None]) -> None:
+        loop = self._loop
+        task = asyncio.get_running_loop().create_task(loop._run_lent(job, self._origin))
+        loop._active.add(task)
+        task.add_done_callback(loop._job_done)
+
+        def unstarted(task: asyncio.Task[BaseException | None]) -> None:
+            if task.cancelled():  # cancelled (a stop) before it began: nothing ran
+                job.close()
+                loop._free_slots(1)
+
+        task.add_done_callback(unstarted)
+        self.tasks.append(task)
