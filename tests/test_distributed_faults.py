@@ -407,3 +407,93 @@ async def test_output_over_the_store_limit_fails_the_node_once_and_clearly() -> 
     assert runs.counts == {"small": 1, "huge": 1}  # not retried until poisoned
     assert "_outputs.huge" not in result.context
     assert cluster.queue.dead_letters == []
+
+
+# s -> {b0 .. b5} -> j (all join).
+WIDE = blueprint("wide", [("s", "step"), *((f"b{i}", "slow") for i in range(6)), ("j", "join")],
+                 [*(("s", f"b{i}") for i in range(6)), *((f"b{i}", "j") for i in range(6))])
+
+
+async def test_a_fan_out_runs_branches_in_the_slots_a_worker_has_free() -> None:
+    """The source's commit claims one branch for its own job and one per free slot (three of
+    four slots are free): those run without a message; the other two are sent."""
+    runs = Executions()
+    registry = {"step": runs.node(), "slow": runs.node(delay=0.05), "join": runs.node()}
+    async with Cluster([WIDE], registry, workers=1, concurrency=4) as cluster:
+        sends = cluster.workers[0].backend.queue.queue.calls
+        result = await cluster.run(WIDE, {"in": 1}, run_id="wide")
+        await cluster.settle()
+    assert result.status == "completed"
+    assert runs.counts == {n.id: 1 for n in WIDE.nodes}
+    # The client's start job; the source's two branches it had no slot for (one batch); j
+    # comes from the last branch's commit or its own message.
+    assert sends["send"] in (2, 3), sends
+
+
+async def test_a_worker_killed_while_running_branches_in_lent_slots_loses_none() -> None:
+    """Kill the worker while the branches its source's commit claimed run (no message of
+    their own): the source's message comes back, its job waits for those branches' leases
+    to run out and re-announces them; another worker finishes the run."""
+    runs = Executions()
+    started = asyncio.Event()
+    hold = asyncio.Event()
+
+    async def slow(ctx: NodeContext) -> Any:
+        runs.record(ctx)
+        started.set()
+        await hold.wait()
+        return ctx.node_id
+
+    registry = {"step": runs.node(), "slow": slow, "join": runs.node(lambda ctx: "joined")}
+    async with Cluster([WIDE], registry, workers=1, concurrency=4, lease_seconds=0.5,
+                       start=False) as cluster:
+        first = cluster.workers[0]
+        await first.start()
+        run_id = await cluster.client.start_workflow(WIDE, {"in": 1}, run_id="killed")
+        await asyncio.wait_for(started.wait(), 5)
+        await asyncio.sleep(0.05)
+        # b0 in the source's job, b1 .. b3 in its lent slots; b4 and b5 sent in one batch.
+        assert sorted(runs.counts) == ["b0", "b1", "b2", "b3", "s"]
+        assert cluster.queue.calls["send"] == 2
+        await first.kill()
+        hold.set()
+        second = cluster.add_worker()
+        cluster.workers.append(second)
+        await second.start()
+        result = await second.wait_for_result(run_id, timeout=15, poll_interval=0.02)
+    assert result.status == "completed"
+    assert result.context["_outputs.j"] == "joined"
+    assert all(runs.counts[f"b{i}"] >= 1 for i in range(6)) and runs.counts["j"] == 1
+
+
+async def test_a_worker_stopped_while_running_branches_in_lent_slots_puts_them_back() -> None:
+    """A stop that cancels the branches run in lent slots releases their leases and puts the
+    source's message back at once: the next worker re-announces the branches."""
+    runs = Executions()
+    started = asyncio.Event()
+    hold = asyncio.Event()
+
+    async def slow(ctx: NodeContext) -> Any:
+        runs.record(ctx)
+        started.set()
+        await hold.wait()
+        return ctx.node_id
+
+    registry = {"step": runs.node(), "slow": slow, "join": runs.node(lambda ctx: "joined")}
+    async with Cluster([WIDE], registry, workers=1, concurrency=4, lease_seconds=30,
+                       start=False) as cluster:
+        first = cluster.workers[0]
+        await first.start()
+        run_id = await cluster.client.start_workflow(WIDE, {"in": 1}, run_id="stopped")
+        await asyncio.wait_for(started.wait(), 5)
+        await asyncio.sleep(0.05)
+        await first.stop(timeout_seconds=0.1)
+        hold.set()
+        second = cluster.add_worker()
+        cluster.workers.append(second)
+        await second.start()
+        # Well within the 30 s lease: nothing waited for a lease to run out.
+        result = await second.wait_for_result(run_id, timeout=10, poll_interval=0.02)
+    assert result.status == "completed"
+    assert result.context["_outputs.j"] == "joined"
+    assert runs.counts["j"] == 1
