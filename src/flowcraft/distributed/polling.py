@@ -152,10 +152,9 @@ class WorkerLoop:
         wanted = self._capacity - self._running
         # The k-th message received ahead starts after about k * mean / capacity seconds (the
         # running jobs end at that rate): receive ahead only as many as start within
-        # prefetch_job_seconds (before the first job ended: one round of jobs).
+        # prefetch_job_seconds (none before a job has ended: their length is unknown).
         mean = self._mean_job_seconds
-        ahead = (self._capacity if mean <= 0
-                 else int(self._capacity * self.prefetch_job_seconds / mean))
+        ahead = int(self._capacity * self.prefetch_job_seconds / mean) if mean > 0 else 0
         return max(1, min(self.settings.batch_size, wanted + ahead))
 
     def _job_done(self, task: asyncio.Task[Any]) -> None:
@@ -213,8 +212,9 @@ class WorkerLoop:
         self._running -= count
         self._changed.set()
         if started is not None:  # a moving mean of how long jobs take, for _room
-            self._mean_job_seconds += 0.2 * (time.monotonic() - started
-                                             - self._mean_job_seconds)
+            seconds = time.monotonic() - started
+            mean = self._mean_job_seconds
+            self._mean_job_seconds = seconds if mean <= 0 else mean + 0.2 * (seconds - mean)
 
     async def _take_free(self, wanted: int) -> int:
         """Reserve up to ``wanted`` free slots without waiting (none while received messages
