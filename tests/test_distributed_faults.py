@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import time
 from typing import Any
 
@@ -494,6 +495,58 @@ async def test_a_worker_stopped_while_running_branches_in_lent_slots_puts_them_b
         await second.start()
         # Well within the 30 s lease: nothing waited for a lease to run out.
         result = await second.wait_for_result(run_id, timeout=10, poll_interval=0.02)
+    assert result.status == "completed"
+    assert result.context["_outputs.j"] == "joined"
+    assert runs.counts["j"] == 1
+
+
+# s -> {a0 .. a3}; each a -> {x, y}; every x and y -> j (all join). a0 runs in the source's
+# job and y0 (in a lent slot) ends at once; a1 .. a3 (lent slots) take a moment and claim
+# y1 .. y3 into slots of their own after the source's job has begun to wait for its lent
+# slots, and those hold on.
+NESTED = blueprint(
+    "nested",
+    [("s", "step"), ("a0", "step"), *((f"a{i}", "late") for i in range(1, 4)),
+     *((f"x{i}", "step") for i in range(4)), ("y0", "step"),
+     *((f"y{i}", "slow") for i in range(1, 4)), ("j", "join")],
+    [*(("s", f"a{i}") for i in range(4)), *((f"a{i}", f"x{i}") for i in range(4)),
+     *((f"a{i}", f"y{i}") for i in range(4)), *((f"x{i}", "j") for i in range(4)),
+     *((f"y{i}", "j") for i in range(4))])
+
+
+async def test_the_message_waits_for_successors_claimed_by_nodes_run_in_lent_slots(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Nodes run in lent slots claim successors into slots of their own: the source's message
+    is acknowledged only when those have ended too, so a kill while they run loses none."""
+    runs = Executions()
+    started = asyncio.Event()
+    hold = asyncio.Event()
+
+    async def slow(ctx: NodeContext) -> Any:
+        runs.record(ctx)
+        if runs.counts.keys() >= {f"y{i}" for i in range(4)}:
+            started.set()
+        await hold.wait()
+        return ctx.node_id
+
+    registry = {"step": runs.node(), "late": runs.node(delay=0.1), "slow": slow,
+                "join": runs.node(lambda ctx: "joined")}
+    async with Cluster([NESTED], registry, workers=1, concurrency=8, lease_seconds=0.5,
+                       start=False) as cluster:
+        first = cluster.workers[0]
+        await first.start()
+        run_id = await cluster.client.start_workflow(NESTED, {"in": 1}, run_id="nested")
+        await asyncio.wait_for(started.wait(), 5)
+        await asyncio.sleep(0.2)  # every x and y0 have ended; y1 .. y3 run in lent slots
+        assert cluster.queue.calls["send"] == 1  # the start job: everything else ran here
+        assert len(cluster.queue) == 1  # the source's message, not acknowledged
+        assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        await first.kill()
+        hold.set()
+        second = cluster.add_worker()
+        cluster.workers.append(second)
+        await second.start()
+        result = await second.wait_for_result(run_id, timeout=15, poll_interval=0.02)
     assert result.status == "completed"
     assert result.context["_outputs.j"] == "joined"
     assert runs.counts["j"] == 1

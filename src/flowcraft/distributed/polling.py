@@ -184,7 +184,8 @@ class WorkerLoop:
                 # The message stays invisible until the successors its job claimed have
                 # ended; if one of them did not end normally, the message comes back and
                 # its redelivered job re-announces what is not done.
-                await asyncio.wait(lent.tasks)
+                while pending := [t for t in lent.tasks if not t.done()]:
+                    await asyncio.wait(pending)  # successors they claim join lent.tasks
                 ends = [asyncio.CancelledError() if t.cancelled() else t.result()
                         for t in lent.tasks]
                 if any(end is not None for end in ends):
