@@ -550,3 +550,36 @@ async def test_the_message_waits_for_successors_claimed_by_nodes_run_in_lent_slo
     assert result.status == "completed"
     assert result.context["_outputs.j"] == "joined"
     assert runs.counts["j"] == 1
+
+
+async def test_a_continuation_whose_lease_ran_out_before_it_started_does_not_run() -> None:
+    """The commit of s claims a (its continuation), then sends b: when that send takes longer
+    than the lease, a's lease runs out and another worker takes a over. a must not run in
+    s's job as well once the send returns."""
+    runs = Executions()
+    bp = blueprint("slowsend", [("s", "step"), ("a", "step"), ("b", "step")],
+                   [("s", "a"), ("s", "b")])
+    async with Cluster([bp], {"step": runs.node()}, workers=1, concurrency=1,
+                       lease_seconds=0.3, start=False) as cluster:
+        first = cluster.workers[0]
+        queue = first.backend.queue
+        send = queue.send
+
+        async def slow_send(jobs: list[JobPayload], delay_seconds: float = 0) -> None:
+            if any(job.node_id == "b" for job in jobs):
+                await asyncio.sleep(1.0)  # longer than the lease
+            await send(jobs, delay_seconds)
+
+        queue.send = slow_send
+        await first.start()
+        run_id = await cluster.client.start_workflow(bp, {}, run_id="slowsend")
+        await asyncio.sleep(0.6)  # s committed; a's lease has run out, b is being sent
+        assert runs.counts == {"s": 1}
+        second = cluster.add_worker()
+        cluster.workers.append(second)
+        assert "a" in await second.reconcile(run_id)
+        await second.start()
+        result = await second.wait_for_result(run_id, timeout=10, poll_interval=0.02)
+        await cluster.settle()
+    assert result.status == "completed"
+    assert runs.counts == {"s": 1, "a": 1, "b": 1}

@@ -215,6 +215,7 @@ class _Step:
     owner: str
     """The lease owner of this execution (and of its local continuations)."""
     slots: LocalSlots | None = None  # where claimed successors beyond the first run
+    claimed_at: float | None = None  # when a commit took its lease (monotonic)
 
 
 class JobAlgorithm:
@@ -482,6 +483,14 @@ class JobAlgorithm:
             logger.info("run %s node %s: run is %s; not continuing", job.run_id, job.node_id,
                         run_state.get("status"))
             return []
+        if (step.claimed_at is not None and time.monotonic() - step.claimed_at
+                > self.settings.lease_seconds / 3
+                and not await context.renew(job.node_id, owner, self.settings.lease_seconds)):
+            # The commit that claimed it took long to finish (a slow enqueue): its lease ran
+            # out and another worker took the node over. It must not run here as well.
+            logger.warning("run %s node %s: its lease lapsed before it could start here; "
+                           "left to the worker that took it over", job.run_id, job.node_id)
+            return []
         graph = graph_for(base_graph, data)
         node = graph.nodes[job.node_id]  # checked by job_misfit, or a successor we routed to
         limit = self.runtime_options.max_node_iterations
@@ -627,7 +636,7 @@ class JobAlgorithm:
         skips: list[str], claims: list[tuple[str, int]], slots: LocalSlots | None,
     ) -> list[_Step]:
         """Steps 5-7: commit (claiming ``claims``), advance, enqueue the rest."""
-        node_id = job.node_id
+        node_id, claimed_at = job.node_id, time.monotonic()
         await self.checkpoint("before_commit", job)
         try:
             committed = await self.finisher.commit(context, job, owner, operations, claims)
@@ -661,7 +670,8 @@ class JobAlgorithm:
         trace = inject()
         # Each successor run in a lent slot works on a snapshot of its own.
         return [_Step(JobPayload(job.run_id, job.blueprint_id, succ, generation, trace=trace),
-                      advance.data if index == 0 else copy.deepcopy(advance.data), owner, slots)
+                      advance.data if index == 0 else copy.deepcopy(advance.data), owner, slots,
+                      claimed_at)
                 for index, (succ, generation) in enumerate(claims)]
 
     async def _advance_and_enqueue(self, context: DistributedContext, graph: Graph,
