@@ -17,7 +17,7 @@ An adapter puts four parts together and offers them as one object:
 The worker's options live in one :class:`~flowcraft.distributed.options.WorkerSettings`
 (``settings``) that the parts share; ``adapter.lease_seconds`` and the other
 options read and write it. A few knobs belong to a part — ``max_delay_seconds``
-to the queue, ``receive_gather_seconds`` to the polling loop, a cloud adapter's
+to the queue, ``prefetch_job_seconds`` to the polling loop, a cloud adapter's
 ``retention_seconds`` to its status store — and read and write through to it; a
 subclass may still set one as a plain class attribute (``max_delay_seconds =
 2.0``), which is handed to the part when the adapter is built.
@@ -110,8 +110,9 @@ class BaseDistributedAdapter(abc.ABC):
             message visibility the worker keeps while it runs.
         max_receive_count: a message received more often than this is a poison
             message: removed (dead-lettered where possible) and its run failed.
-        local_continuation: run a node's single next node in the same worker
-            instead of a queue round trip (it is claimed in the same write).
+        local_continuation: run a node's next node in the same worker instead of
+            a queue round trip (it is claimed in the same write); of several next
+            nodes, also one per free job slot of the polling worker.
         status_touch_seconds: at most one ``lastUpdated`` write per run and
             worker in this interval; the reconciler's threshold must exceed it.
         unknown_blueprint_grace_seconds: how long a job naming a blueprint no worker
@@ -124,8 +125,8 @@ class BaseDistributedAdapter(abc.ABC):
 
     max_delay_seconds = Delegated[float]("backend.queue")
     """The longest delay the queue accepts on a message (longer sleeps are chained)."""
-    receive_gather_seconds = Delegated[float]("worker_loop")
-    """See :attr:`WorkerLoop.receive_gather_seconds`."""
+    prefetch_job_seconds = Delegated[float]("worker_loop")
+    """See :attr:`WorkerLoop.prefetch_job_seconds`."""
 
     concurrency = Delegated[int]("settings")
     lease_seconds = Delegated[float]("settings")

@@ -47,9 +47,11 @@ says why repeating it is safe.
 
 2. **Claim** (one conditional write that returns the context). The worker
    takes a lease on the node in the run's context item, unless the node has
-   already completed this iteration (``DONE``: a redelivery — go to step 6
-   to re-announce its successors, then acknowledge) or another worker holds a
-   live lease (``LOCKED``: make the message visible again after a delay). The lease is
+   already completed this iteration (``DONE``: a redelivery — go to step 6 to
+   re-announce the successors of the nodes its execution committed, found by
+   the owner their records name; wait while it holds a lease on one of them
+   (a dead worker's), then acknowledge) or another worker holds a live lease
+   (``LOCKED``: make the message visible again after a delay). The lease is
    renewed while the node runs, together with the message's visibility, so
    a long node is never picked up twice; a crashed worker's lease expires.
    The same write counts the attempt (``_flowcraft.attempts.<node>``, reset
@@ -95,9 +97,10 @@ says why repeating it is safe.
    When no success comes back (an error after the write applied, or an SDK
    retry that then fails the condition), the item is read: if the node's
    record names this lease owner, the commit landed and the job carries on
-   as if it had returned. The same write may take the
-   lease of one successor this worker will run next (local continuation:
-   a chain costs no queue round trip per node), counting its attempt.
+   as if it had returned. The same write may take the leases of successors
+   certain to run, counting their attempts: one this job runs next (local
+   continuation: a chain costs no queue round trip per node), and one per
+   job slot the polling loop lends it (:mod:`.slots`).
 
 6. **Advance.** From the context the commit returned, decide each
    successor's join with :mod:`flowcraft.core.routing` — the same code the
@@ -121,20 +124,21 @@ says why repeating it is safe.
    set ``awaiting`` at that point instead. A parked node's entry in
    ``_awaitingNodeIds`` is written under a short lease on that list, so
    parallel parks and resumes never lose each other's update. A failed node
-   writes a failure record (so
-   nothing that needed it ever runs), poison / cancel markers for its
-   ``all`` / ``any`` successors, and the status ``failed`` with the reason.
+   writes a failure record (so nothing that needed it ever runs), poison /
+   cancel markers for its ``all`` / ``any`` successors, and the status
+   ``failed`` with the reason.
    Then the message is acknowledged.
 
 Service calls for a node: claim + commit + one delete of its message (+ a
-batched send, amortised over the successors) — and with local continuation,
-a chain node costs one commit that also claims its successor.
+batched send, amortised over the successors); a node claimed by its
+predecessor's commit costs its commit alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import time
 import uuid
@@ -166,9 +170,9 @@ from ..errors import (
     UnstorableValueError,
 )
 from ..events import EventBus, FlowcraftEvent, safe_emit
-from ..nodes.base import CancellationSignal, NodeContext, NodeResult
+from ..nodes.base import CancellationSignal, NodeResult
 from ..observability import get_metrics, get_tracer, inject, log_context, service_call
-from ..runtime.runtime import run_subflow
+from . import progress as _progress
 from .backend import FINAL_STATUSES, Backend, QueueMessage, now_iso
 from .context import (
     BLUEPRINT_KEY,
@@ -179,15 +183,18 @@ from .context import (
     attempts,
     attempts_key,
     claim_status,
+    keep_lease,
 )
 from .coordination import (
     CoordinationStore,
     any_key,
 )
-from .finish import Finisher, check_operations, owner_token
+from .finish import Finisher, check_operations, owner_token, result_error
 from .job import JobPayload, parse_job
 from .options import WorkerSettings
 from .progress import Progress, commit_plan, job_misfit, wake_up_at
+from .services import WorkerServices
+from .slots import LocalSlots
 
 logger = logging.getLogger("flowcraft.distributed")
 
@@ -207,7 +214,8 @@ class _Step:
     data: dict[str, Any]
     owner: str
     """The lease owner of this execution (and of its local continuations)."""
-    not_before: float | None = None
+    slots: LocalSlots | None = None  # where claimed successors beyond the first run
+    claimed_at: float | None = None  # when a commit took its lease (monotonic)
 
 
 class JobAlgorithm:
@@ -236,6 +244,7 @@ class JobAlgorithm:
         self.checkpoint: Checkpoint = no_checkpoint
         """Awaited at each named step; tests replace it to inject crashes."""
         self._status_touched: dict[str, float] = {}
+        self._live: dict[str, int] = {}  # owners (tokens) whose steps run in this worker
 
     @property
     def coordination_store(self) -> CoordinationStore:
@@ -250,13 +259,14 @@ class JobAlgorithm:
     # Messages and jobs
     # ==========================================================================================
 
-    async def handle_message(self, message: QueueMessage, *,
-                             requeue_deferred: bool = False) -> tuple[JobOutcome, float]:
+    async def handle_message(self, message: QueueMessage, *, requeue_deferred: bool = False,
+                             slots: LocalSlots | None = None) -> tuple[JobOutcome, float]:
         """Process one received message: parse it (an unreadable one is dead-lettered and
         its run failed where it names one), check its receive count (hard limit; a job
         that only waited goes back as a fresh message before its count runs out), run the
         job. Returns the outcome and, for ``"deferred"``, the seconds to wait; with
         ``requeue_deferred`` a deferred job is sent again with that delay (``"requeued"``).
+        With ``slots``, commits may claim more successors for them (:mod:`.slots`).
         """
         get_metrics().message_received(
             None if message.sent_at is None else time.time() - message.sent_at,
@@ -282,7 +292,8 @@ class JobAlgorithm:
             await queue.dead_letter(message, reason)
             await self.finisher.fail_run(job.run_id, reason, node_id=job.node_id)
             return "dropped", 0.0
-        outcome, delay = await self._handle(job, message_id=message.message_id, message=message)
+        outcome, delay = await self._handle(job, message_id=message.message_id, message=message,
+                                            slots=slots)
         if outcome == "deferred" and (requeue_deferred or
                                       message.receive_count >= self.settings.max_receive_count):
             # Waiting is not failing: before its receive count (what makes a message poison,
@@ -312,10 +323,11 @@ class JobAlgorithm:
             data, job.node_id, job.iteration, "", time.time()) is ClaimStatus.DONE
 
     async def _handle(self, job: JobPayload, *, message_id: str | None,
-                      message: QueueMessage | None = None) -> tuple[JobOutcome, float]:
+                      message: QueueMessage | None = None,
+                      slots: LocalSlots | None = None) -> tuple[JobOutcome, float]:
         with self._observed(job, message.receive_count if message else job.attempt) as span:
             outcome, delay = await self._handle_job(job, message_id=message_id,
-                                                    message=message)
+                                                    message=message, slots=slots)
             if outcome != "processed":  # a node that ran has its own outcome (completed, ...)
                 span.set_outcome(outcome)
             return outcome, delay
@@ -335,7 +347,8 @@ class JobAlgorithm:
     # ==========================================================================================
 
     async def _handle_job(self, job: JobPayload, *, message_id: str | None,
-                          message: QueueMessage | None = None) -> tuple[JobOutcome, float]:
+                          message: QueueMessage | None = None,
+                          slots: LocalSlots | None = None) -> tuple[JobOutcome, float]:
         try:
             blueprint = self.engine.blueprint(job.blueprint_id)
             base_graph = self.engine.graph(blueprint)
@@ -365,8 +378,11 @@ class JobAlgorithm:
             logger.info("run %s node %s: already done (duplicate delivery); re-announcing "
                         "its successors", job.run_id, job.node_id)
             graph = graph_for(base_graph, claim.data)
-            await self._advance_and_enqueue(context, graph, blueprint, [job.node_id], claim.data)
-            return "duplicate", 0.0
+            region = _progress.same_execution(graph, claim.data, job.node_id)
+            await self._advance_and_enqueue(context, graph, blueprint, region, claim.data)
+            held = _progress.held_by_execution(graph, claim.data, region, time.time(),
+                                               self._live)
+            return ("deferred", max(1.0, held - time.time())) if held else ("duplicate", 0.0)
         data = claim.data
         run_state = data.get(RUN_STATE_KEY)
         if isinstance(run_state, Mapping) and run_state.get("status") in FINAL_STATUSES:
@@ -426,19 +442,38 @@ class JobAlgorithm:
                 "nodeId": job.node_id, "message": reason, "attempt": started,
                 "errorType": "PoisonMessage", "runId": job.run_id})
             return "dropped", 0.0
-        step: _Step | None = _Step(job, data, owner)
-        while step is not None:
-            with (contextlib.nullcontext() if step.job is job
-                  else self._observed(step.job, None)):  # a local continuation
-                step = await self._execute_claimed(context, base_graph, blueprint, step)
+        self._live[owner_token(owner)] = self._live.get(owner_token(owner), 0) + 1
+        await self._run_steps(context, base_graph, blueprint, _Step(job, data, owner, slots), True)
         return "processed", 0.0
+
+    async def _run_steps(self, context: DistributedContext, base_graph: Graph,
+                         blueprint: WorkflowBlueprint, first: _Step, observed: bool) -> None:
+        """Run a claimed step and its continuations; the other claimed successors go to
+        the lent slots (:mod:`.slots`). The caller counted the step's owner as live (in
+        ``_live``: its redelivered jobs need not wait for its leases); this ends that."""
+        step: _Step | None = first
+        token = owner_token(first.owner)
+        try:
+            while step is not None:
+                with (contextlib.nullcontext() if step is first and observed
+                      else self._observed(step.job, None)):  # a local continuation
+                    steps = await self._execute_claimed(context, base_graph, blueprint, step)
+                for extra in steps[1:]:
+                    assert extra.slots is not None
+                    self._live[token] += 1
+                    extra.slots.run(self._run_steps(context, base_graph, blueprint, extra, False))
+                step = steps[0] if steps else None
+        finally:
+            self._live[token] -= 1
+            if not self._live[token]:
+                del self._live[token]
 
     # ==========================================================================================
     # Steps 3-7: run, route, commit, advance, enqueue
     # ==========================================================================================
 
     async def _execute_claimed(self, context: DistributedContext, base_graph: Graph,
-                               blueprint: WorkflowBlueprint, step: _Step) -> _Step | None:
+                               blueprint: WorkflowBlueprint, step: _Step) -> list[_Step]:
         job, data, owner = step.job, step.data, step.owner
         run_state = data.get(RUN_STATE_KEY)
         if isinstance(run_state, Mapping) and run_state.get("status") in FINAL_STATUSES:
@@ -447,7 +482,15 @@ class JobAlgorithm:
             await context.release(job.node_id, owner)
             logger.info("run %s node %s: run is %s; not continuing", job.run_id, job.node_id,
                         run_state.get("status"))
-            return None
+            return []
+        if (step.claimed_at is not None and time.monotonic() - step.claimed_at
+                > self.settings.lease_seconds / 3
+                and not await context.renew(job.node_id, owner, self.settings.lease_seconds)):
+            # The commit that claimed it took long to finish (a slow enqueue): its lease ran
+            # out and another worker took the node over. It must not run here as well.
+            logger.warning("run %s node %s: its lease lapsed before it could start here; "
+                           "left to the worker that took it over", job.run_id, job.node_id)
+            return []
         graph = graph_for(base_graph, data)
         node = graph.nodes[job.node_id]  # checked by job_misfit, or a successor we routed to
         limit = self.runtime_options.max_node_iterations
@@ -458,7 +501,7 @@ class JobAlgorithm:
             await self.finisher.fail_node(context, graph, job, owner, [], message, {
                 "nodeId": job.node_id, "message": message, "attempt": 0,
                 "errorType": "FlowcraftError", "runId": job.run_id})
-            return None
+            return []
         first_arrival = None
         if node.join_strategy == "any" and len(graph.forward_predecessors.get(node.id, ())) > 1:
             first_arrival = await self.coordination_store.get(
@@ -467,11 +510,11 @@ class JobAlgorithm:
         tracked = TrackedContext(data)
         if resolved.store:
             tracked.set_now(INPUTS_PREFIX + node.id, resolved.value)
-        services = _WorkerServices(self.engine)
+        services = WorkerServices(self.engine)
         await self.emit("node:start", runId=job.run_id, nodeId=node.id, input=resolved.value)
         cancelled = CancellationSignal()  # set by the renewal when the run is cancelled
         renewer = asyncio.get_running_loop().create_task(
-            self._renew_lease(context, node.id, owner, cancelled))
+            keep_lease(context, node.id, owner, self.settings.lease_seconds, cancelled))
         try:
             await self.checkpoint("before_run", job)
             started = time.perf_counter()
@@ -500,19 +543,20 @@ class JobAlgorithm:
             if cancelled.is_set() and outcome.error is not None:
                 # Stopped by its run's cancellation: not a failure of the node.
                 await context.release(node.id, owner)
-                return None
+                return []
             await self._touch_status(job.run_id, job.blueprint_id)
             operations = list(tracked.deltas)
             if outcome.awaiting is not None:
                 await self.finisher.park(context, graph, job, owner, operations, outcome.awaiting)
-                return None
+                return []
             if outcome.error is not None:
                 await self.finisher.fail_node(context, graph, job, owner, operations,
                                               outcome.error.message, outcome.error.to_dict())
-                return None
+                return []
             assert outcome.result is not None
             return await self.commit_success(context, graph, blueprint, job, owner, tracked,
-                                             operations, outcome.result, services.wake_up_at)
+                                             operations, outcome.result, services.wake_up_at,
+                                             slots=step.slots)
         finally:
             renewer.cancel()
 
@@ -520,10 +564,11 @@ class JobAlgorithm:
         self, context: DistributedContext, graph: Graph, blueprint: WorkflowBlueprint,
         job: JobPayload, owner: str, tracked: TrackedContext,
         operations: list[PatchOperation], result: NodeResult, wake_up_at: float | None, *,
-        continue_locally: bool = True,
-    ) -> _Step | None:
+        continue_locally: bool = True, slots: LocalSlots | None = None,
+    ) -> list[_Step]:
         """Steps 4-7 for a node that completed (or was resumed) under ``owner``'s lease:
-        route, commit, advance, enqueue. Returns the local continuation, if any."""
+        route, commit, advance, enqueue. Returns the successors claimed in the commit: the
+        local continuation first, then those for the lent ``slots`` (:mod:`.slots`)."""
         node_id = job.node_id
         working = tracked.data
         try:
@@ -533,8 +578,8 @@ class JobAlgorithm:
             check_storable(result.output, f"output of node '{node_id}'")
         except UnstorableValueError as exc:
             await self.finisher.fail_node(context, graph, job, owner, [], exc.message,
-                                          _error(job, exc))
-            return None
+                                          result_error(job, exc))
+            return []
         try:
             if result.dynamic_nodes:
                 addition = dynamic_addition(graph, node_id, result.dynamic_nodes)
@@ -548,8 +593,8 @@ class JobAlgorithm:
             logger.warning("run %s node %s: its result could not be routed: %s", job.run_id,
                            node_id, exc)
             await self.finisher.fail_node(context, graph, job, owner, operations, str(exc),
-                                          _error(job, exc))
-            return None
+                                          result_error(job, exc))
+            return []
         record = completed_record(job.iteration, taken, result.action)
         record["by"] = owner_token(owner)  # tells our lost commit answer from another's
         record["t"] = round(time.time(), 6)  # commit order, for replay
@@ -562,56 +607,72 @@ class JobAlgorithm:
         operations.append(PatchOperation("set", record_key(node_id), record))
         working[record_key(node_id)] = record
         # Successors whose only way in is this node are decided now, in the same write.
-        skips, successor = commit_plan(graph, node_id, working)
+        skips, successors = commit_plan(graph, node_id, working)
         for skipped in skips:
             value = skipped_record(resolution_count(working, skipped))
             operations.append(PatchOperation("set", record_key(skipped), value))
             working[record_key(skipped)] = value
-        next_node = None
+        claims, lent = successors[:0], 0
         if self.settings.local_continuation and continue_locally and wake_up_at is None:
-            next_node = successor
-        claims = [next_node] if next_node else []
-        if next_node is not None:
+            if slots is not None and len(successors) > 1:
+                lent = await slots.take(len(successors) - 1)
+            claims = successors[:1 + lent]
+        for succ, _ in claims:
             # The claim in this commit counts the successor's attempt, as a claim does.
-            succ = next_node[0]
             operations.append(PatchOperation(
                 "set", attempts_key(succ), 1 if succ == node_id else attempts(working, succ) + 1))
+        steps: list[_Step] = []
+        try:
+            steps = await self._commit_and_advance(context, graph, blueprint, job, owner,
+                                                   operations, result, skips, claims, slots)
+        finally:
+            if slots is not None and len(steps) < 1 + lent:
+                slots.give_back(lent)  # not committed: the lent slots stay unused
+        return steps
+
+    async def _commit_and_advance(
+        self, context: DistributedContext, graph: Graph, blueprint: WorkflowBlueprint,
+        job: JobPayload, owner: str, operations: list[PatchOperation], result: NodeResult,
+        skips: list[str], claims: list[tuple[str, int]], slots: LocalSlots | None,
+    ) -> list[_Step]:
+        """Steps 5-7: commit (claiming ``claims``), advance, enqueue the rest."""
+        node_id, claimed_at = job.node_id, time.monotonic()
         await self.checkpoint("before_commit", job)
         try:
             committed = await self.finisher.commit(context, job, owner, operations, claims)
         except (ContextTooLargeError, UnstorableValueError) as exc:
             # Running the node again would produce the same output: fail it now, clearly.
             await self.finisher.fail_node(context, graph, job, owner, [], exc.message,
-                                          _error(job, exc))
-            return None
+                                          result_error(job, exc))
+            return []
         if committed is None:
             logger.warning("run %s node %s: lease lost before commit (the node ran elsewhere);"
                            " this result is discarded", job.run_id, node_id)
             get_metrics().claim_lost()
             get_tracer().annotate(outcome="lost")
-            return None
+            return []
         await self.emit("node:finish", runId=job.run_id, nodeId=node_id, output=result.output,
                         action=result.action)
         await self.checkpoint("after_commit", job)
         if _cancelled(committed):
             # Cancelled while the node ran: its result is kept, nothing after it runs.
             logger.info("run %s node %s: run cancelled; not advancing", job.run_id, node_id)
-            if next_node is not None:
-                await context.release(next_node[0], owner,
-                                      attempts=attempts(committed, next_node[0]) - 1)
-            return None
+            for succ, _ in claims:
+                await context.release(succ, owner, attempts=attempts(committed, succ) - 1)
+            return []
         advance = await self.progress.advance(context, graph, [node_id, *skips], committed,
-                                              continued=next_node)
-        next_step = None
-        ready = advance.ready
-        if next_node is not None:
-            ready = [r for r in ready if (r[0], r[1]) != next_node]
-            next_step = _Step(JobPayload(job.run_id, job.blueprint_id, next_node[0],
-                                         next_node[1], trace=inject()), advance.data, owner)
-        await self.enqueue_ready(job.run_id, blueprint.id, ready)
+                                              continued=claims)
+        claimed = set(claims)
+        await self.enqueue_ready(job.run_id, blueprint.id,
+                                 [r for r in advance.ready if (r[0], r[1]) not in claimed])
         await self.checkpoint("after_enqueue", job)
         await self.emit("job:processed", runId=job.run_id, nodeId=node_id)
-        return next_step
+        trace = inject()
+        # Each successor run in a lent slot works on a snapshot of its own.
+        return [_Step(JobPayload(job.run_id, job.blueprint_id, succ, generation, trace=trace),
+                      advance.data if index == 0 else copy.deepcopy(advance.data), owner, slots,
+                      claimed_at)
+                for index, (succ, generation) in enumerate(claims)]
 
     async def _advance_and_enqueue(self, context: DistributedContext, graph: Graph,
                                    blueprint: WorkflowBlueprint, sources: Sequence[str],
@@ -658,29 +719,6 @@ class JobAlgorithm:
     # Leases, progress marks, events
     # ==========================================================================================
 
-    async def _renew_lease(self, context: DistributedContext, node_id: str, owner: str,
-                           cancelled: CancellationSignal | None = None) -> None:
-        interval = self.settings.renew_interval
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                # Renew first: a slow read must never delay the lease past its expiry.
-                if not await context.renew(node_id, owner, self.settings.lease_seconds):
-                    # Committed meanwhile (the commit removes the lease), or taken over: the
-                    # commit, conditioned on the lease, tells which and logs a takeover.
-                    logger.debug("run %s node %s: lease no longer held", context.run_id,
-                                 node_id)
-                    return
-                if cancelled is not None and not cancelled.is_set() and _cancelled(
-                        await context.load() or {}):
-                    # The run was cancelled: the node sees ctx.signal (one read per renewal).
-                    logger.info("run %s node %s: run cancelled; signalling the node",
-                                context.run_id, node_id)
-                    cancelled.set()
-            except Exception as exc:
-                logger.warning("run %s node %s: lease renewal failed: %s", context.run_id,
-                               node_id, exc)
-
     async def _touch_status(self, run_id: str, blueprint_id: str | None = None) -> None:
         """Record progress (``lastUpdated``) at most every ``status_touch_seconds``; also the
         blueprint id, which status records written by other clients may lack."""
@@ -709,28 +747,3 @@ class JobAlgorithm:
 def _cancelled(data: Mapping[str, Any]) -> bool:
     run_state = data.get(RUN_STATE_KEY)
     return isinstance(run_state, Mapping) and run_state.get("status") == "cancelled"
-
-
-def _error(job: JobPayload, exc: Exception) -> dict[str, Any]:
-    """The failure record of a node that failed after it ran (its result is the problem)."""
-    message = exc.message if isinstance(exc, FlowcraftError) else str(exc)
-    return {"nodeId": job.node_id, "message": message, "attempt": 1,
-            "errorType": type(exc).__name__, "runId": job.run_id}
-
-
-class _WorkerServices:
-    """``ctx.engine`` on a worker: durable sleep and in-process subflows."""
-
-    def __init__(self, engine: NodeEngine) -> None:
-        self._engine = engine
-        self.wake_up_at: float | None = None
-
-    async def sleep(self, ctx: NodeContext, seconds: float) -> None:
-        if seconds <= 1.0:
-            await asyncio.sleep(seconds)
-            return
-        # Durable: the node completes now; its successors are enqueued with a delay.
-        self.wake_up_at = time.time() + seconds
-
-    async def run_subflow(self, ctx: NodeContext, blueprint_id: str) -> Any:
-        return await run_subflow(self._engine, ctx, blueprint_id)

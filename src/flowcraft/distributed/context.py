@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import enum
+import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -57,6 +58,9 @@ from ..context import (
 )
 from ..core.routing import RECORD_PREFIX
 from ..errors import RunAlreadyExistsError
+from ..nodes.base import CancellationSignal
+
+logger = logging.getLogger("flowcraft.distributed")
 
 LOCK_PREFIX = f"{INTERNAL_PREFIX}lock."
 ATTEMPTS_PREFIX = f"{INTERNAL_PREFIX}attempts."
@@ -158,6 +162,31 @@ class DistributedContext(AsyncContext, Protocol):
     async def release(self, node_id: str, owner: str, *,
                       attempts: int | None = None) -> None: ...
     async def apply(self, operations: Sequence[PatchOperation]) -> dict[str, Any] | None: ...
+
+
+async def keep_lease(context: DistributedContext, node_id: str, owner: str,
+                     lease_seconds: float, cancelled: CancellationSignal | None = None) -> None:
+    """Renew ``owner``'s lease on the node three times per lease until it is no longer held
+    (committed, or taken over); with ``cancelled``, also watch the run: set it when the run
+    is cancelled (one read per renewal), so the node sees ``ctx.signal``."""
+    while True:
+        await asyncio.sleep(max(0.05, lease_seconds / 3))
+        try:
+            # Renew first: a slow read must never delay the lease past its expiry.
+            if not await context.renew(node_id, owner, lease_seconds):
+                # Committed meanwhile (the commit removes the lease), or taken over: the
+                # commit, conditioned on the lease, tells which and logs a takeover.
+                logger.debug("run %s node %s: lease no longer held", context.run_id, node_id)
+                return
+            if cancelled is not None and not cancelled.is_set():
+                run_state = (await context.load() or {}).get(RUN_STATE_KEY)
+                if isinstance(run_state, Mapping) and run_state.get("status") == "cancelled":
+                    logger.info("run %s node %s: run cancelled; signalling the node",
+                                context.run_id, node_id)
+                    cancelled.set()
+        except Exception as exc:
+            logger.warning("run %s node %s: lease renewal failed: %s", context.run_id,
+                           node_id, exc)
 
 
 def release_operations(node_id: str, attempts: int | None) -> list[PatchOperation]:

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from ..context import PatchOperation, check_storable
 from ..core.graph import Graph
 from ..core.routing import AWAITING_DETAILS_KEY, AWAITING_IDS_KEY, failed_record, record_key
-from ..errors import ContextTooLargeError, UnstorableValueError
+from ..errors import ContextTooLargeError, FlowcraftError, UnstorableValueError
 from ..observability import get_metrics, service_call
 from .backend import FINAL_STATUSES, Backend, QueueMessage, now_iso, parse_timestamp
 from .context import BLUEPRINT_KEY, RUN_STATE_KEY, ClaimStatus, DistributedContext, lock_key
@@ -247,3 +247,10 @@ def check_operations(operations: Iterable[PatchOperation], node_id: str) -> None
 def owner_token(owner: str) -> str:
     """The random part of a lease owner: unique per execution, and short in every record."""
     return owner.rsplit("/", 1)[-1]
+
+
+def result_error(job: JobPayload, exc: Exception) -> dict[str, Any]:
+    """The failure record of a node that failed after it ran (its result is the problem)."""
+    message = exc.message if isinstance(exc, FlowcraftError) else str(exc)
+    return {"nodeId": job.node_id, "message": message, "attempt": 1,
+            "errorType": type(exc).__name__, "runId": job.run_id}

@@ -8,8 +8,9 @@ returned; this module only carries the decisions out:
 
 * :func:`commit_plan` — what a commit can decide by itself: the skips whose only
   way in is the committing node (their records go into the same write), and the
-  one successor certain to be ready after it, which the committing worker claims
-  in that write and runs next (local continuation);
+  successors certain to be ready after it, of which the committing worker claims
+  in that write the first (it runs next: local continuation) and as many more as it
+  has free job slots for (:mod:`.slots`);
 * :meth:`Progress.advance` — the rest: ``decide`` from the committed context;
   skips written (one patch per round, whose returned context feeds the next
   round, so a join decided by a skip sees every predecessor that committed
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -46,7 +47,7 @@ from ..core.routing import (
 from ..core.successors import JoinDecision, decide, evaluate, frontier
 from ..observability import get_metrics
 from .backend import Backend, now_iso
-from .context import RUN_STATE_KEY, DistributedContext, live_lease
+from .context import RUN_STATE_KEY, DistributedContext, live_lease, lock_key
 from .coordination import COORDINATION_TTL_SECONDS, CoordinationStore, any_key
 from .job import JobPayload
 
@@ -80,7 +81,7 @@ class Progress:
 
     async def advance(
         self, context: DistributedContext, graph: Graph, sources: Sequence[str],
-        data: dict[str, Any], *, continued: tuple[str, int] | None = None,
+        data: dict[str, Any], *, continued: Sequence[tuple[str, int]] = (),
     ) -> Advance:
         """Decide every successor of ``sources`` from ``data`` (the context our write returned).
 
@@ -113,7 +114,7 @@ class Progress:
         startable = [
             (node_id, generation, wake)
             for (node_id, generation), wake in ready.items()
-            if (node_id, generation) == continued
+            if (node_id, generation) in continued
             or (
                 resolution_count(data, node_id) <= generation
                 and not live_lease(data, node_id, now)
@@ -167,11 +168,11 @@ class Progress:
 
 
 def commit_plan(graph: Graph, node_id: str,
-                working: dict[str, Any]) -> tuple[list[str], tuple[str, int] | None]:
+                working: dict[str, Any]) -> tuple[list[str], list[tuple[str, int]]]:
     """What the commit of ``node_id`` (whose record is in ``working``) decides by itself: the
     skips no other predecessor can change — successors whose only way in is this node or a
-    node skipped with it, in order — and the successor certain to be ready after it, as
-    (node, generation), if there is one."""
+    node skipped with it, in order — and the successors certain to be ready after it, as
+    (node, generation), in order."""
     first = decide(graph, working, [node_id])
     skips: list[str] = []
     sources = first.certain_skips
@@ -182,8 +183,7 @@ def commit_plan(graph: Graph, node_id: str,
         sources = [t for t in decide(graph, working, sources).certain_skips if t not in skips]
     for skipped in skips:
         working.pop(record_key(skipped), None)
-    successor = next(((r.node_id, r.generation) for r in first.ready if r.certain), None)
-    return skips, successor
+    return skips, [(r.node_id, r.generation) for r in first.ready if r.certain]
 
 
 def wake_up_at(graph: Graph, data: Mapping[str, Any], node_id: str) -> float | None:
@@ -213,3 +213,39 @@ def job_misfit(graph: Graph, data: Mapping[str, Any], job: JobPayload) -> str | 
             and evaluate(graph, data, job.node_id) is not JoinDecision.RUN):
         return "the node has resolved already and is in no loop that could run it again"
     return None
+
+
+def same_execution(graph: Graph, data: Mapping[str, Any], node_id: str) -> list[str]:
+    """``node_id`` and the nodes its execution went on to commit after it, in this worker
+    (local continuations and successors run in lent slots: :mod:`.slots`), found by the
+    lease owner their records name. A redelivered job re-announces the successors of all
+    of them: a crash after one of those commits leaves its successors with no message."""
+    record = data.get(record_key(node_id))
+    token = record.get("by") if isinstance(record, Mapping) else None
+    region, pending = [node_id], [node_id]
+    while token is not None and pending:
+        for successor in graph.forward_successors(pending.pop()):
+            value = data.get(record_key(successor))
+            if (successor not in region and isinstance(value, Mapping)
+                    and value.get("by") == token):
+                region.append(successor)
+                pending.append(successor)
+    return region
+
+
+def held_by_execution(graph: Graph, data: Mapping[str, Any], region: Sequence[str],
+                      now: float, running: Container[str] = ()) -> float | None:
+    """When the last live lease that ``region``'s execution holds on a successor of it ends
+    (``None``: it holds none, or it is ``running`` in this worker). Such a successor was
+    claimed by a commit of that execution and has no message: unless that execution is
+    known to be alive, the redelivered job waits for the lease instead of going away."""
+    record = data.get(record_key(region[0]))
+    token = record.get("by") if isinstance(record, Mapping) else None
+    if token in running:
+        return None
+    ends = [float(lease.get("expires", 0))
+            for node in region for successor in graph.forward_successors(node)
+            if isinstance(lease := data.get(lock_key(successor)), Mapping)
+            and str(lease.get("owner", "")).rsplit("/", 1)[-1] == token
+            and float(lease.get("expires", 0)) > now]
+    return max(ends) if ends and token is not None else None

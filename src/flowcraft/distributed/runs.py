@@ -240,11 +240,11 @@ class RunClient:
                                                        "lastUpdated": now_iso()},
                                               only_if_running=False)
             job = JobPayload(run_id, blueprint.id, target, iteration)
-            step = await algorithm.commit_success(
+            steps = await algorithm.commit_success(
                 context, graph, blueprint, job, owner, tracked, list(tracked.deltas),
                 NodeResult(output=output, action=action), None, continue_locally=False,
             )
-            assert step is None
+            assert not steps
         finally:
             await context.release(AWAITING_LOCK, owner)  # a no-op once committed
         logger.info("run %s node %s resumed with action %r", run_id, target, action)

@@ -94,33 +94,40 @@ class SqsJobQueue:
         ]
 
     async def delete(self, messages: Sequence[QueueMessage]) -> None:
-        """Deletes are gathered for a moment and sent with DeleteMessageBatch."""
+        """Deletes are gathered for a moment and sent with DeleteMessageBatch: a full batch at
+        once, the rest when the oldest has waited ``delete_batch_seconds``."""
         self._pending_deletes.extend(messages)
-        if len(self._pending_deletes) >= 10:
-            await self._flush_deletes()
-        elif self._delete_flush is None or self._delete_flush.done():
+        while len(self._pending_deletes) >= 10:
+            batch, self._pending_deletes = self._pending_deletes[:10], self._pending_deletes[10:]
+            await self._delete_batch(batch)
+        if self._pending_deletes and (self._delete_flush is None or self._delete_flush.done()):
             self._delete_flush = asyncio.get_running_loop().create_task(self._flush_soon())
 
     async def _flush_soon(self) -> None:
         # Jobs finish one by one, rarely within a few ms of each other: gather deletes for a
         # moment (far inside the visibility timeout; a message redelivered before its
-        # delete lands finds its node done).
-        await asyncio.sleep(self.delete_batch_seconds)
-        await self._flush_deletes()
+        # delete lands finds its node done). Deletes that arrive while a batch is on the
+        # wire wait for the next round instead of going out one by one behind it.
+        while self._pending_deletes:
+            await asyncio.sleep(self.delete_batch_seconds)
+            await self._flush_deletes()
 
     async def _flush_deletes(self) -> None:
-        while self._pending_deletes:
-            batch, self._pending_deletes = self._pending_deletes[:10], self._pending_deletes[10:]
-            entries = [{"Id": str(i), "ReceiptHandle": m.handle} for i, m in enumerate(batch)]
-            try:
-                response = await self.sqs.delete_message_batch(QueueUrl=self.queue_url,
-                                                               Entries=entries)
-            except Exception as exc:
-                logger.warning("deleting %d message(s) failed (they will be redelivered and "
-                               "recognised as done): %s", len(batch), exc)
-                continue
-            for failure in response.get("Failed", []):
-                logger.warning("message delete failed: %s", failure)
+        pending, self._pending_deletes = self._pending_deletes, []
+        for start in range(0, len(pending), 10):
+            await self._delete_batch(pending[start:start + 10])
+
+    async def _delete_batch(self, batch: Sequence[QueueMessage]) -> None:
+        entries = [{"Id": str(i), "ReceiptHandle": m.handle} for i, m in enumerate(batch)]
+        try:
+            response = await self.sqs.delete_message_batch(QueueUrl=self.queue_url,
+                                                           Entries=entries)
+        except Exception as exc:
+            logger.warning("deleting %d message(s) failed (they will be redelivered and "
+                           "recognised as done): %s", len(batch), exc)
+            return
+        for failure in response.get("Failed", []):
+            logger.warning("message delete failed: %s", failure)
 
     async def set_visibility(self, message: QueueMessage, seconds: float) -> None:
         await self.sqs.change_message_visibility(

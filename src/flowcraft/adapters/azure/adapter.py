@@ -81,6 +81,8 @@ class AzureQueueAdapter(BaseDistributedAdapter):
         self._poison_queue_client = poison_queue_client
         self.payloads = payloads
         super().__init__(runtime_options, coordination_store, event_bus, **options)
+        if isinstance(self.backend.queue, AzureJobQueue):
+            self.backend.queue.busy = lambda: bool(self.worker_loop.jobs)
 
     def create_backend(self) -> Backend:
         return Backend(
