@@ -274,7 +274,6 @@ class _InMemoryRun:
         self.idle_waiter: asyncio.Future[None] | None = None
         self.limit = asyncio.Semaphore(concurrency) if concurrency else None
         self.first_arrival: dict[str, str] = {}
-        self.services = _RunServices(self, None)  # what nodes not being resumed use
         # Set while a node's result is routed: where _schedule hands the next node over.
         self.handoff: list[tuple[str, int, dict[str, Any] | None]] | None = None
 
@@ -499,7 +498,7 @@ class _InMemoryRun:
         if self.bus is not None:
             await self._emit("node:start", nodeId=node_id, input=resolved.value)
         logger.debug("run %s node %s: start (iteration %d)", self.run_id, node_id, generation)
-        services = self.services if resume is None else _RunServices(self, resume)
+        services = _RunServices(self, resume)
         outcome = await self.engine.run_node(
             self.graph, node, tracked, resolved.value, run_id=self.run_id,
             iteration=generation, services=services, signal=self.signal,
