@@ -164,10 +164,7 @@ async def execute_node(
         except AwaitingSignal as signal:
             return NodeOutcome(awaiting=signal.details, attempts=1)
         except Exception as exc:
-            return NodeOutcome(error=NodeError(
-                node_id=node.id, message=_describe(exc), attempt=1,
-                error_type=type(exc).__name__, run_id=run_id or None,
-                traceback=_traceback(exc)), attempts=1)
+            return NodeOutcome(error=_failure(node, exc, 1, run_id), attempts=1)
     attempts = max(1, (config.max_retries if config and config.max_retries else 1))
     timeout = config.timeout / 1000.0 if config and config.timeout else None
     node_class = is_node_class(implementation)
@@ -257,15 +254,14 @@ async def execute_node(
             return NodeOutcome(awaiting=signal.details, attempts=attempt, used_fallback=True)
         except Exception as exc:
             last_error = exc
-    error = NodeError(
-        node_id=node.id,
-        message=_describe(last_error),
-        attempt=attempt,
-        error_type=type(last_error).__name__,
-        run_id=run_id or None,
-        traceback=_traceback(last_error),
-    )
-    return NodeOutcome(error=error, attempts=attempt)
+    return NodeOutcome(error=_failure(node, last_error, attempt, run_id), attempts=attempt)
+
+
+def _failure(node: NodeDefinition, error: BaseException, attempt: int, run_id: str) -> NodeError:
+    """The error a node's last attempt (and fallback) ended with."""
+    return NodeError(node_id=node.id, message=_describe(error), attempt=attempt,
+                     error_type=type(error).__name__, run_id=run_id or None,
+                     traceback=_traceback(error))
 
 
 async def _awaitable(implementation: Any, ctx: NodeContext) -> Any:
