@@ -431,10 +431,9 @@ async def test_a_fan_out_runs_branches_in_the_slots_a_worker_has_free() -> None:
     assert sends["send"] in (2, 3), sends
 
 
-async def test_a_worker_killed_while_running_branches_in_lent_slots_loses_none() -> None:
-    """Kill the worker while the branches its source's commit claimed run (no message of
-    their own): the source's message comes back, its job waits for those branches' leases
-    to run out and re-announces them; another worker finishes the run."""
+def held_branches() -> tuple[Executions, asyncio.Event, asyncio.Event, dict[str, Any]]:
+    """A registry for WIDE whose branches (``slow``) wait for ``hold`` once one has
+    ``started``, so a test can stop or kill a worker while they run."""
     runs = Executions()
     started = asyncio.Event()
     hold = asyncio.Event()
@@ -446,6 +445,14 @@ async def test_a_worker_killed_while_running_branches_in_lent_slots_loses_none()
         return ctx.node_id
 
     registry = {"step": runs.node(), "slow": slow, "join": runs.node(lambda ctx: "joined")}
+    return runs, started, hold, registry
+
+
+async def test_a_worker_killed_while_running_branches_in_lent_slots_loses_none() -> None:
+    """Kill the worker while the branches its source's commit claimed run (no message of
+    their own): the source's message comes back, its job waits for those branches' leases
+    to run out and re-announces them; another worker finishes the run."""
+    runs, started, hold, registry = held_branches()
     async with Cluster([WIDE], registry, workers=1, concurrency=4, lease_seconds=0.5,
                        start=False) as cluster:
         first = cluster.workers[0]
@@ -470,17 +477,7 @@ async def test_a_worker_killed_while_running_branches_in_lent_slots_loses_none()
 async def test_a_worker_stopped_while_running_branches_in_lent_slots_puts_them_back() -> None:
     """A stop that cancels the branches run in lent slots releases their leases and puts the
     source's message back at once: the next worker re-announces the branches."""
-    runs = Executions()
-    started = asyncio.Event()
-    hold = asyncio.Event()
-
-    async def slow(ctx: NodeContext) -> Any:
-        runs.record(ctx)
-        started.set()
-        await hold.wait()
-        return ctx.node_id
-
-    registry = {"step": runs.node(), "slow": slow, "join": runs.node(lambda ctx: "joined")}
+    runs, started, hold, registry = held_branches()
     async with Cluster([WIDE], registry, workers=1, concurrency=4, lease_seconds=30,
                        start=False) as cluster:
         first = cluster.workers[0]
