@@ -1,6 +1,5 @@
 """What ``bench/scale.py`` reads from the moto server in its process: DynamoDB write bytes
-(:class:`WriteMeter`), the executed nodes of a case that timed out (:func:`count_items`),
-and a lock for moto's request recorder (:func:`serialize_moto_recorder`).
+(:class:`WriteMeter`) and the executed nodes of a case that timed out (:func:`count_items`).
 
 DynamoDB bills a write by the size of the item: for PutItem, UpdateItem and DeleteItem
 (also as parts of TransactWriteItems and BatchWriteItem) the larger of the item before
@@ -190,24 +189,6 @@ class WriteMeter:
 
 
 # -- moto's request recorder ----------------------------------------------------------------
-
-
-def serialize_moto_recorder() -> None:
-    """Let moto's request recorder write one request at a time: it writes each request as
-    two writes to its file, so requests from parallel server threads can interleave into a
-    line that is not JSON."""
-    import threading
-
-    from moto.moto_api._internal.recorder.models import Recorder as MotoRecorder
-
-    original = MotoRecorder._record_request
-    lock = threading.Lock()
-
-    def record(self: Any, request: Any, body: bytes | None = None) -> None:
-        with lock:
-            original(self, request, body)
-
-    MotoRecorder._record_request = record  # type: ignore[method-assign]
 
 
 # -- executed nodes of a timed-out case, from moto's tables ---------------------------------

@@ -79,6 +79,24 @@ CLIENT_APP = "flowcraft-bench-client"
 # -- moto -------------------------------------------------------------------------------------
 
 
+def serialize_moto_recorder() -> None:
+    """Let moto's request recorder write one request at a time: it writes each request as
+    two writes to its file, so requests from parallel server threads can interleave into a
+    line that is not JSON."""
+    import threading
+
+    from moto.moto_api._internal.recorder.models import Recorder as MotoRecorder
+
+    original = MotoRecorder._record_request
+    lock = threading.Lock()
+
+    def record(self: Any, request: Any, body: bytes | None = None) -> None:
+        with lock:
+            original(self, request, body)
+
+    MotoRecorder._record_request = record  # type: ignore[method-assign]
+
+
 def serialize_moto_dynamodb() -> None:
     """Run moto's DynamoDB requests one at a time.
 
@@ -474,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
 
         blueprint_dir = scratch / "blueprints"
         write_blueprints(blueprint_dir, [*shapes, *{s.id: s for s in mix}.values()])
+        serialize_moto_recorder()
         if not args.no_moto_lock:
             serialize_moto_dynamodb()
         try:

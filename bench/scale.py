@@ -91,7 +91,6 @@ from _billing import (
     celery_success,
     count_items,
     flowcraft_outputs,
-    serialize_moto_recorder,
 )
 from _shared import (
     BENCH_DIR,
@@ -114,7 +113,14 @@ from _shared import (
     worker_environment,
     write_blueprints,
 )
-from aws_calls import CLIENT_APP, WORKER_APP, Recorder, classify, provision
+from aws_calls import (
+    CLIENT_APP,
+    WORKER_APP,
+    Recorder,
+    classify,
+    provision,
+    serialize_moto_recorder,
+)
 
 SYSTEMS = ("flowcraft", "celery", "reference")
 SHORT = {"flowcraft": "fc", "celery": "celery", "reference": "ref"}
