@@ -184,12 +184,13 @@ from .context import (
     attempts_key,
     claim_status,
     keep_lease,
+    owner_token,
 )
 from .coordination import (
     CoordinationStore,
     any_key,
 )
-from .finish import Finisher, check_operations, owner_token, result_error
+from .finish import Finisher, check_operations, result_error
 from .job import JobPayload, parse_job
 from .options import WorkerSettings
 from .progress import Progress, commit_plan, job_misfit, wake_up_at

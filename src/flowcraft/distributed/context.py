@@ -164,6 +164,11 @@ class DistributedContext(AsyncContext, Protocol):
     async def apply(self, operations: Sequence[PatchOperation]) -> dict[str, Any] | None: ...
 
 
+def owner_token(owner: str) -> str:
+    """The random part of a lease owner: unique per execution, and short in every record."""
+    return owner.rsplit("/", 1)[-1]
+
+
 async def keep_lease(context: DistributedContext, node_id: str, owner: str,
                      lease_seconds: float, cancelled: CancellationSignal | None = None) -> None:
     """Renew ``owner``'s lease on the node three times per lease until it is no longer held

@@ -36,7 +36,14 @@ from ..core.routing import AWAITING_DETAILS_KEY, AWAITING_IDS_KEY, failed_record
 from ..errors import ContextTooLargeError, FlowcraftError, UnstorableValueError
 from ..observability import get_metrics, service_call
 from .backend import FINAL_STATUSES, Backend, QueueMessage, now_iso, parse_timestamp
-from .context import BLUEPRINT_KEY, RUN_STATE_KEY, ClaimStatus, DistributedContext, lock_key
+from .context import (
+    BLUEPRINT_KEY,
+    RUN_STATE_KEY,
+    ClaimStatus,
+    DistributedContext,
+    lock_key,
+    owner_token,
+)
 from .coordination import COORDINATION_TTL_SECONDS, cancel_key, poison_key
 from .job import JobPayload
 from .options import WorkerSettings
@@ -242,11 +249,6 @@ def check_operations(operations: Iterable[PatchOperation], node_id: str) -> None
         if operation.op == "set":
             check_storable(operation.value,
                            f"context key '{operation.key}' written by node '{node_id}'")
-
-
-def owner_token(owner: str) -> str:
-    """The random part of a lease owner: unique per execution, and short in every record."""
-    return owner.rsplit("/", 1)[-1]
 
 
 def result_error(job: JobPayload, exc: Exception) -> dict[str, Any]:

@@ -47,7 +47,7 @@ from ..core.routing import (
 from ..core.successors import JoinDecision, decide, evaluate, frontier
 from ..observability import get_metrics
 from .backend import Backend, now_iso
-from .context import RUN_STATE_KEY, DistributedContext, live_lease, lock_key
+from .context import RUN_STATE_KEY, DistributedContext, live_lease, lock_key, owner_token
 from .coordination import COORDINATION_TTL_SECONDS, CoordinationStore, any_key
 from .job import JobPayload
 
@@ -246,6 +246,6 @@ def held_by_execution(graph: Graph, data: Mapping[str, Any], region: Sequence[st
     ends = [float(lease.get("expires", 0))
             for node in region for successor in graph.forward_successors(node)
             if isinstance(lease := data.get(lock_key(successor)), Mapping)
-            and str(lease.get("owner", "")).rsplit("/", 1)[-1] == token
+            and owner_token(str(lease.get("owner", ""))) == token
             and float(lease.get("expires", 0)) > now]
     return max(ends) if ends and token is not None else None
