@@ -8,7 +8,7 @@ item instead, and the item holds a small reference to each.
 
 **Writing.** A value written to a context — a node's output, a context key, one of the
 initial values of ``create`` — whose JSON encoding (UTF-8, compact separators) is larger
-than ``threshold_bytes`` (32 KiB unless set; ``None``: never) is uploaded first, as that
+than ``threshold_bytes`` (4 KiB unless set; ``None``: never) is uploaded first, as that
 encoding, under ``<prefix>/<runId>/<sha256 of the encoding>``. The item holds in its place::
 
     {"$flowcraftRef": "s3://bucket/flowcraft/ord-7/5f1c…", "bytes": 182311, "sha256": "5f1c…"}
@@ -58,7 +58,7 @@ from ..errors import FlowcraftError
 
 REFERENCE_KEY = "$flowcraftRef"
 """The key naming the object in a reference (its other keys: ``bytes`` and ``sha256``)."""
-DEFAULT_THRESHOLD_BYTES = 32 * 1024
+DEFAULT_THRESHOLD_BYTES = 4 * 1024
 DEFAULT_PREFIX = "flowcraft"
 DEFAULT_CACHE_BYTES = 64 * 1024 * 1024
 KNOWN_OBJECTS = 10_000
