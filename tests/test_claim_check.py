@@ -94,6 +94,11 @@ class Stack(abc.ABC):
         """The run's item as the database holds it."""
 
     @abc.abstractmethod
+    async def raw_items(self, prefix: str) -> list[dict[str, Any]]:
+        """Every item of the contexts table or container whose run id starts with
+        ``prefix`` (a run's item and its map ledger's chunks)."""
+
+    @abc.abstractmethod
     async def objects(self) -> list[str]:
         """The names of the objects in the bucket or container."""
 
@@ -138,6 +143,19 @@ class AwsStack(Stack):
                                           {"runId": run_id})
         assert item is not None
         return from_item(item)
+
+    async def raw_items(self, prefix: str) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        arguments: dict[str, Any] = {
+            "TableName": self.settings.context_table, "ConsistentRead": True,
+            "FilterExpression": "begins_with(runId, :p)",
+            "ExpressionAttributeValues": {":p": {"S": prefix}}}
+        while True:
+            page = await self.aws.dynamodb.scan(**arguments)
+            items += page.get("Items", [])
+            if "LastEvaluatedKey" not in page:
+                return items
+            arguments["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
     async def objects(self) -> list[str]:
         async with connect.aws_s3_client(self.settings) as s3:
@@ -185,6 +203,13 @@ class AzureStack(Stack):
         container = self.azure.cosmos.get_database_client(
             self.settings.database).get_container_client(self.settings.context_container)
         return dict(await container.read_item(run_id, partition_key=run_id))
+
+    async def raw_items(self, prefix: str) -> list[dict[str, Any]]:
+        container = self.azure.cosmos.get_database_client(
+            self.settings.database).get_container_client(self.settings.context_container)
+        query = "SELECT * FROM c WHERE STARTSWITH(c.id, @prefix)"
+        return [dict(item) async for item in container.query_items(
+            query, parameters=[{"name": "@prefix", "value": prefix}])]
 
     async def objects(self) -> list[str]:
         async with connect.azure_blob_service(self.settings) as service:
@@ -296,6 +321,39 @@ async def test_a_run_of_more_than_a_megabyte_completes_with_small_items(stack: S
         stored = await context.to_dict()
     public = comparable(expected.context)
     assert {key: stored[key] for key in public} == public
+
+
+async def test_a_map_of_2000_items_keeps_every_item_under_16_kb(stack: Stack) -> None:
+    """A ``batch-scatter`` over 2,000 items runs as a map ledger: its items and results live
+    in chunk items of their own, the list and the results in the object store, and no item
+    of the run grows with the map."""
+
+    async def square(ctx: NodeContext) -> dict[str, Any]:
+        return {"i": ctx.input, "square": ctx.input * ctx.input}
+
+    flow = (Flow("big-map")
+            .batch("fan", square, input_key="items", output_key="results")
+            .node("count", lambda ctx: len(ctx.input)).edge("fan", "count"))
+    blueprint = flow.to_blueprint()
+    runtime = FlowRuntime(blueprints={blueprint.id: blueprint}, registry=flow.registry())
+    run_id = f"map-{uuid.uuid4().hex[:6]}"
+    async with stack.adapter(runtime) as first, stack.adapter(runtime) as second:
+        await first.start()
+        await second.start()
+        try:
+            await first.start_workflow(blueprint, {"items": list(range(2000))}, run_id=run_id)
+            result = await first.wait_for_result(run_id, timeout=240)
+        finally:
+            await first.stop(5)
+            await second.stop(5)
+    assert result.status == "completed", result.errors
+    assert result.context["results"] == [{"i": i, "square": i * i} for i in range(2000)]
+    assert result.context["_outputs.count"] == 2000
+    items = await stack.raw_items(run_id)
+    chunks = [item for item in items if "~map~" in str(item.get("runId", item.get("id")))]
+    assert len(chunks) == 20, len(chunks)
+    sizes = sorted(item_size(item) for item in items)
+    assert sizes[-1] < 16 * 1024, sizes[-5:]
 
 
 async def test_a_client_on_its_own_sdk_clients_reads_the_large_values(stack: Stack) -> None:

@@ -121,6 +121,13 @@ class BaseDistributedAdapter(abc.ABC):
         hard_receive_limit: a message received more often than this is removed even
             if it never started an attempt (default ten times ``max_receive_count``):
             the last resort against garbage that no check recognises.
+        map_ledger_min_items: a ``batch-scatter`` over at least this many items runs as a
+            map ledger (:mod:`flowcraft.distributed.ledger`): its items in chunk items of
+            their own, so the run's item does not grow with the map; smaller maps add one
+            node per item to the run, as in memory.
+        map_chunk_items: at most this many items per chunk of a map ledger (fewer when
+            the items are large, so a chunk's item stays small); a ``chunkSize`` given to
+            the scatter takes its place.
     """
 
     max_delay_seconds = Delegated[float]("backend.queue")
@@ -139,6 +146,8 @@ class BaseDistributedAdapter(abc.ABC):
     worker_id = Delegated[str]("settings")
     unknown_blueprint_grace_seconds = Delegated[float]("settings")
     hard_receive_limit = Delegated[int]("settings")
+    map_ledger_min_items = Delegated[int]("settings")
+    map_chunk_items = Delegated[int]("settings")
 
     runtime_options = Delegated[RuntimeOptions]("algorithm")
     engine = Delegated[NodeEngine]("algorithm")
@@ -162,7 +171,11 @@ class BaseDistributedAdapter(abc.ABC):
         worker_id: str | None = None,
         unknown_blueprint_grace_seconds: float = 300.0,
         hard_receive_limit: int | None = None,
+        map_ledger_min_items: int = 32,
+        map_chunk_items: int = 100,
     ) -> None:
+        if map_ledger_min_items < 1 or map_chunk_items < 1:
+            raise ValueError("map_ledger_min_items and map_chunk_items must be at least 1")
         self.settings = WorkerSettings(
             concurrency=concurrency,
             lease_seconds=lease_seconds,
@@ -177,6 +190,8 @@ class BaseDistributedAdapter(abc.ABC):
             unknown_blueprint_grace_seconds=unknown_blueprint_grace_seconds,
             hard_receive_limit=(hard_receive_limit if hard_receive_limit is not None
                                 else 10 * max_receive_count),
+            map_ledger_min_items=map_ledger_min_items,
+            map_chunk_items=map_chunk_items,
         )
         self.backend: Backend = self.create_backend()
         self.algorithm = JobAlgorithm(

@@ -10,7 +10,8 @@ serverless handlers hand it the messages, and the client side (:mod:`.runs`)
 shares its commit path for ``resume_with_action`` (step 0, starting a run, is
 there too). What follows a commit (steps 6 and 8's completion) is decided in
 :mod:`.progress`; parks, failures and refused jobs (step 8, and the refusals of
-step 1) are written by :mod:`.finish`.
+step 1) are written by :mod:`.finish`. A ``batch-scatter`` over many items runs its map
+as a ledger of chunk items (:mod:`.ledger`): chunk jobs carry ``chunk`` and go there.
 
 Crash injection: at each named step (``before_claim``, ``before_run``,
 ``after_run``, ``before_commit``, ``after_commit``, ``after_enqueue``) the
@@ -173,7 +174,7 @@ from ..events import EventBus, FlowcraftEvent, safe_emit
 from ..nodes.base import CancellationSignal, NodeResult
 from ..observability import get_metrics, get_tracer, inject, log_context, service_call
 from . import progress as _progress
-from .backend import FINAL_STATUSES, Backend, QueueMessage, now_iso
+from .backend import FINAL_STATUSES, Backend, QueueMessage
 from .context import (
     BLUEPRINT_KEY,
     RUN_STATE_KEY,
@@ -186,12 +187,10 @@ from .context import (
     keep_lease,
     owner_token,
 )
-from .coordination import (
-    CoordinationStore,
-    any_key,
-)
+from .coordination import CoordinationStore, any_key
 from .finish import Finisher, check_operations, result_error
 from .job import JobPayload, parse_job
+from .ledger import MapLedger
 from .options import WorkerSettings
 from .progress import Progress, commit_plan, job_misfit, wake_up_at
 from .services import WorkerServices
@@ -244,7 +243,7 @@ class JobAlgorithm:
         self.finisher = Finisher(backend, self.progress, settings, self.emit)
         self.checkpoint: Checkpoint = no_checkpoint
         """Awaited at each named step; tests replace it to inject crashes."""
-        self._status_touched: dict[str, float] = {}
+        self.ledger = MapLedger(self)
         self._live: dict[str, int] = {}  # owners (tokens) whose steps run in this worker
 
     @property
@@ -357,6 +356,8 @@ class JobAlgorithm:
             return await self.finisher.unknown_blueprint(job, exc.message, message_id, message)
         except FlowcraftError as exc:
             return await self.finisher.remove(job, message_id, message, exc.message)
+        if job.chunk is not None:
+            return await self.ledger.run_chunk(job, blueprint, base_graph)
         context = self.backend.runs.context(job.run_id)
         await self.checkpoint("before_claim", job)
         owner = self.lease_owner()
@@ -493,6 +494,8 @@ class JobAlgorithm:
                            "left to the worker that took it over", job.run_id, job.node_id)
             return []
         graph = graph_for(base_graph, data)
+        if await self.ledger.resumed(context, graph, blueprint, job, owner, data):
+            return []  # its map runs as a ledger: finished, or what a crash left unsent sent
         node = graph.nodes[job.node_id]  # checked by job_misfit, or a successor we routed to
         limit = self.runtime_options.max_node_iterations
         if job.iteration >= limit:
@@ -511,7 +514,7 @@ class JobAlgorithm:
         tracked = TrackedContext(data)
         if resolved.store:
             tracked.set_now(INPUTS_PREFIX + node.id, resolved.value)
-        services = WorkerServices(self.engine)
+        services = WorkerServices(self.engine, self.ledger)
         await self.emit("node:start", runId=job.run_id, nodeId=node.id, input=resolved.value)
         cancelled = CancellationSignal()  # set by the renewal when the run is cancelled
         renewer = asyncio.get_running_loop().create_task(
@@ -545,7 +548,7 @@ class JobAlgorithm:
                 # Stopped by its run's cancellation: not a failure of the node.
                 await context.release(node.id, owner)
                 return []
-            await self._touch_status(job.run_id, job.blueprint_id)
+            await self.finisher.touch_status(job.run_id, job.blueprint_id)
             operations = list(tracked.deltas)
             if outcome.awaiting is not None:
                 await self.finisher.park(context, graph, job, owner, operations, outcome.awaiting)
@@ -555,6 +558,9 @@ class JobAlgorithm:
                                               outcome.error.message, outcome.error.to_dict())
                 return []
             assert outcome.result is not None
+            if services.map_plan is not None:
+                await self.ledger.start(context, job, owner, operations, services.map_plan)
+                return []
             return await self.commit_success(context, graph, blueprint, job, owner, tracked,
                                              operations, outcome.result, services.wake_up_at,
                                              slots=step.slots)
@@ -719,21 +725,6 @@ class JobAlgorithm:
     # ==========================================================================================
     # Leases, progress marks, events
     # ==========================================================================================
-
-    async def _touch_status(self, run_id: str, blueprint_id: str | None = None) -> None:
-        """Record progress (``lastUpdated``) at most every ``status_touch_seconds``; also the
-        blueprint id, which status records written by other clients may lack."""
-        now = time.monotonic()
-        last = self._status_touched.get(run_id)
-        if last is not None and now - last < self.settings.status_touch_seconds:
-            return
-        if len(self._status_touched) > 10_000:
-            self._status_touched.clear()
-        self._status_touched[run_id] = now
-        with contextlib.suppress(Exception):
-            fields = {"lastUpdated": now_iso(),
-                      **({"blueprintId": blueprint_id} if blueprint_id else {})}
-            await self.backend.statuses.write(run_id, fields, only_if_running=True)
 
     def lease_owner(self) -> str:
         """A lease owner for one job execution: the worker id plus a token, so two

@@ -24,6 +24,7 @@ Step 8 of the job algorithm (:mod:`.algorithm`) and the refusals of step 1:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -68,6 +69,22 @@ class Finisher:
         self.progress = progress
         self.settings = settings
         self.emit = emit
+        self._status_touched: dict[str, float] = {}
+
+    async def touch_status(self, run_id: str, blueprint_id: str | None = None) -> None:
+        """Record progress (``lastUpdated``) at most every ``status_touch_seconds``; also the
+        blueprint id, which status records written by other clients may lack."""
+        now = time.monotonic()
+        last = self._status_touched.get(run_id)
+        if last is not None and now - last < self.settings.status_touch_seconds:
+            return
+        if len(self._status_touched) > 10_000:
+            self._status_touched.clear()
+        self._status_touched[run_id] = now
+        with contextlib.suppress(Exception):
+            fields = {"lastUpdated": now_iso(),
+                      **({"blueprintId": blueprint_id} if blueprint_id else {})}
+            await self.backend.statuses.write(run_id, fields, only_if_running=True)
 
     async def commit(self, context: DistributedContext, job: JobPayload, owner: str,
                      operations: Sequence[PatchOperation],

@@ -8,7 +8,9 @@ with optional ``attempt`` and ``isLastAttempt`` (the reference's), and
 ``iteration`` (ours: which loop iteration of the node the job is for; absent
 means 0), and ``trace`` (ours: the W3C trace context of the span that enqueued
 the job, ``{"traceparent": "...", "tracestate": "..."}``, present only while
-tracing is on; a malformed one is dropped, never an error). Unknown fields are
+tracing is on; a malformed one is dropped, never an error), and ``chunk`` (ours: the
+chunk of a ``batch-scatter``'s map ledger the job runs, see
+:mod:`flowcraft.distributed.ledger`; absent for a node's job). Unknown fields are
 ignored, here and by the TypeScript library's adapters. On Azure the message text is base64 of
 that JSON; :func:`parse_job` accepts plain JSON text too.
 """
@@ -34,6 +36,8 @@ class JobPayload:
     is_last_attempt: bool | None = None
     trace: dict[str, str] | None = field(default=None, compare=False)
     """Where the job sits in its run's trace; not part of the job's identity."""
+    chunk: int | None = None
+    """For a map ledger's chunk job: which chunk of the node's map it runs."""
 
     def to_dict(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -47,6 +51,8 @@ class JobPayload:
             body["isLastAttempt"] = self.is_last_attempt
         if self.trace:
             body["trace"] = self.trace
+        if self.chunk is not None:
+            body["chunk"] = self.chunk
         return body
 
     def to_json(self) -> str:
@@ -58,7 +64,8 @@ class JobPayload:
     @property
     def key(self) -> str:
         """Identifies one execution: run, node and iteration."""
-        return f"{self.run_id}:{self.node_id}:{self.iteration}"
+        chunk = "" if self.chunk is None else f":chunk-{self.chunk}"
+        return f"{self.run_id}:{self.node_id}:{self.iteration}{chunk}"
 
 
 def parse_job(body: str | bytes | dict[str, Any]) -> JobPayload:
@@ -85,6 +92,10 @@ def parse_job(body: str | bytes | dict[str, Any]) -> JobPayload:
     if not isinstance(iteration, int) or isinstance(iteration, bool) or iteration < 0:
         raise InvalidJobError("job field iteration must be a non-negative integer",
                               run_id=run_id)
+    chunk = data.get("chunk")
+    if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool)
+                              or chunk < 0):
+        raise InvalidJobError("job field chunk must be a non-negative integer", run_id=run_id)
     attempt = data.get("attempt")
     return JobPayload(
         run_id=data["runId"],
@@ -95,6 +106,7 @@ def parse_job(body: str | bytes | dict[str, Any]) -> JobPayload:
         is_last_attempt=data.get("isLastAttempt") if isinstance(data.get("isLastAttempt"), bool)
         else None,
         trace=_trace_field(data.get("trace")),
+        chunk=chunk,
     )
 
 

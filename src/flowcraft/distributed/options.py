@@ -37,6 +37,8 @@ class WorkerOptions(TypedDict, total=False):
     worker_id: str | None
     unknown_blueprint_grace_seconds: float
     hard_receive_limit: int | None
+    map_ledger_min_items: int
+    map_chunk_items: int
 
 
 WORKER_OPTION_NAMES: frozenset[str] = frozenset(WorkerOptions.__annotations__)
@@ -70,6 +72,8 @@ class WorkerSettings:
     worker_id: str
     unknown_blueprint_grace_seconds: float
     hard_receive_limit: int
+    map_ledger_min_items: int = 32
+    map_chunk_items: int = 100
 
     @property
     def renew_interval(self) -> float:

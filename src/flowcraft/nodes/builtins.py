@@ -46,6 +46,16 @@ above are written as the TypeScript library writes them; each wave's output is
 ``chunkSize`` nothing of this happens: one wave, no ``currentIndex`` or ``hasMore`` keys.
 ``chunkSize`` must be a positive whole number; anything else fails the scatter with an
 error naming it.
+
+Large maps on workers
+---------------------
+
+An engine whose ``ctx.engine`` offers ``start_map`` (a distributed worker does) may take
+the map over instead: it runs the items as a *map ledger*
+(:mod:`flowcraft.distributed.ledger`), whose workers are not nodes of the run, and the
+scatter's output, once every item has run, is
+``{"gatherNodeId", "ledger": true, "count", "results"}``
+with the results in item order; the gather outputs those.
 """
 
 from __future__ import annotations
@@ -124,6 +134,10 @@ async def subflow_node(ctx: NodeContext) -> Any:
     return await ctx.engine.run_subflow(ctx, blueprint_id)
 
 
+LEDGER_RESULTS = "results"
+"""Where the output of a scatter whose map ran as a map ledger holds the workers' results."""
+
+
 def worker_node_id(scatter_id: str, index: int) -> str:
     return f"{scatter_id}_worker_{index}"
 
@@ -158,6 +172,12 @@ async def batch_scatter_node(ctx: NodeContext) -> NodeResult:
             node_id=ctx.node_id,
         )
     chunk_size = chunk_size_of(ctx.params.get("chunkSize"), ctx.node_id)
+    start_map = getattr(ctx.engine, "start_map", None)
+    if start_map is not None and not ctx.params.get("scatterNodeId"):
+        # A worker that keeps large maps out of the run's item (a map ledger) takes it here.
+        ledger = await start_map(ctx, list(items), worker_uses, gather_id, chunk_size)
+        if ledger is not None:
+            return ledger  # type: ignore[no-any-return]
     if chunk_size is None:
         worker_ids = [worker_node_id(ctx.node_id, i) for i in range(len(items))]
         workers = [
@@ -206,8 +226,13 @@ async def _scatter_wave(ctx: NodeContext, items: list[Any] | tuple[Any, ...], wo
 
 async def batch_gather_node(ctx: NodeContext) -> list[Any]:
     gather_id = ctx.params.get("gatherNodeId") or ctx.node_id
-    worker_ids = await ctx.context.get(f"{gather_id}_allWorkerIds") or []
-    results = [await ctx.context.get(f"_outputs.{worker_id}") for worker_id in worker_ids]
+    if (isinstance(ctx.input, dict) and ctx.input.get("ledger") is True
+            and isinstance(ctx.input.get(LEDGER_RESULTS), list)):
+        # A map ledger's scatter delivers the results, in item order.
+        results = list(ctx.input[LEDGER_RESULTS])
+    else:
+        worker_ids = await ctx.context.get(f"{gather_id}_allWorkerIds") or []
+        results = [await ctx.context.get(f"_outputs.{worker_id}") for worker_id in worker_ids]
     output_key = ctx.params.get("outputKey")
     if output_key:
         await ctx.context.set(output_key, results)
