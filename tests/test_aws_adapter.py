@@ -22,6 +22,8 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from aws_helpers import (
     RecordingSqsAdapter,
@@ -501,3 +503,59 @@ async def test_context_key_named_like_the_item_key_is_stored_aside(aws: Any) -> 
     assert {k: v for k, v in raw.items() if k != "_flowcraft.flat"} == {
         "runId": {"S": context.run_id}, "~runId": {"S": "the caller's own id"},
         "~~runId": {"S": "tilde"}, "~~": {"N": "1"}, "plain": {"N": "2"}}
+
+
+async def test_records_are_stored_as_text_and_records_stored_as_maps_still_count(
+        aws: Any) -> None:
+    """A routing record is stored as ``<count, 10 digits>|<JSON>``; the claim's condition
+    reads the count from it. Items written before, with records as maps, read and claim as
+    they did."""
+    from flowcraft.context import PatchOperation
+    from flowcraft.distributed.context import ClaimStatus
+
+    context = DynamoDbContext(str(uuid.uuid4()), client=aws.dynamodb,
+                              table_name=aws.context_table)
+    await context.create({"x": 1})
+    claim = await context.claim("a", 0, "w/1", 30)
+    assert claim.status is ClaimStatus.CLAIMED
+    record = {"n": 1, "taken": [0, 2], "by": "3f9c2a1b", "t": 1795745779.49508}
+    await context.commit("a", 0, "w/1", [PatchOperation("set", "_flowcraft.node.a", record)])
+    raw = await raw_item(aws, aws.context_table, {"runId": context.run_id})
+    assert raw is not None
+    assert raw["_flowcraft.node.a"] == {"S": "0000000001|3f9c2a1b|1795745779.49508|0,2"}
+    assert (await context.load() or {})["_flowcraft.node.a"] == record
+    await context.apply([PatchOperation("set", "_flowcraft.node.b", {"n": 3, "skipped": True})])
+    raw = await raw_item(aws, aws.context_table, {"runId": context.run_id})
+    assert raw is not None and raw["_flowcraft.node.b"] == {"S": '0000000003|{"skipped":true}'}
+    assert (await context.load() or {})["_flowcraft.node.b"] == {"n": 3, "skipped": True}
+    assert (await context.claim("a", 0, "w/2", 30)).status is ClaimStatus.DONE
+    assert (await context.claim("a", 1, "w/2", 30)).status is ClaimStatus.CLAIMED
+
+    old = DynamoDbContext(str(uuid.uuid4()), client=aws.dynamodb, table_name=aws.context_table)
+    await aws.dynamodb.put_item(TableName=aws.context_table, Item={
+        "runId": {"S": old.run_id}, "_flowcraft.flat": {"BOOL": True},
+        "_flowcraft.node.a": {"M": {"n": {"N": "2"}, "taken": {"L": []}}}})
+    assert (await old.load() or {})["_flowcraft.node.a"] == {"n": 2, "taken": []}
+    assert (await old.claim("a", 1, "w/1", 30)).status is ClaimStatus.DONE
+    assert (await old.claim("a", 2, "w/1", 30)).status is ClaimStatus.CLAIMED
+
+
+_records = st.fixed_dictionaries(
+    {"n": st.integers(1, 10**9)},
+    optional={"taken": st.lists(st.integers(0, 500), max_size=5),
+              "by": st.text("0123456789abcdef|", min_size=1, max_size=8),
+              "t": st.floats(0, 2e9, allow_nan=False), "action": st.text(max_size=6),
+              "skipped": st.just(True), "error": st.text(max_size=10)})
+
+
+@given(_records, st.integers(0, 10**9))
+def test_a_record_round_trips_as_text_and_orders_by_its_count(record: dict[str, Any],
+                                                             iteration: int) -> None:
+    from flowcraft.adapters.aws.context import loaded_value, stored_value
+
+    text = stored_value("_flowcraft.node.x", record)
+    assert isinstance(text, str)
+    assert loaded_value("_flowcraft.node.x", text) == record
+    # The claim's condition: "not completed at iteration" is text < the next count's digits.
+    assert (text < f"{iteration + 1:010d}") == (record["n"] <= iteration)
+    assert stored_value("plain", record) is record
