@@ -15,6 +15,8 @@ import pytest
 
 from distributed_helpers import Cluster, CrashPlan
 from flowcraft import Flow, NodeContext
+from flowcraft.distributed.context import InMemoryDistributedContext, InMemoryRunStore
+from flowcraft.distributed.job import JobPayload
 from flowcraft.distributed.ledger import (
     MAP_PREFIX,
     MapPlan,
@@ -129,7 +131,7 @@ async def test_duplicate_deliveries_run_every_item_once() -> None:
     assert set(items.calls) == set(range(200)) and max(items.calls.values()) == 1
 
 
-@pytest.mark.parametrize("step", ["before_commit", "after_commit"])
+@pytest.mark.parametrize("step", ["chunk_before_commit", "chunk_after_commit"])
 async def test_a_crash_in_a_chunks_job_loses_nothing(step: str) -> None:
     """The chunk's job dies before its commit (its items run again elsewhere after the lease)
     or after it (the redelivered job finds the chunk done and only counts it)."""
@@ -145,8 +147,103 @@ async def test_a_crash_in_a_chunks_job_loses_nothing(step: str) -> None:
     assert result.status == "completed", result.errors
     assert result.context["results"] == expected(100)
     assert set(items.calls) == set(range(100))
-    if step == "after_commit":
+    if step == "chunk_after_commit":
         assert max(items.calls.values()) == 1  # committed chunks never run again
+
+
+async def test_a_crash_between_the_maps_last_commit_and_its_sends_is_healed() -> None:
+    """The job that finishes the map dies after the scatter's commit, before the gather's
+    job is sent: the chunk's message comes back, finds the map finished, and sends what
+    follows the scatter."""
+    items = Items()
+    flow = map_flow(items)
+    plan = CrashPlan().add("after_commit", "fan_scatter")
+    async with Cluster([flow.to_blueprint()], flow.registry(), workers=2, crash_plan=plan,
+                       map_chunk_items=10) as cluster:
+        result = await cluster.run(flow.to_blueprint(), {"items": list(range(40))},
+                                   timeout=30)
+
+    assert plan.exhausted
+    assert result.status == "completed", result.errors
+    assert result.context["_outputs.after"] == 40
+    assert max(items.calls.values()) == 1
+
+
+class LostChunkAnswers(InMemoryRunStore):
+    """A store whose first commit of each chunk lands but answers nothing (an error after
+    the write, as a retried request that then fails its condition)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lost: list[str] = []
+
+    def context(self, run_id: str) -> InMemoryDistributedContext:
+        store = self
+
+        class Context(InMemoryDistributedContext):
+            async def commit(self, *args: Any, **kwargs: Any) -> Any:
+                committed = await super().commit(*args, **kwargs)
+                if "~map~" in run_id and run_id not in store.lost and committed is not None:
+                    store.lost.append(run_id)
+                    return None
+                return committed
+
+        return Context(self, run_id)
+
+
+async def test_a_chunk_commit_whose_answer_was_lost_still_counts() -> None:
+    items = Items()
+    flow = map_flow(items)
+    store = LostChunkAnswers()
+    async with Cluster([flow.to_blueprint()], flow.registry(), workers=2, store=store,
+                       map_chunk_items=10) as cluster:
+        result = await cluster.run(flow.to_blueprint(), {"items": list(range(50))},
+                                   timeout=30)
+
+    assert len(store.lost) == 5
+    assert result.status == "completed", result.errors
+    assert result.context["results"] == expected(50)
+    assert max(items.calls.values()) == 1
+
+
+async def test_a_chunk_job_naming_another_blueprint_is_dropped() -> None:
+    """The last chunk's own message is lost; a job for that chunk naming another blueprint
+    (one the workers have) does not run it: the map waits until reconcile sends the chunk
+    again, under the run's own blueprint."""
+    items = Items()
+    flow = map_flow(items)
+    other_flow = Flow("other-bp").node("x", lambda ctx: 1)
+    async with Cluster([flow.to_blueprint(), other_flow.to_blueprint()],
+                       {**flow.registry(), **other_flow.registry()}, workers=2,
+                       map_chunk_items=10) as cluster:
+        original = cluster.queue.send
+        lost: list[str] = []
+
+        async def lossy(bodies: list[str], *args: Any, **kwargs: Any) -> None:
+            kept = []
+            for body in bodies:  # the first message of chunk 4 is lost
+                if json.loads(body).get("chunk") == 4 and not lost:
+                    lost.append(body)
+                else:
+                    kept.append(body)
+            await original(kept, *args, **kwargs)
+
+        cluster.queue.send = lossy  # type: ignore[method-assign]
+        run_id = await cluster.client.start_workflow(flow.to_blueprint(),
+                                                     {"items": list(range(50))})
+        await cluster.settle()
+        forged = JobPayload(run_id, "other-bp", "fan_scatter", 0, chunk=4)
+        await original([forged.to_json()])
+        await cluster.settle()
+        assert cluster.status(run_id) == "running"
+        assert not {40, 41, 42, 43, 44, 45, 46, 47, 48, 49} & set(items.calls)
+        await cluster.client.reconcile(run_id)
+        result = await cluster.client.wait_for_result(run_id, timeout=30, poll_interval=0.02)
+
+    assert lost
+    assert result.status == "completed", result.errors
+    assert result.context["results"] == expected(50)
+    assert max(items.calls.values()) == 1
 
 
 async def test_waves_run_one_chunk_at_a_time_in_item_order() -> None:
@@ -246,8 +343,8 @@ def test_chunk_size_follows_the_items_size() -> None:
 
 
 def test_chunk_ids_are_safe_item_ids() -> None:
-    run_id = chunk_run_id("run-1", "a/b?c#d\\e", 3, 100, 7)
-    assert run_id.startswith("run-1~map~") and run_id.endswith("~3~100~7")
+    run_id = chunk_run_id("run-1", "a/b?c#d\\e", 3, "0f3a9c2e", 7)
+    assert run_id.startswith("run-1~map~") and run_id.endswith("~3~0f3a9c2e~7")
     assert not set("/?#\\") & set(run_id)
 
 

@@ -14,7 +14,8 @@ step 1) are written by :mod:`.finish`. A ``batch-scatter`` over many items runs 
 as a ledger of chunk items (:mod:`.ledger`): chunk jobs carry ``chunk`` and go there.
 
 Crash injection: at each named step (``before_claim``, ``before_run``,
-``after_run``, ``before_commit``, ``after_commit``, ``after_enqueue``) the
+``after_run``, ``before_commit``, ``after_commit``, ``after_enqueue``; a map ledger's
+chunk jobs: ``chunk_before_commit``, ``chunk_after_commit``) the
 algorithm awaits ``checkpoint(step, job)``, a no-op unless a test replaces it.
 
 The job algorithm

@@ -15,12 +15,14 @@ most ``map_chunk_items`` items (fewer when items are large, so that a chunk's it
 stays near :data:`CHUNK_BYTES`; with the scatter's ``chunkSize``, chunks of that many,
 run one after the other: the TypeScript library's waves). Each chunk is stored as an
 item of its own: a context in the run store under a derived run id
-(:func:`chunk_run_id`: the run, a digest of the node id, the generation, the chunk size
-and the chunk's index), holding ``items`` and ``start`` (the index of its first item);
-creating one that exists already (an earlier attempt that crashed) leaves it. Then the
+(:func:`chunk_run_id`: the run, a digest of the node id, the generation, the token of this
+execution of the scatter and the chunk's index), holding ``items`` and ``start`` (the index
+of its first item); an earlier attempt that crashed left chunks under another token, which
+nothing reads. Then the
 scatter's commit — conditioned on its lease, as every commit — writes the map's marker
 ``_flowcraft.map.<nodeId>`` (generation, item count, chunk count, chunk size, the
-worker's ``uses`` key, the gather's id, whether it runs in waves) and no routing record:
+worker's ``uses`` key, the gather's id, whether it runs in waves, the token) and no
+routing record:
 the scatter stays unresolved, so nothing after it runs and the run cannot be declared
 finished. Then one job per chunk is sent (the first only, in waves); a job names the
 node, its generation and ``chunk``.
@@ -46,7 +48,11 @@ unsent) counts the chunks done: all done, it finishes the map; otherwise it send
 jobs of the chunks not done (in waves, the first of them) and lets go.
 
 A failed item fails the scatter (with the worker's error) and so the run; a chunk
-attempted more than ``max_receive_count`` times without finishing does the same.
+attempted more than ``max_receive_count`` times without finishing does the same. The
+failure is first kept on the chunk's item, under the chunk's lease (a worker whose lease
+lapsed while another took the chunk over fails nothing), so a job that finds the scatter
+held comes back and fails it without running the items again. A chunk job checks the
+run's blueprint id and version as a node's job does.
 
 **Cost.** Per chunk: its creation, a read of the run's item, a claim, a commit, a
 ``join_add``, and a message (receive, delete, and its share of a batched send): a few
@@ -75,13 +81,15 @@ from ..blueprint import NodeDefinition, WorkflowBlueprint
 from ..context import INTERNAL_PREFIX, PatchOperation, TrackedContext, check_storable
 from ..core.graph import Graph, graph_for
 from ..core.routing import completed_record, record_key, resolution_count
-from ..errors import RunAlreadyExistsError, UnstorableValueError
+from ..errors import ContextTooLargeError, UnstorableValueError
 from ..nodes.base import CancellationSignal, NodeResult
 from ..nodes.builtins import LEDGER_RESULTS, worker_node_id
 from ..observability import get_metrics, inject
 from .backend import FINAL_STATUSES
 from .context import (
+    BLUEPRINT_KEY,
     RUN_STATE_KEY,
+    VERSION_KEY,
     ClaimStatus,
     DistributedContext,
     attempts,
@@ -89,6 +97,7 @@ from .context import (
     owner_token,
 )
 from .coordination import COORDINATION_TTL_SECONDS, KEY_PREFIX, FullCoordinationStore
+from .finish import result_error
 from .job import JobPayload
 
 if TYPE_CHECKING:
@@ -100,6 +109,8 @@ MAP_PREFIX = f"{INTERNAL_PREFIX}map."
 """``_flowcraft.map.<nodeId>``: the marker of a scatter whose map ledger is running."""
 CHUNK_NODE = "chunk"
 """The one node of a chunk's item: its lease, attempts and record."""
+FAILURE_KEY = "failure"
+"""On a chunk's item: the failure of one of its items, kept until the scatter is failed."""
 CHUNK_BYTES = 8192
 """About how much JSON of items one chunk holds, when no ``chunkSize`` is given."""
 IO_CONCURRENCY = 16
@@ -112,11 +123,13 @@ def map_key(node_id: str) -> str:
     return MAP_PREFIX + node_id
 
 
-def chunk_run_id(run_id: str, node_id: str, generation: int, size: int, index: int) -> str:
-    """The derived run id under which a chunk's item is stored (the node id as a digest:
-    ids of stored items may not hold every character a node id can)."""
+def chunk_run_id(run_id: str, node_id: str, generation: int, token: str, index: int) -> str:
+    """The derived run id under which a chunk's item is stored: the node id as a digest (ids
+    of stored items may not hold every character a node id can), and the token of the
+    scatter's execution that stored it, so a crashed earlier attempt's chunks are never
+    taken for this one's."""
     digest = hashlib.sha256(node_id.encode()).hexdigest()[:16]
-    return f"{run_id}~map~{digest}~{generation}~{size}~{index}"
+    return f"{run_id}~map~{digest}~{generation}~{token}~{index}"
 
 
 def done_key(run_id: str, node_id: str, generation: int) -> str:
@@ -194,7 +207,7 @@ class MapLedger:
     def _chunk(self, job: JobPayload, marker: Mapping[str, Any],
                index: int) -> DistributedContext:
         return self.algorithm.backend.runs.context(chunk_run_id(
-            job.run_id, job.node_id, job.iteration, int(marker["size"]), index))
+            job.run_id, job.node_id, job.iteration, str(marker["token"]), index))
 
     # ==========================================================================================
     # Starting, and a scatter claimed while its map runs
@@ -205,15 +218,12 @@ class MapLedger:
         """Store the chunks, commit the marker (under the scatter's lease), send the jobs."""
         marker = {"g": job.iteration, "count": len(plan.items), "chunks": plan.chunks,
                   "size": plan.chunk_items, "uses": plan.worker_uses,
-                  "gather": plan.gather_id, "wave": plan.wave}
+                  "gather": plan.gather_id, "wave": plan.wave, "token": owner_token(owner)}
         size = plan.chunk_items
 
         async def create(index: int) -> None:
-            try:
-                await self._chunk(job, marker, index).create(
-                    {"items": plan.items[index * size:(index + 1) * size], "start": index * size})
-            except RunAlreadyExistsError:
-                pass  # an earlier attempt of this scatter stored it: the same items
+            await self._chunk(job, marker, index).create(
+                {"items": plan.items[index * size:(index + 1) * size], "start": index * size})
 
         await bounded(create, range(plan.chunks))
         committed = await self.algorithm.finisher.commit(
@@ -277,13 +287,25 @@ class MapLedger:
             logger.error("run %s node %s: chunk %d names a run with no stored context; "
                          "dropped", job.run_id, job.node_id, job.chunk)
             return "dropped", 0.0
+        stored_blueprint, version = data.get(BLUEPRINT_KEY), data.get(VERSION_KEY)
+        if stored_blueprint is not None and stored_blueprint != job.blueprint_id:
+            logger.error("run %s node %s: chunk %d names blueprint '%s' but the run belongs "
+                         "to '%s'; dropped", job.run_id, job.node_id, job.chunk,
+                         job.blueprint_id, stored_blueprint)
+            return "dropped", 0.0
+        if (version is not None and blueprint.version is not None
+                and str(version) != str(blueprint.version)):
+            # Another version of the blueprint: a worker that has it runs the chunk.
+            return "deferred", min(60.0, algorithm.backend.queue.max_delay_seconds)
         marker = marker_of(data, job.node_id, job.iteration)
         if marker is None or job.chunk >= int(marker["chunks"]) or self.coordination is None:
-            finished = resolution_count(data, job.node_id) > job.iteration
-            logger.info("run %s node %s: chunk %d is of no running map (%s); dropped",
-                        job.run_id, job.node_id, job.chunk,
-                        "it finished" if finished else "none at this iteration")
-            return ("duplicate" if finished else "dropped"), 0.0
+            if resolution_count(data, job.node_id) > job.iteration:
+                # The map finished: a crash may have cut off what follows the scatter.
+                await self._reannounce(job, blueprint, base_graph, data)
+                return "duplicate", 0.0
+            logger.info("run %s node %s: chunk %d is of no running map; dropped",
+                        job.run_id, job.node_id, job.chunk)
+            return "dropped", 0.0
         run_state = data.get(RUN_STATE_KEY)
         if isinstance(run_state, Mapping) and run_state.get("status") in FINAL_STATUSES:
             logger.info("run %s node %s: run is %s; chunk %d dropped", job.run_id,
@@ -303,14 +325,21 @@ class MapLedger:
             return await self._counted(job, blueprint, base_graph, marker, "duplicate")
         assert claim.data is not None
         started = attempts(claim.data, CHUNK_NODE)
+        stored_failure = claim.data.get(FAILURE_KEY)
+        if isinstance(stored_failure, Mapping):
+            # Failed before, but the scatter could not be failed then: fail it now.
+            await chunk.release(CHUNK_NODE, owner, attempts=started - 1)
+            return await self._fail(job, blueprint, base_graph,
+                                    str(stored_failure.get("message")),
+                                    dict(stored_failure.get("error") or {}))
         if started > settings.max_receive_count:
             reason = (f"chunk {job.chunk} of its map was attempted {started} times without "
                       f"finishing (limit {settings.max_receive_count})")
-            await self._fail(job, blueprint, base_graph, reason, {
-                "nodeId": job.node_id, "message": reason, "attempt": started,
-                "errorType": "PoisonMessage", "runId": job.run_id})
-            await chunk.release(CHUNK_NODE, owner)
-            return "dropped", 0.0
+            return await self._record_failure(job, blueprint, base_graph, chunk, owner,
+                                              reason, {"nodeId": job.node_id, "message": reason,
+                                                       "attempt": started,
+                                                       "errorType": "PoisonMessage",
+                                                       "runId": job.run_id})
         graph = graph_for(base_graph, data)
         cancelled = CancellationSignal()
         renewer = asyncio.get_running_loop().create_task(
@@ -326,21 +355,27 @@ class MapLedger:
         finally:
             renewer.cancel()
         if failure is not None:
-            await self._fail(job, blueprint, base_graph, *failure)
-            await chunk.release(CHUNK_NODE, owner)
-            return "processed", 0.0
+            return await self._record_failure(job, blueprint, base_graph, chunk, owner,
+                                              *failure)
         record = {**completed_record(0, [], None), "by": owner_token(owner),
                   "t": round(time.time(), 6)}
         operations = [PatchOperation("set", "results", results),
                       PatchOperation("set", record_key(CHUNK_NODE), record)]
         if writes:
             operations.append(PatchOperation("set", "writes", writes))
-        await algorithm.checkpoint("before_commit", job)
-        if await chunk.commit(CHUNK_NODE, 0, owner, operations) is None:
+        await algorithm.checkpoint("chunk_before_commit", job)
+        try:
+            # Through the finisher: a commit whose answer was lost is read back.
+            committed = await algorithm.finisher.commit(
+                chunk, self._chunk_job(job, chunk), owner, operations)
+        except (ContextTooLargeError, UnstorableValueError) as exc:
+            return await self._record_failure(job, blueprint, base_graph, chunk, owner,
+                                              exc.message, result_error(job, exc))
+        if committed is None:
             logger.warning("run %s node %s: lease on chunk %d lost before its commit; this "
                            "result is discarded", job.run_id, job.node_id, job.chunk)
             return "processed", 0.0
-        await algorithm.checkpoint("after_commit", job)
+        await algorithm.checkpoint("chunk_after_commit", job)
         await algorithm.finisher.touch_status(job.run_id, job.blueprint_id)
         return await self._counted(job, blueprint, base_graph, marker, "processed")
 
@@ -433,8 +468,12 @@ class MapLedger:
             # Held by the scatter's own job, which finishes the map itself, or by a worker
             # that died finishing it: this job comes back to finish it after the lease.
             return "deferred", max(1.0, (claim.expires or time.time()) - time.time())
+        if claim.status is ClaimStatus.DONE and claim.data is not None:
+            # Finished already: a crash may have cut off what follows the scatter.
+            await self._reannounce(job, blueprint, base_graph, claim.data)
+            return outcome, 0.0
         if claim.status is not ClaimStatus.CLAIMED or claim.data is None:
-            return outcome, 0.0  # finished already, or no run
+            return outcome, 0.0
         data = claim.data
         marker = marker_of(data, job.node_id, job.iteration)
         if marker is None:
@@ -487,9 +526,25 @@ class MapLedger:
             context, graph, blueprint, job, owner, tracked, list(tracked.deltas),
             NodeResult(output=output), None, continue_locally=False)
 
+    async def _record_failure(self, job: JobPayload, blueprint: WorkflowBlueprint,
+                              base_graph: Graph, chunk: DistributedContext, owner: str,
+                              message: str, error: dict[str, Any]) -> tuple[JobOutcome, float]:
+        """An item failed (or the chunk is poison): keep the failure on the chunk's item,
+        under the chunk's lease — a lost lease means another worker runs the chunk, and
+        this failure is not the map's — then fail the scatter."""
+        failure = {"message": message, "error": error}
+        if await chunk.commit(CHUNK_NODE, 0, owner,
+                              [PatchOperation("set", FAILURE_KEY, failure)]) is None:
+            logger.warning("run %s node %s: lease on chunk %s lost; its failure (%s) is left "
+                           "to the worker that took it over", job.run_id, job.node_id,
+                           job.chunk, message)
+            return "processed", 0.0
+        return await self._fail(job, blueprint, base_graph, message, error)
+
     async def _fail(self, job: JobPayload, blueprint: WorkflowBlueprint, base_graph: Graph,
-                    message: str, error: dict[str, Any]) -> None:
-        """A map's item failed: fail the scatter with its error, and so the run."""
+                    message: str, error: dict[str, Any]) -> tuple[JobOutcome, float]:
+        """A map's item failed: fail the scatter with its error, and so the run. While the
+        scatter is held (its own job finishing or resending chunks), come back later."""
         algorithm = self.algorithm
         reason = f"map worker '{error.get('nodeId')}' failed: {message}"
         error = {**error, "nodeId": job.node_id, "message": reason}
@@ -498,9 +553,25 @@ class MapLedger:
         owner = algorithm.lease_owner()
         claim = await context.claim(job.node_id, job.iteration, owner,
                                     algorithm.settings.lease_seconds, count_attempt=False)
-        if claim.status is ClaimStatus.CLAIMED and claim.data is not None:
-            graph = graph_for(base_graph, claim.data)
-            await algorithm.finisher.fail_node(context, graph, scatter, owner, [], reason, error)
-            return
-        await algorithm.finisher.fail_run(job.run_id, f"node '{job.node_id}' failed: {reason}",
-                                          node_id=job.node_id, error=error)
+        if claim.status is ClaimStatus.LOCKED:
+            return "deferred", max(1.0, (claim.expires or time.time()) - time.time())
+        if claim.status is not ClaimStatus.CLAIMED or claim.data is None:
+            return "dropped", 0.0  # no run, or the scatter resolved meanwhile
+        run_state = claim.data.get(RUN_STATE_KEY)
+        if isinstance(run_state, Mapping) and run_state.get("status") in FINAL_STATUSES:
+            await context.release(job.node_id, owner)  # cancelled or failed: it stays so
+            return "dropped", 0.0
+        graph = graph_for(base_graph, claim.data)
+        await algorithm.finisher.fail_node(context, graph, scatter, owner, [], reason, error)
+        return "processed", 0.0
+
+    async def _reannounce(self, job: JobPayload, blueprint: WorkflowBlueprint,
+                          base_graph: Graph, data: dict[str, Any]) -> None:
+        """Send what follows the (finished) scatter again, as a redelivered node's job does."""
+        context = self.algorithm.backend.runs.context(job.run_id)
+        await self.algorithm._advance_and_enqueue(
+            context, graph_for(base_graph, data), blueprint, [job.node_id], data)
+
+    def _chunk_job(self, job: JobPayload, chunk: DistributedContext) -> JobPayload:
+        """The chunk's own node as a job, for the finisher's commit."""
+        return JobPayload(chunk.run_id, job.blueprint_id, CHUNK_NODE, 0)
