@@ -100,6 +100,11 @@ def _register_cloud_commands(commands: Any) -> None:
     worker.add_argument("--poll-seconds", type=float, default=20.0,
                         help="longest wait of one receive on an empty queue; a stopping "
                              "worker waits for it (20)")
+    worker.add_argument("--map-ledger-min-items", type=int, default=32, metavar="N",
+                        help="a batch-scatter over at least N items runs as a map ledger: its "
+                             "items in chunks beside the run (32)")
+    worker.add_argument("--map-chunk-items", type=int, default=100, metavar="N",
+                        help="at most N items per chunk of a map ledger (100)")
     worker.add_argument("--dependencies", metavar="MODULE:FACTORY",
                         help="objects for nodes (ctx.dependencies): a mapping, or a factory "
                              "returning one or an async context manager yielding one")

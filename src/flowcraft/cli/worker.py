@@ -31,6 +31,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     check_number("--lease-seconds", args.lease_seconds, least=0, exclusive=True,
                  greatest=MAX_LEASE_SECONDS[args.backend])
     check_number("--poll-seconds", args.poll_seconds, least=1, greatest=20)
+    check_number("--map-ledger-min-items", args.map_ledger_min_items, least=1)
+    check_number("--map-chunk-items", args.map_chunk_items, least=1)
     options = runtime_options(args)
     dependencies = load_dependencies(args.dependencies) if args.dependencies else None
 
@@ -44,7 +46,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         dependencies=dependencies, settings=settings(args), calls=calls, announce=announce,
         health_port=args.health_port, health_host=args.health_host,
         concurrency=args.concurrency, lease_seconds=args.lease_seconds,
-        poll_wait_seconds=args.poll_seconds)
+        poll_wait_seconds=args.poll_seconds, map_ledger_min_items=args.map_ledger_min_items,
+        map_chunk_items=args.map_chunk_items)
 
     async def work() -> None:
         await worker.run()
