@@ -179,7 +179,6 @@ from .backend import FINAL_STATUSES, Backend, QueueMessage
 from .context import (
     BLUEPRINT_KEY,
     RUN_STATE_KEY,
-    VERSION_KEY,
     ClaimStatus,
     DistributedContext,
     attempts,
@@ -387,31 +386,10 @@ class JobAlgorithm:
                                                self._live)
             return ("deferred", max(1.0, held - time.time())) if held else ("duplicate", 0.0)
         data = claim.data
-        run_state = data.get(RUN_STATE_KEY)
-        if isinstance(run_state, Mapping) and run_state.get("status") in FINAL_STATUSES:
+        refused = self.finisher.refusal(job, blueprint, data, message_id)
+        if refused is not None:
             await self._release_unattempted(context, job.node_id, owner, data)
-            logger.info("run %s node %s: run is %s; job dropped", job.run_id, job.node_id,
-                        run_state.get("status"))
-            return "dropped", 0.0
-        stored_blueprint = data.get(BLUEPRINT_KEY)
-        if stored_blueprint is not None and stored_blueprint != job.blueprint_id:
-            await self._release_unattempted(context, job.node_id, owner, data)
-            logger.error("run %s node %s: message %s names blueprint '%s' but the run belongs "
-                         "to blueprint '%s'; job dropped", job.run_id, job.node_id, message_id,
-                         job.blueprint_id, stored_blueprint)
-            return "dropped", 0.0
-        max_delay = self.backend.queue.max_delay_seconds
-        stored_version = data.get(VERSION_KEY)
-        if stored_version is not None and blueprint.version is not None and str(
-            stored_version
-        ) != str(blueprint.version):
-            await self._release_unattempted(context, job.node_id, owner, data)
-            logger.error(
-                "run %s node %s: run was started with version %s of blueprint '%s' but this "
-                "worker has version %s; leaving the job for a matching worker",
-                job.run_id, job.node_id, stored_version, blueprint.id, blueprint.version,
-            )
-            return "deferred", min(60.0, max_delay)
+            return refused
         graph = graph_for(base_graph, data)
         misfit = job_misfit(graph, data, job)
         if misfit is not None:
@@ -429,7 +407,8 @@ class JobAlgorithm:
         if wake is not None and wake > time.time() + 0.5:
             # A durable sleep longer than the queue's longest delay: wait another round.
             await self._release_unattempted(context, job.node_id, owner, data)
-            await self.backend.queue.send([job], min(max_delay, wake - time.time()))
+            await self.backend.queue.send(
+                [job], min(self.backend.queue.max_delay_seconds, wake - time.time()))
             return "requeued", 0.0
         started = attempts(data, job.node_id)
         limit = self.settings.max_receive_count
@@ -560,7 +539,8 @@ class JobAlgorithm:
                 return []
             assert outcome.result is not None
             if services.map_plan is not None:
-                await self.ledger.start(context, job, owner, operations, services.map_plan)
+                await self.ledger.start(context, graph, job, owner, operations,
+                                        services.map_plan)
                 return []
             return await self.commit_success(context, graph, blueprint, job, owner, tracked,
                                              operations, outcome.result, services.wake_up_at,

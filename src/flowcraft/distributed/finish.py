@@ -31,6 +31,7 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..blueprint import WorkflowBlueprint
 from ..context import PatchOperation, check_storable
 from ..core.graph import Graph
 from ..core.routing import AWAITING_DETAILS_KEY, AWAITING_IDS_KEY, failed_record, record_key
@@ -40,6 +41,7 @@ from .backend import FINAL_STATUSES, Backend, QueueMessage, now_iso, parse_times
 from .context import (
     BLUEPRINT_KEY,
     RUN_STATE_KEY,
+    VERSION_KEY,
     ClaimStatus,
     DistributedContext,
     lock_key,
@@ -85,6 +87,34 @@ class Finisher:
             fields = {"lastUpdated": now_iso(),
                       **({"blueprintId": blueprint_id} if blueprint_id else {})}
             await self.backend.statuses.write(run_id, fields, only_if_running=True)
+
+    def refusal(self, job: JobPayload, blueprint: WorkflowBlueprint, data: Mapping[str, Any],
+                message_id: str | None = None) -> tuple[JobOutcome, float] | None:
+        """Why a job (a node's, or a map chunk's) must not run on the run as stored, logged,
+        as its outcome: the run ended (dropped), it belongs to another blueprint (dropped),
+        or to another version of this one (deferred, for a worker that has it). ``None``:
+        none of these."""
+        run_state = data.get(RUN_STATE_KEY)
+        if isinstance(run_state, Mapping) and run_state.get("status") in FINAL_STATUSES:
+            logger.info("run %s node %s: run is %s; job dropped", job.run_id, job.node_id,
+                        run_state.get("status"))
+            return "dropped", 0.0
+        stored_blueprint = data.get(BLUEPRINT_KEY)
+        if stored_blueprint is not None and stored_blueprint != job.blueprint_id:
+            logger.error("run %s node %s: message %s names blueprint '%s' but the run belongs "
+                         "to blueprint '%s'; job dropped", job.run_id, job.node_id, message_id,
+                         job.blueprint_id, stored_blueprint)
+            return "dropped", 0.0
+        stored_version = data.get(VERSION_KEY)
+        if (stored_version is not None and blueprint.version is not None
+                and str(stored_version) != str(blueprint.version)):
+            logger.error(
+                "run %s node %s: run was started with version %s of blueprint '%s' but this "
+                "worker has version %s; leaving the job for a matching worker",
+                job.run_id, job.node_id, stored_version, blueprint.id, blueprint.version,
+            )
+            return "deferred", min(60.0, self.backend.queue.max_delay_seconds)
+        return None
 
     async def commit(self, context: DistributedContext, job: JobPayload, owner: str,
                      operations: Sequence[PatchOperation],

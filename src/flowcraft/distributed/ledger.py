@@ -81,15 +81,14 @@ from ..blueprint import NodeDefinition, WorkflowBlueprint
 from ..context import INTERNAL_PREFIX, PatchOperation, TrackedContext, check_storable
 from ..core.graph import Graph, graph_for
 from ..core.routing import completed_record, record_key, resolution_count
-from ..errors import ContextTooLargeError, UnstorableValueError
+from ..errors import ContextTooLargeError, FlowcraftError, UnstorableValueError
 from ..nodes.base import CancellationSignal, NodeResult
 from ..nodes.builtins import LEDGER_RESULTS, worker_node_id
 from ..observability import get_metrics, inject
 from .backend import FINAL_STATUSES
 from .context import (
-    BLUEPRINT_KEY,
     RUN_STATE_KEY,
-    VERSION_KEY,
+    Claim,
     ClaimStatus,
     DistributedContext,
     attempts,
@@ -213,9 +212,11 @@ class MapLedger:
     # Starting, and a scatter claimed while its map runs
     # ==========================================================================================
 
-    async def start(self, context: DistributedContext, job: JobPayload, owner: str,
-                    operations: list[PatchOperation], plan: MapPlan) -> None:
-        """Store the chunks, commit the marker (under the scatter's lease), send the jobs."""
+    async def start(self, context: DistributedContext, graph: Graph, job: JobPayload,
+                    owner: str, operations: list[PatchOperation], plan: MapPlan) -> None:
+        """Store the chunks, commit the marker (under the scatter's lease), send the jobs. A
+        chunk the store cannot hold (over its item limit, with no payload store) fails the
+        scatter at once, saying so: running it again would store the same chunk."""
         marker = {"g": job.iteration, "count": len(plan.items), "chunks": plan.chunks,
                   "size": plan.chunk_items, "uses": plan.worker_uses,
                   "gather": plan.gather_id, "wave": plan.wave, "token": owner_token(owner)}
@@ -225,9 +226,16 @@ class MapLedger:
             await self._chunk(job, marker, index).create(
                 {"items": plan.items[index * size:(index + 1) * size], "start": index * size})
 
-        await bounded(create, range(plan.chunks))
-        committed = await self.algorithm.finisher.commit(
-            context, job, owner, [*operations, PatchOperation("set", map_key(job.node_id), marker)])
+        finisher = self.algorithm.finisher
+        try:
+            await bounded(create, range(plan.chunks))
+            committed = await finisher.commit(context, job, owner, [
+                *operations, PatchOperation("set", map_key(job.node_id), marker)])
+        except (ContextTooLargeError, UnstorableValueError) as exc:
+            reason = f"its map could not be stored: {exc.message}"
+            await finisher.fail_node(context, graph, job, owner, [], reason,
+                                     {**result_error(job, exc), "message": reason})
+            return
         if committed is None:
             logger.warning("run %s node %s: lease lost before the map could start; left to "
                            "the worker that took the node over", job.run_id, job.node_id)
@@ -287,16 +295,9 @@ class MapLedger:
             logger.error("run %s node %s: chunk %d names a run with no stored context; "
                          "dropped", job.run_id, job.node_id, job.chunk)
             return "dropped", 0.0
-        stored_blueprint, version = data.get(BLUEPRINT_KEY), data.get(VERSION_KEY)
-        if stored_blueprint is not None and stored_blueprint != job.blueprint_id:
-            logger.error("run %s node %s: chunk %d names blueprint '%s' but the run belongs "
-                         "to '%s'; dropped", job.run_id, job.node_id, job.chunk,
-                         job.blueprint_id, stored_blueprint)
-            return "dropped", 0.0
-        if (version is not None and blueprint.version is not None
-                and str(version) != str(blueprint.version)):
-            # Another version of the blueprint: a worker that has it runs the chunk.
-            return "deferred", min(60.0, algorithm.backend.queue.max_delay_seconds)
+        refused = algorithm.finisher.refusal(job, blueprint, data)
+        if refused is not None:
+            return refused
         marker = marker_of(data, job.node_id, job.iteration)
         if marker is None or job.chunk >= int(marker["chunks"]) or self.coordination is None:
             if resolution_count(data, job.node_id) > job.iteration:
@@ -305,11 +306,6 @@ class MapLedger:
                 return "duplicate", 0.0
             logger.info("run %s node %s: chunk %d is of no running map; dropped",
                         job.run_id, job.node_id, job.chunk)
-            return "dropped", 0.0
-        run_state = data.get(RUN_STATE_KEY)
-        if isinstance(run_state, Mapping) and run_state.get("status") in FINAL_STATUSES:
-            logger.info("run %s node %s: run is %s; chunk %d dropped", job.run_id,
-                        job.node_id, run_state.get("status"), job.chunk)
             return "dropped", 0.0
         chunk = self._chunk(job, marker, job.chunk)
         owner = algorithm.lease_owner()
@@ -411,19 +407,14 @@ class MapLedger:
                     get_metrics().node_finished("failed", time.perf_counter() - began)
                     failures.append((outcome.error.message, outcome.error.to_dict()))
                     return
-                if outcome.awaiting is not None or outcome.result is None:
-                    message = "a map's worker cannot wait for a resume"
-                    failures.append((message, {"nodeId": node.id, "message": message,
-                                               "attempt": 1, "errorType": "FlowcraftError",
-                                               "runId": job.run_id}))
-                    return
                 try:
+                    if outcome.awaiting is not None or outcome.result is None:
+                        raise FlowcraftError("a map's worker cannot wait for a resume",
+                                             node_id=node.id)
                     check_storable(outcome.result.output, f"output of node '{node.id}'")
-                except UnstorableValueError as exc:
-                    failures.append((exc.message, {"nodeId": node.id, "message": exc.message,
-                                                   "attempt": 1,
-                                                   "errorType": type(exc).__name__,
-                                                   "runId": job.run_id}))
+                except FlowcraftError as exc:
+                    # What a rerun would repeat: the worker node fails once, as a node does.
+                    failures.append((exc.message, {**result_error(job, exc), "nodeId": node.id}))
                     return
                 get_metrics().node_finished("completed", time.perf_counter() - began)
                 results[offset] = outcome.result.output
@@ -457,13 +448,7 @@ class MapLedger:
 
     async def _complete(self, job: JobPayload, blueprint: WorkflowBlueprint, base_graph: Graph,
                         outcome: JobOutcome) -> tuple[JobOutcome, float]:
-        algorithm = self.algorithm
-        scatter = JobPayload(job.run_id, job.blueprint_id, job.node_id, job.iteration,
-                             trace=job.trace)
-        context = algorithm.backend.runs.context(job.run_id)
-        owner = algorithm.lease_owner()
-        claim = await context.claim(job.node_id, job.iteration, owner,
-                                    algorithm.settings.lease_seconds, count_attempt=False)
+        scatter, context, owner, claim = await self._claim_scatter(job)
         if claim.status is ClaimStatus.LOCKED:
             # Held by the scatter's own job, which finishes the map itself, or by a worker
             # that died finishing it: this job comes back to finish it after the lease.
@@ -545,14 +530,9 @@ class MapLedger:
                     message: str, error: dict[str, Any]) -> tuple[JobOutcome, float]:
         """A map's item failed: fail the scatter with its error, and so the run. While the
         scatter is held (its own job finishing or resending chunks), come back later."""
-        algorithm = self.algorithm
         reason = f"map worker '{error.get('nodeId')}' failed: {message}"
         error = {**error, "nodeId": job.node_id, "message": reason}
-        scatter = JobPayload(job.run_id, job.blueprint_id, job.node_id, job.iteration)
-        context = algorithm.backend.runs.context(job.run_id)
-        owner = algorithm.lease_owner()
-        claim = await context.claim(job.node_id, job.iteration, owner,
-                                    algorithm.settings.lease_seconds, count_attempt=False)
+        scatter, context, owner, claim = await self._claim_scatter(job)
         if claim.status is ClaimStatus.LOCKED:
             return "deferred", max(1.0, (claim.expires or time.time()) - time.time())
         if claim.status is not ClaimStatus.CLAIMED or claim.data is None:
@@ -562,8 +542,22 @@ class MapLedger:
             await context.release(job.node_id, owner)  # cancelled or failed: it stays so
             return "dropped", 0.0
         graph = graph_for(base_graph, claim.data)
-        await algorithm.finisher.fail_node(context, graph, scatter, owner, [], reason, error)
+        await self.algorithm.finisher.fail_node(context, graph, scatter, owner, [], reason,
+                                                error)
         return "processed", 0.0
+
+    async def _claim_scatter(self, job: JobPayload,
+                             ) -> tuple[JobPayload, DistributedContext, str, Claim]:
+        """Claim the scatter of a chunk's job (not counted as an attempt): its own job, its
+        run's context, the lease owner and the claim."""
+        algorithm = self.algorithm
+        scatter = JobPayload(job.run_id, job.blueprint_id, job.node_id, job.iteration,
+                             trace=job.trace)
+        context = algorithm.backend.runs.context(job.run_id)
+        owner = algorithm.lease_owner()
+        claim = await context.claim(job.node_id, job.iteration, owner,
+                                    algorithm.settings.lease_seconds, count_attempt=False)
+        return scatter, context, owner, claim
 
     async def _reannounce(self, job: JobPayload, blueprint: WorkflowBlueprint,
                           base_graph: Graph, data: dict[str, Any]) -> None:
