@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from distributed_helpers import Cluster, CrashPlan
-from flowcraft import Flow, NodeContext
+from flowcraft import ContextTooLargeError, Flow, NodeContext
 from flowcraft.distributed.context import InMemoryDistributedContext, InMemoryRunStore
 from flowcraft.distributed.job import JobPayload
 from flowcraft.distributed.ledger import (
@@ -244,6 +244,66 @@ async def test_a_chunk_job_naming_another_blueprint_is_dropped() -> None:
     assert result.status == "completed", result.errors
     assert result.context["results"] == expected(50)
     assert max(items.calls.values()) == 1
+
+
+class SmallItems(InMemoryRunStore):
+    """A store whose chunk items hold at most ``limit`` bytes of JSON (the run's own item
+    is not limited here: with a payload store it holds a reference to the list)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def context(self, run_id: str) -> InMemoryDistributedContext:
+        store = self
+
+        class Context(InMemoryDistributedContext):
+            async def create(self, initial: Any) -> None:
+                size = len(json.dumps(initial))
+                if "~map~" in run_id and size > store.limit:
+                    raise ContextTooLargeError(run_id, size, store.limit, "test")
+                await super().create(initial)
+
+        return Context(self, run_id)
+
+
+async def test_a_chunk_too_large_to_store_fails_the_scatter_saying_so() -> None:
+    items = Items()
+    flow = map_flow(items, chunk_size=50)
+    store = SmallItems(limit=100_000)
+    async with Cluster([flow.to_blueprint()], flow.registry(), workers=1,
+                       store=store) as cluster:
+        result = await cluster.run(flow.to_blueprint(), {"items": ["x" * 4000] * 50})
+
+    assert result.status == "failed"
+    assert [error.node_id for error in result.errors] == ["fan_scatter"]
+    assert "its map could not be stored" in result.errors[0].message
+    assert "over the test item limit" in result.errors[0].message
+    assert not items.calls
+
+
+async def test_a_chunk_job_out_of_range_is_dropped_and_the_map_completes() -> None:
+    items = Items(delay=0.005)
+    flow = map_flow(items)
+    async with Cluster([flow.to_blueprint()], flow.registry(), workers=2,
+                       map_chunk_items=10) as cluster:
+        run_id = await cluster.client.start_workflow(flow.to_blueprint(),
+                                                     {"items": list(range(50))})
+        for _ in range(5000):  # until the map runs
+            if MAP_PREFIX + "fan_scatter" in cluster.store.items[run_id]:
+                break
+            await asyncio.sleep(0.001)
+        forged = [JobPayload(run_id, "ledger-map", "fan_scatter", 0, chunk=99),
+                  JobPayload(run_id, "ledger-map", "after", 0, chunk=0)]
+        await cluster.client.backend.queue.send(forged)
+        result = await cluster.client.wait_for_result(run_id, timeout=30, poll_interval=0.02)
+        await cluster.settle()
+
+    assert result.status == "completed", result.errors
+    assert result.context["results"] == expected(50)
+    assert max(items.calls.values()) == 1
+    assert not [r for r in cluster.store.items if r.startswith(f"{run_id}~map~") and
+                r.endswith(("~99", "~map~after"))]
 
 
 async def test_waves_run_one_chunk_at_a_time_in_item_order() -> None:
