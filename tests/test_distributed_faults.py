@@ -377,13 +377,13 @@ class _LimitedContext(InMemoryDistributedContext):
     limit = 10_000
 
     async def commit(self, node_id: str, iteration: int, owner: str, operations: Any,
-                     claims: Any = (), lease_seconds: float = 60.0) -> Any:
+                     claims: Any = (), lease_seconds: float = 60.0, **options: Any) -> Any:
         size = len(json.dumps({**(self._item() or {}),
                                **{op.key: op.value for op in operations}}, default=str))
         if size > self.limit:
             raise ContextTooLargeError(self.run_id, size, self.limit, "test store")
         return await super().commit(node_id, iteration, owner, operations, claims,
-                                    lease_seconds)
+                                    lease_seconds, **options)
 
 
 class _LimitedRunStore(InMemoryRunStore):

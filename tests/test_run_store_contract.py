@@ -368,6 +368,47 @@ async def test_commit_with_the_lease_writes_and_returns_the_merged_context(
     assert continued.status is ClaimStatus.CLAIMED
 
 
+async def test_commit_with_a_base_writes_the_same_and_answers_from_it_until_the_run_ends(
+        runs: RunStore) -> None:
+    """``base``: the store may answer with the caller's copy plus the write (the AWS store
+    does, reading nothing back); stored, the write is the same either way. Once the run has
+    ended (``_flowcraft.run`` is set) the answer is the stored run, so the caller sees it."""
+    context = runs.context()
+    await context.create({"keep": 1})
+    claim = await context.claim("a", 0, OWNER, LEASE)
+    assert claim.status is ClaimStatus.CLAIMED and claim.data is not None
+    await runs.context(context.run_id).apply([PatchOperation("set", "theirs", "t")])
+    base = {**claim.data, "mine": [1]}
+    committed = await context.commit(
+        "a", 0, OWNER, [*done("a", output=3), PatchOperation("set", "mine", [1])],
+        claims=[("b", 0)], lease_seconds=LEASE, base=base)
+    assert committed is not None
+    stored = await context.load()
+    assert stored is not None and stored["theirs"] == "t" and stored["mine"] == [1]
+    # Whatever the store answered holds the write and everything in base.
+    assert committed[output_key("a")] == 3 == stored[output_key("a")]
+    assert committed[record_key("a")] == stored[record_key("a")] == {"n": 1, "taken": []}
+    assert committed["keep"] == 1 and committed["mine"] == [1]
+    if runs.name in ("memory", "dynamodb"):  # these answer from base: no read-back
+        assert "theirs" not in committed
+    assert lock_key("a") not in committed and attempts_key("a") not in committed
+    assert_lease(committed, "b", OWNER, 0, LEASE)
+    assert_lease(stored, "b", OWNER, 0, LEASE)
+
+    ended = runs.context()
+    await ended.create({})
+    claim = await ended.claim("a", 0, OWNER, LEASE)
+    assert claim.data is not None
+    state = {"status": "cancelled", "reason": "by hand"}
+    await runs.context(ended.run_id).apply([PatchOperation("set", "_flowcraft.run", state)])
+    answer = await ended.commit("a", 0, OWNER, done("a", output=4), claims=[("b", 0)],
+                                lease_seconds=LEASE, base=claim.data)
+    assert answer is not None and answer["_flowcraft.run"] == state
+    assert answer[output_key("a")] == 4
+    # Without the lease, nothing is written, base or not.
+    assert await ended.commit("a", 0, OWNER, done("a", output=5), base=claim.data) is None
+
+
 async def test_commit_without_the_lease_writes_nothing(runs: RunStore) -> None:
     context = runs.context()
     await context.create({"x": 1})

@@ -36,6 +36,7 @@ from ..nodes.base import FOLLOWS
 
 class Graph:
     __slots__ = (
+        "_counted_joins",
         "_edge_index",
         "back_edges",
         "blueprint",
@@ -82,6 +83,7 @@ class Graph:
         self.dynamic_node_ids: tuple[str, ...] = ()
         self._edge_index: dict[str, dict[str, tuple[int, ...]]] = {}
         self.repeatable: frozenset[str] = self._repeatable()
+        self._counted_joins: frozenset[str] | None = None
 
     def _find_back_edges(self, roots: Sequence[str]) -> set[tuple[str, str]]:
         back: set[tuple[str, str]] = set()
@@ -128,6 +130,51 @@ class Graph:
             if (edge.source, node_id) not in self.back_edges
             and edge.source not in self.fallback_only
         ))
+
+    @property
+    def counted_joins(self) -> frozenset[str]:
+        """``all`` joins that every forward predecessor always reaches by completing: the
+        predecessors never skip and always take their edge to the join.
+
+        A node *always runs* when it is outside every loop and is a start node, or every
+        forward edge into it comes from a node that always runs and always takes that edge
+        (no condition, and no edge of its source has an ``action``, which could steer the
+        source elsewhere). A ``batch-scatter`` source does not count (its map may end through
+        a path of its own). Such a join runs exactly when all its predecessors have completed,
+        so a worker can tell that from a count of their commits instead of their records.
+        Empty for a graph with dynamic nodes: their producers change who leads where."""
+        if self._counted_joins is None:
+            self._counted_joins = self._find_counted_joins()
+        return self._counted_joins
+
+    def _find_counted_joins(self) -> frozenset[str]:
+        if self.dynamic_node_ids or self.strongly_connected:
+            return frozenset()
+        steered = {node_id for node_id, edges in self.outgoing.items()
+                   if any(edge.action for edge in edges)
+                   or self.nodes[node_id].uses in _NOT_COUNTED_SOURCES}
+        always: set[str] = set()
+        remaining = {node_id: len(sources) for node_id, sources in
+                     self.forward_predecessors.items()}
+        ready = [node_id for node_id, left in remaining.items()
+                 if not left and node_id not in self.fallback_only]
+        starts = set(self.start_node_ids)
+        while ready:  # forward edges in topological order: the graph has no cycle
+            node_id = ready.pop()
+            edges = [edge for edge in self.incoming[node_id]
+                     if edge.source not in self.fallback_only]
+            if (all(edge.source in always and edge.source not in steered and not edge.condition
+                    for edge in edges) and (edges or node_id in starts)):
+                always.add(node_id)
+            for target in dict.fromkeys(edge.target for edge in self.outgoing[node_id]):
+                remaining[target] -= 1
+                if not remaining[target] and target not in self.fallback_only:
+                    ready.append(target)
+        return frozenset(
+            node_id for node_id, sources in self.forward_predecessors.items()
+            if len(sources) > 1 and self.nodes[node_id].join_strategy == "all"
+            and all(source in always and source not in steered for source in sources)
+            and not any(edge.condition for edge in self.incoming[node_id]))
 
     # -- queries ----------------------------------------------------------------------
 
@@ -198,9 +245,11 @@ class Graph:
         clone.dynamic_node_ids = tuple(dynamic)
         clone.repeatable = clone._repeatable()
         clone._edge_index = {}
+        clone._counted_joins = frozenset()
         return clone
 
 
+_NOT_COUNTED_SOURCES = frozenset({"batch-scatter"})
 _NO_EDGES: tuple[EdgeDefinition, ...] = ()
 _FIRST = (0,)
 _SCAN_LIMIT = 8  # a node with more outgoing edges gets an index of them by target

@@ -192,7 +192,15 @@ from .finish import Finisher, check_operations, result_error
 from .job import JobPayload, parse_job
 from .ledger import MapLedger
 from .options import WorkerSettings
-from .progress import Progress, commit_plan, job_misfit, wake_up_at
+from .progress import (
+    Progress,
+    arrivals,
+    commit_plan,
+    decided_alone,
+    job_misfit,
+    last_arrival,
+    wake_up_at,
+)
 from .services import WorkerServices
 from .slots import LocalSlots
 
@@ -609,10 +617,15 @@ class JobAlgorithm:
             # The claim in this commit counts the successor's attempt, as a claim does.
             operations.append(PatchOperation(
                 "set", attempts_key(succ), 1 if succ == node_id else attempts(working, succ) + 1))
+        # When what follows is decided by this commit alone (and the counts it returns), what
+        # others wrote meanwhile changes nothing: the commit need not read the run back (a
+        # chain or a fan's branch pays for the run's growing item once per node, not twice).
+        lean = not result.dynamic_nodes and decided_alone(graph, node_id, skips, successors)
         steps: list[_Step] = []
         try:
             steps = await self._commit_and_advance(context, graph, blueprint, job, owner,
-                                                   operations, result, skips, claims, slots)
+                                                   operations, result, skips, claims, slots,
+                                                   working if lean else None)
         finally:
             if slots is not None and len(steps) < 1 + lent:
                 slots.give_back(lent)  # not committed: the lent slots stay unused
@@ -622,12 +635,14 @@ class JobAlgorithm:
         self, context: DistributedContext, graph: Graph, blueprint: WorkflowBlueprint,
         job: JobPayload, owner: str, operations: list[PatchOperation], result: NodeResult,
         skips: list[str], claims: list[tuple[str, int]], slots: LocalSlots | None,
+        base: dict[str, Any] | None = None,
     ) -> list[_Step]:
         """Steps 5-7: commit (claiming ``claims``), advance, enqueue the rest."""
         node_id, claimed_at = job.node_id, time.monotonic()
         await self.checkpoint("before_commit", job)
         try:
-            committed = await self.finisher.commit(context, job, owner, operations, claims)
+            committed = await self.finisher.commit(context, job, owner, operations, claims,
+                                                   base, arrivals(graph, node_id))
         except (ContextTooLargeError, UnstorableValueError) as exc:
             # Running the node again would produce the same output: fail it now, clearly.
             await self.finisher.fail_node(context, graph, job, owner, [], exc.message,
@@ -642,6 +657,8 @@ class JobAlgorithm:
         await self.emit("node:finish", runId=job.run_id, nodeId=node_id, output=result.output,
                         action=result.action)
         await self.checkpoint("after_commit", job)
+        if base is not None and last_arrival(graph, node_id, committed):
+            committed = await context.load() or committed
         if _cancelled(committed):
             # Cancelled while the node ran: its result is kept, nothing after it runs.
             logger.info("run %s node %s: run cancelled; not advancing", job.run_id, node_id)

@@ -14,10 +14,17 @@ it is after the call, so a worker never needs a separate read:
     the attempt in ``_flowcraft.attempts.<node>`` in the same write (poison
     jobs are recognised by attempts started, not by queue receives). Returns
     ``CLAIMED`` / ``DONE`` / ``LOCKED`` / ``MISSING`` with the context.
-``commit(node, iteration, owner, operations, claims)``
+``commit(node, iteration, owner, operations, claims, base=None)``
     If we still own the lease: apply the node's output, context writes and
     routing record, drop our lease and attempt count, take leases for
     ``claims`` (successors this worker continues with). Else nothing.
+    With ``base`` (the caller's copy of the run as its claim returned it), a
+    backend may skip reading the whole run back: if the run has not ended, it
+    answers with ``base`` plus this write (:func:`commit_answer`). The caller
+    passes it only when nothing another writer did can change what follows
+    the commit (a chain's next node, claimed in the same write). ``counts``
+    adds to number keys (absent ones count as 0) in the same write: a counted
+    join's arrivals (:func:`arrivals_key`); the answer holds their new values.
 ``renew(node, owner, lease)``
     Push the lease's expiry out while a long node runs.
 ``release(node, owner, attempts=None)``
@@ -30,8 +37,11 @@ it is after the call, so a worker never needs a separate read:
 
 Because every commit of a run lands on the same item and returns it, the
 last of a join's predecessors to commit is the one that sees all of them:
-that worker, and only that one, starts the join. No counter, no second
-store, no double count under redelivery.
+that worker, and only that one, starts the join. No second store, no double
+count under redelivery. A commit that need not read the run back (``base``)
+still decides its joins: it counts its arrival at each ``all`` join it
+leads to (``counts``, exactly once, as the commit is), and the one whose
+count completes a counted join reads the run and decides from the records.
 
 Backends implement the conditions natively (DynamoDB condition expressions,
 Cosmos DB conditional patch / ``_etag``); :func:`claim_status` states them
@@ -157,7 +167,9 @@ class DistributedContext(AsyncContext, Protocol):
     async def commit(self, node_id: str, iteration: int, owner: str,
                      operations: Sequence[PatchOperation],
                      claims: Iterable[tuple[str, int]] = (),
-                     lease_seconds: float = 60.0) -> dict[str, Any] | None: ...
+                     lease_seconds: float = 60.0, *,
+                     base: Mapping[str, Any] | None = None,
+                     counts: Mapping[str, int] | None = None) -> dict[str, Any] | None: ...
     async def renew(self, node_id: str, owner: str, lease_seconds: float) -> bool: ...
     async def release(self, node_id: str, owner: str, *,
                       attempts: int | None = None) -> None: ...
@@ -222,6 +234,27 @@ def commit_operations(
     return full
 
 
+def commit_answer(base: Mapping[str, Any], written: Sequence[PatchOperation],
+                  counted: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What a commit given ``base`` answers when it did not read the run back: ``base`` with
+    the commit's write (:func:`commit_operations`) applied and the counts' new values
+    (``counted``), as a new dict."""
+    answer = dict(base)
+    apply_patch(answer, written)
+    answer.update(counted or {})
+    return answer
+
+
+ARRIVALS_PREFIX = f"{INTERNAL_PREFIX}arrivals."
+
+
+def arrivals_key(node_id: str) -> str:
+    """How many of a join's predecessors have committed (see
+    :attr:`~flowcraft.core.graph.Graph.counted_joins`); every completion commit adds to it
+    for each join it leads to."""
+    return ARRIVALS_PREFIX + node_id
+
+
 class InMemoryRunStore:
     """Contexts of many runs in one process (the in-process backend's database).
 
@@ -284,16 +317,24 @@ class InMemoryDistributedContext(AsyncContextBase):
     async def commit(self, node_id: str, iteration: int, owner: str,
                      operations: Sequence[PatchOperation],
                      claims: Iterable[tuple[str, int]] = (),
-                     lease_seconds: float = 60.0) -> dict[str, Any] | None:
+                     lease_seconds: float = 60.0, *,
+                     base: Mapping[str, Any] | None = None,
+                     counts: Mapping[str, int] | None = None) -> dict[str, Any] | None:
         self.store.count("commit")
         async with self.store.lock:
             item = self._item()
             if item is None or not owns_lease(item, node_id, owner):
                 return None
-            now = time.time()
-            apply_patch(item, copy.deepcopy(
-                commit_operations(node_id, operations, claims, owner, lease_seconds, now)
-            ))
+            written = commit_operations(node_id, operations, claims, owner, lease_seconds,
+                                        time.time())
+            lean = base is not None and RUN_STATE_KEY not in item
+            apply_patch(item, copy.deepcopy(written))
+            for key, amount in (counts or {}).items():
+                current = item.get(key)
+                item[key] = (current if isinstance(current, int) else 0) + amount
+            if lean:
+                assert base is not None  # answered as the AWS backend answers
+                return commit_answer(base, written, {key: item[key] for key in counts or ()})
             return self._snapshot()
 
     async def renew(self, node_id: str, owner: str, lease_seconds: float) -> bool:

@@ -118,15 +118,19 @@ class Finisher:
 
     async def commit(self, context: DistributedContext, job: JobPayload, owner: str,
                      operations: Sequence[PatchOperation],
-                     claims: Sequence[tuple[str, int]] = ()) -> dict[str, Any] | None:
+                     claims: Sequence[tuple[str, int]] = (),
+                     base: Mapping[str, Any] | None = None,
+                     counts: Mapping[str, int] | None = None) -> dict[str, Any] | None:
         """Commit, and when no success came back read the item: a write whose answer was
         lost (an error after it applied; a retry that then failed its condition) shows our
-        own record, and counts as committed. ``None``: the lease was lost."""
+        own record, and counts as committed. ``None``: the lease was lost. ``base``: see
+        :meth:`~flowcraft.distributed.context.DistributedContext.commit`."""
         failure: Exception | None = None
         try:
             with service_call("commit"):
                 committed = await context.commit(job.node_id, job.iteration, owner, operations,
-                                                 claims, self.settings.lease_seconds)
+                                                 claims, self.settings.lease_seconds,
+                                                 base=base, counts=counts)
         except (ContextTooLargeError, UnstorableValueError):
             raise
         except Exception as exc:

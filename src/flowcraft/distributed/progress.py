@@ -47,7 +47,14 @@ from ..core.routing import (
 from ..core.successors import JoinDecision, decide, evaluate, frontier
 from ..observability import get_metrics
 from .backend import Backend, now_iso
-from .context import RUN_STATE_KEY, DistributedContext, live_lease, lock_key, owner_token
+from .context import (
+    RUN_STATE_KEY,
+    DistributedContext,
+    arrivals_key,
+    live_lease,
+    lock_key,
+    owner_token,
+)
 from .coordination import COORDINATION_TTL_SECONDS, CoordinationStore, any_key
 from .job import JobPayload
 
@@ -184,6 +191,39 @@ def commit_plan(graph: Graph, node_id: str,
     for skipped in skips:
         working.pop(record_key(skipped), None)
     return skips, [(r.node_id, r.generation) for r in first.ready if r.certain]
+
+
+def arrivals(graph: Graph, node_id: str) -> dict[str, int]:
+    """What the completion of ``node_id`` adds to the arrival counts of the ``all`` joins it
+    leads to (:func:`~flowcraft.distributed.context.arrivals_key`). Every completion counts,
+    whatever the graph: a join counted in a run's graph as stored before nodes were added
+    (:attr:`~flowcraft.core.graph.Graph.counted_joins`) then still reaches its count."""
+    predecessors = graph.forward_predecessors
+    return {arrivals_key(target): 1
+            for target in dict.fromkeys(edge.target for edge in graph.outgoing.get(node_id, ()))
+            if len(predecessors.get(target, ())) > 1
+            and graph.nodes[target].join_strategy == "all"}
+
+
+def decided_alone(graph: Graph, node_id: str, skips: Sequence[str],
+                  successors: Sequence[tuple[str, int]]) -> bool:
+    """Whether what follows the commit of ``node_id`` can be decided without the run as others
+    left it: every successor is certain (:func:`commit_plan`) or a counted join, whose count
+    the commit returns (the last arrival reads the run: :func:`last_arrival`), and the run
+    cannot end with this commit. The commit then need not read the run back."""
+    targets = {edge.target for edge in graph.outgoing.get(node_id, ())}
+    certain = {target for target, _ in successors}
+    return (bool(targets) and not skips and node_id not in graph.repeatable
+            and all(t in certain or t in graph.counted_joins for t in targets))
+
+
+def last_arrival(graph: Graph, node_id: str, data: Mapping[str, Any]) -> bool:
+    """Whether the commit that returned ``data`` completed the count of a counted join after
+    ``node_id``: the join is then decided from the records, read afresh."""
+    return any(
+        int(data.get(arrivals_key(target)) or 0) >= len(graph.forward_predecessors[target])
+        for target in dict.fromkeys(edge.target for edge in graph.outgoing.get(node_id, ()))
+        if target in graph.counted_joins)
 
 
 def wake_up_at(graph: Graph, data: Mapping[str, Any], node_id: str) -> float | None:

@@ -55,10 +55,12 @@ from botocore.exceptions import ClientError
 from ...context import AsyncContextBase, PatchOperation
 from ...core.routing import RECORD_PREFIX
 from ...distributed.context import (
+    RUN_STATE_KEY,
     Claim,
     ClaimStatus,
     attempts_key,
     claim_status,
+    commit_answer,
     commit_operations,
     lease_value,
     lock_key,
@@ -195,9 +197,10 @@ class DynamoDbContext(AsyncContextBase):
                            expression: Expression | None = None,
                            size_hint: Mapping[str, Any] | None = None,
                            add_to: Mapping[str, int] | None = None,
-                           ) -> dict[str, Any] | None:
-        """One UpdateItem returning the raw new item; ``None`` when the condition failed.
-        ``add_to`` adds to number attributes (absent ones count as 0) in the same write."""
+                           returns: str = "ALL_NEW") -> dict[str, Any] | None:
+        """One UpdateItem returning the raw new item (``returns="NONE"``: an empty dict);
+        ``None`` when the condition failed. ``add_to`` adds to number attributes (absent ones
+        count as 0) in the same write."""
         expression = expression or Expression()
         try:
             update = expression.update([
@@ -214,7 +217,7 @@ class DynamoDbContext(AsyncContextBase):
                       else f"SET {additions} {update}".strip())
         arguments: dict[str, Any] = {
             "TableName": self.table_name, "Key": self._key(), "UpdateExpression": update,
-            "ReturnValues": "ALL_NEW",
+            "ReturnValues": returns,
         }
         if condition:
             arguments["ConditionExpression"] = condition
@@ -310,15 +313,36 @@ class DynamoDbContext(AsyncContextBase):
     async def commit(self, node_id: str, iteration: int, owner: str,
                      operations: Sequence[PatchOperation],
                      claims: Iterable[tuple[str, int]] = (),
-                     lease_seconds: float = 60.0) -> dict[str, Any] | None:
+                     lease_seconds: float = 60.0, *,
+                     base: Mapping[str, Any] | None = None,
+                     counts: Mapping[str, int] | None = None) -> dict[str, Any] | None:
+        written = commit_operations(node_id, operations, claims, owner, lease_seconds,
+                                    time.time())
+        full = await offload(self.payloads, self.run_id, written)
+        size_hint = {op.key: op.value for op in full}
+        if base is not None:
+            # Only the counts come back (or nothing): the answer is base plus this write. The
+            # run must not have ended; if it has (or the lease is gone), the full commit below
+            # answers as usual (it holds the lease condition only).
+            expression = Expression()
+            condition = (f"{self._lease_condition(expression, node_id, owner)} AND "
+                         f"attribute_not_exists({expression.name(attribute_name(RUN_STATE_KEY))})")
+            updated = await self._update_item(
+                full, condition=condition, expression=expression, size_hint=size_hint,
+                add_to=counts, returns="UPDATED_NEW" if counts else "NONE")
+            if updated is not None:
+                counted = self._data(updated) or {}
+                return commit_answer(base, written, {key: counted.get(key, 0)
+                                                     for key in counts or ()})
         expression = Expression()
-        lease = expression.name(lock_key(node_id))
-        condition = f"{lease}.{expression.name('owner')} = {expression.value(owner)}"
-        full = await offload(self.payloads, self.run_id, commit_operations(
-            node_id, operations, claims, owner, lease_seconds, time.time()))
         return await self._resolved(await self._update(
-            full, condition=condition, expression=expression,
-            size_hint={op.key: op.value for op in full}))
+            full, condition=self._lease_condition(expression, node_id, owner),
+            expression=expression, size_hint=size_hint, add_to=counts))
+
+    @staticmethod
+    def _lease_condition(expression: Expression, node_id: str, owner: str) -> str:
+        lease = expression.name(lock_key(node_id))
+        return f"{lease}.{expression.name('owner')} = {expression.value(owner)}"
 
     async def renew(self, node_id: str, owner: str, lease_seconds: float) -> bool:
         expression = Expression()

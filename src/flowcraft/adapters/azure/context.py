@@ -434,11 +434,15 @@ class CosmosDbContext(AsyncContextBase):
     async def commit(self, node_id: str, iteration: int, owner: str,
                      operations: Sequence[PatchOperation],
                      claims: Iterable[tuple[str, int]] = (),
-                     lease_seconds: float = 60.0) -> dict[str, Any] | None:
+                     lease_seconds: float = 60.0, *,
+                     base: Mapping[str, Any] | None = None,
+                     counts: Mapping[str, int] | None = None) -> dict[str, Any] | None:
+        # ``base`` is not used: a Cosmos DB patch answers with the whole document anyway.
         full = await offload(self.payloads, self.run_id, commit_operations(
             node_id, operations, claims, owner, lease_seconds, time.time()))
         item = await self._patch(full, where=[self._lease_held(node_id, owner)],
-                                 check=lambda data: owns_lease(data, node_id, owner))
+                                 check=lambda data: owns_lease(data, node_id, owner),
+                                 add_to=counts)
         return await self._resolved(self._data(item))
 
     async def renew(self, node_id: str, owner: str, lease_seconds: float) -> bool:
