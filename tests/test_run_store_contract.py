@@ -409,6 +409,38 @@ async def test_commit_with_a_base_writes_the_same_and_answers_from_it_until_the_
     assert await ended.commit("a", 0, OWNER, done("a", output=5), base=claim.data) is None
 
 
+async def test_claim_with_a_base_answers_from_it_and_refuses_as_any_claim(
+        runs: RunStore) -> None:
+    """``base``: a claim that succeeds on a run that has not ended may be answered with the
+    caller's copy plus the lease and the attempt count (the AWS store reads nothing back).
+    A claim the store refuses is answered as without a base: LOCKED, DONE, and a claim on
+    an ended run comes back with the stored run, so the caller sees the end."""
+    context = runs.context()
+    await context.create({"x": 1})
+    await runs.context(context.run_id).apply([PatchOperation("set", "theirs", "t")])
+    base = {"x": 1, "copied": True}
+    claim = await context.claim("a", 0, OWNER, LEASE, base=base)
+    assert claim.status is ClaimStatus.CLAIMED and claim.data is not None
+    assert claim.data["x"] == 1 and claim.data[attempts_key("a")] == 1
+    assert_lease(claim.data, "a", OWNER, 0, LEASE)
+    if runs.name in ("memory", "dynamodb"):
+        assert claim.data["copied"] is True and "theirs" not in claim.data
+    stored = await context.load()
+    assert stored is not None and "copied" not in stored and stored[attempts_key("a")] == 1
+    assert_lease(stored, "a", OWNER, 0, LEASE)
+
+    locked = await runs.context(context.run_id).claim("a", 0, OTHER, LEASE, base=base)
+    assert locked.status is ClaimStatus.LOCKED and locked.holder == OWNER
+    assert await context.commit("a", 0, OWNER, done("a")) is not None
+    again = await runs.context(context.run_id).claim("a", 0, OTHER, LEASE, base=base)
+    assert again.status is ClaimStatus.DONE
+
+    state = {"status": "failed", "reason": "elsewhere"}
+    await context.apply([PatchOperation("set", "_flowcraft.run", state)])
+    ended = await context.claim("b", 0, OWNER, LEASE, base=base)
+    assert ended.data is not None and ended.data["_flowcraft.run"] == state
+
+
 async def test_commit_without_the_lease_writes_nothing(runs: RunStore) -> None:
     context = runs.context()
     await context.create({"x": 1})

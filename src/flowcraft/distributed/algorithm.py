@@ -203,6 +203,7 @@ from .progress import (
 )
 from .services import WorkerServices
 from .slots import LocalSlots
+from .snapshots import RunSnapshots
 
 logger = logging.getLogger("flowcraft.distributed")
 
@@ -252,6 +253,7 @@ class JobAlgorithm:
         self.checkpoint: Checkpoint = no_checkpoint
         """Awaited at each named step; tests replace it to inject crashes."""
         self.ledger = MapLedger(self)
+        self.snapshots = RunSnapshots()  # runs as this worker last committed to them
         self._live: dict[str, int] = {}  # owners (tokens) whose steps run in this worker
 
     @property
@@ -371,7 +373,8 @@ class JobAlgorithm:
         owner = self.lease_owner()
         with service_call("claim"):
             claim = await context.claim(job.node_id, job.iteration, owner,
-                                        self.settings.lease_seconds)
+                                        self.settings.lease_seconds,
+                                        base=self.snapshots.covering(job, base_graph))
         if claim.status is ClaimStatus.MISSING:
             return await self.finisher.remove(
                 job, message_id, message,
@@ -667,6 +670,7 @@ class JobAlgorithm:
             return []
         advance = await self.progress.advance(context, graph, [node_id, *skips], committed,
                                               continued=claims)
+        self.snapshots.keep(job.run_id, advance.data)
         claimed = set(claims)
         await self.enqueue_ready(job.run_id, blueprint.id,
                                  [r for r in advance.ready if (r[0], r[1]) not in claimed])

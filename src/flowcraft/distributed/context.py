@@ -8,12 +8,16 @@ it is after the call, so a worker never needs a separate read:
 ``create(initial)``
     Store a new run's context; refuse (:class:`~flowcraft.errors.RunAlreadyExistsError`)
     when the run id is taken, leaving the existing item untouched.
-``claim(node, iteration, owner, lease)``
+``claim(node, iteration, owner, lease, base=None)``
     Take the node's lease ``_flowcraft.lock.<node>`` if the node has not
     completed that iteration and nobody else holds a live lease, and count
     the attempt in ``_flowcraft.attempts.<node>`` in the same write (poison
     jobs are recognised by attempts started, not by queue receives). Returns
-    ``CLAIMED`` / ``DONE`` / ``LOCKED`` / ``MISSING`` with the context.
+    ``CLAIMED`` / ``DONE`` / ``LOCKED`` / ``MISSING`` with the context. With
+    ``base`` (a copy of the run this worker kept that already holds everything
+    the node depends on: :mod:`.snapshots`), a backend may answer a claim
+    that succeeds, on a run that has not ended, with ``base`` plus the lease
+    and attempt count instead of reading the run back.
 ``commit(node, iteration, owner, operations, claims, base=None)``
     If we still own the lease: apply the node's output, context writes and
     routing record, drop our lease and attempt count, take leases for
@@ -163,7 +167,8 @@ class DistributedContext(AsyncContext, Protocol):
     async def load(self) -> dict[str, Any] | None: ...
     async def create(self, initial: Mapping[str, Any]) -> None: ...
     async def claim(self, node_id: str, iteration: int, owner: str,
-                    lease_seconds: float, *, count_attempt: bool = True) -> Claim: ...
+                    lease_seconds: float, *, count_attempt: bool = True,
+                    base: Mapping[str, Any] | None = None) -> Claim: ...
     async def commit(self, node_id: str, iteration: int, owner: str,
                      operations: Sequence[PatchOperation],
                      claims: Iterable[tuple[str, int]] = (),
@@ -300,7 +305,8 @@ class InMemoryDistributedContext(AsyncContextBase):
             self.store.items[self.run_id] = copy.deepcopy(dict(initial))
 
     async def claim(self, node_id: str, iteration: int, owner: str,
-                    lease_seconds: float, *, count_attempt: bool = True) -> Claim:
+                    lease_seconds: float, *, count_attempt: bool = True,
+                    base: Mapping[str, Any] | None = None) -> Claim:
         self.store.count("claim")
         async with self.store.lock:
             item = self._item()
@@ -311,6 +317,11 @@ class InMemoryDistributedContext(AsyncContextBase):
                 item[lock_key(node_id)] = lease_value(owner, iteration, lease_seconds, now)
                 if count_attempt:
                     item[attempts_key(node_id)] = attempts(item, node_id) + 1
+                if base is not None and RUN_STATE_KEY not in item:  # as the AWS backend
+                    answer = {**base, lock_key(node_id): dict(item[lock_key(node_id)])}
+                    if attempts_key(node_id) in item:
+                        answer[attempts_key(node_id)] = item[attempts_key(node_id)]
+                    return Claim(status, answer, owner)
             lease = (item or {}).get(lock_key(node_id)) or {}
             return Claim(status, self._snapshot(), lease.get("owner"), lease.get("expires"))
 

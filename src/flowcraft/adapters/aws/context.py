@@ -276,12 +276,15 @@ class DynamoDbContext(AsyncContextBase):
             raise
 
     async def claim(self, node_id: str, iteration: int, owner: str,
-                    lease_seconds: float, *, count_attempt: bool = True) -> Claim:
+                    lease_seconds: float, *, count_attempt: bool = True,
+                    base: Mapping[str, Any] | None = None) -> Claim:
         now = time.time()
         expression = Expression()
         record, lease = expression.name(RECORD_PREFIX + node_id), expression.name(lock_key(node_id))
+        ended = (f" AND attribute_not_exists({expression.name(attribute_name(RUN_STATE_KEY))})"
+                 if base is not None else "")
         condition = (
-            f"attribute_exists({expression.name(KEY)}) "
+            f"attribute_exists({expression.name(KEY)}){ended} "
             f"AND (attribute_not_exists({record}) "
             f"OR (attribute_type({record}, {expression.value('S')}) "
             f"AND {record} < {expression.value(f'{iteration + 1:0{RECORD_DIGITS}d}')}) "
@@ -296,7 +299,13 @@ class DynamoDbContext(AsyncContextBase):
                             lease_value(owner, iteration, lease_seconds, now))],
             condition=condition, expression=expression,
             add_to={attempts_key(node_id): 1} if count_attempt else None,
+            returns="ALL_NEW" if base is None else "UPDATED_NEW",
         )
+        if base is not None:
+            if item is None:  # taken, done, or the run ended: the ordinary claim tells which
+                return await self.claim(node_id, iteration, owner, lease_seconds,
+                                        count_attempt=count_attempt)
+            return Claim(ClaimStatus.CLAIMED, {**base, **(self._data(item) or {})}, owner)
         if item is not None:
             data = (await self._flatten_client_item(item) if self._is_client_item(item)
                     else self._data(item))

@@ -400,7 +400,9 @@ class CosmosDbContext(AsyncContextBase):
             raise
 
     async def claim(self, node_id: str, iteration: int, owner: str,
-                    lease_seconds: float, *, count_attempt: bool = True) -> Claim:
+                    lease_seconds: float, *, count_attempt: bool = True,
+                    base: Mapping[str, Any] | None = None) -> Claim:
+        # ``base`` is not used: a Cosmos DB patch answers with the whole document anyway.
         now = time.time()
         record, lease = prop(RECORD_PREFIX + node_id), prop(lock_key(node_id))
         # (not done) AND (no lease of someone else), written out as an OR of ANDs (NOT

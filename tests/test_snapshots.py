@@ -1,0 +1,136 @@
+"""A worker's copies of runs (:mod:`flowcraft.distributed.snapshots`): when a claim may be
+answered from the copy instead of the stored run, and that runs claimed that way behave as
+runs claimed the ordinary way."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from distributed_helpers import Cluster, Executions, comparable, oracle
+from flowcraft import WorkflowBlueprint
+from flowcraft.core.graph import Graph
+from flowcraft.core.routing import completed_record, record_key, skipped_record
+from flowcraft.distributed.context import (
+    RUN_STATE_KEY,
+    InMemoryDistributedContext,
+    InMemoryRunStore,
+)
+from flowcraft.distributed.job import JobPayload
+from flowcraft.distributed.snapshots import RunSnapshots, clone
+
+
+def blueprint(nodes: list[str], edges: list[tuple[str, str]], **extra: Any) -> WorkflowBlueprint:
+    return WorkflowBlueprint.model_validate({
+        "id": "snap", "nodes": [{"id": node, "uses": "step"} for node in nodes],
+        "edges": [{"source": s, "target": t, **extra.get(f"{s}->{t}", {})} for s, t in edges]})
+
+
+def job(node_id: str, iteration: int = 0) -> JobPayload:
+    return JobPayload("run-1", "snap", node_id, iteration)
+
+
+FAN = blueprint(["s", "a", "b", "j"], [("s", "a"), ("s", "b"), ("a", "j"), ("b", "j")])
+
+
+def test_a_copy_covers_a_node_whose_predecessors_it_shows_delivered() -> None:
+    graph = Graph(FAN)
+    snapshots = RunSnapshots()
+    data: dict[str, Any] = {"user": [1, 2], "_outputs.s": {"x": 1},
+                            record_key("s"): completed_record(0, [0, 1], None)}
+    snapshots.keep("run-1", data)
+    assert snapshots.covering(job("a"), graph) == data
+    # Not a start node, not a join whose other predecessor the copy does not show, not an
+    # iteration it cannot know, not a run it does not hold.
+    assert snapshots.covering(job("s"), graph) is None
+    assert snapshots.covering(job("j"), graph) is None
+    assert snapshots.covering(job("a", 1), graph) is None
+    assert snapshots.covering(JobPayload("run-2", "snap", "a", 0), graph) is None
+    # Once both branches are in the copy, the join is covered; a branch that resolved is not.
+    snapshots.keep("run-1", {**data, record_key("a"): completed_record(0, [0], None),
+                             record_key("b"): completed_record(0, [0], None)})
+    assert snapshots.covering(job("j"), graph) is not None
+    assert snapshots.covering(job("a"), graph) is None
+
+
+def test_no_copy_for_an_ended_run_a_loop_or_a_join_that_would_be_skipped() -> None:
+    graph = Graph(FAN)
+    snapshots = RunSnapshots()
+    ended = {record_key("s"): completed_record(0, [0, 1], None),
+             RUN_STATE_KEY: {"status": "cancelled"}}
+    snapshots.keep("run-1", ended)
+    assert snapshots.covering(job("a"), graph) is None
+    snapshots.keep("run-1", {record_key("s"): completed_record(0, [0, 1], None),
+                             record_key("a"): skipped_record(0),
+                             record_key("b"): skipped_record(0)})
+    assert snapshots.covering(job("j"), graph) is None  # skipped, not run
+    loop = Graph(blueprint(["s", "a", "b"], [("s", "a"), ("a", "b"), ("b", "a")],
+                           **{"b->a": {"condition": "false"}}))
+    snapshots.keep("run-1", {record_key("s"): completed_record(0, [0], None)})
+    assert snapshots.covering(job("a"), loop) is None
+
+
+def test_copies_are_independent_of_the_run_they_were_kept_from_and_of_each_other() -> None:
+    graph = Graph(FAN)
+    snapshots = RunSnapshots(limit=2)
+    data: dict[str, Any] = {"nested": {"list": [1]}, "_outputs.s": [1],
+                            record_key("s"): completed_record(0, [0, 1], None)}
+    snapshots.keep("run-1", data)
+    data["nested"]["list"].append(2)  # the node that kept it goes on changing its dict
+    first = snapshots.covering(job("a"), graph)
+    assert first is not None and first["nested"] == {"list": [1]}
+    first["_outputs.s"].append(99)  # the node that got the copy changes its input in place
+    second = snapshots.covering(job("b"), graph)
+    assert second is not None and second["_outputs.s"] == [1]
+    assert clone({"a": [{"b": 1}]}) == {"a": [{"b": 1}]}
+    # Only the most recent runs are kept.
+    snapshots.keep("run-2", data)
+    snapshots.keep("run-3", data)
+    assert snapshots.covering(job("a"), graph) is None
+
+
+async def test_a_fan_claimed_from_copies_matches_the_in_memory_run() -> None:
+    """One worker runs a fan: after the source's commit, the branches and the join are
+    claimed from its copy of the run (no read of the run per claim), with the same result."""
+    runs = Executions()
+    width = 6
+    bp = WorkflowBlueprint.model_validate({
+        "id": "copied", "nodes": [{"id": "s", "uses": "step"},
+                                  *({"id": f"b{i}", "uses": "step"} for i in range(width)),
+                                  {"id": "j", "uses": "step"}],
+        "edges": [*({"source": "s", "target": f"b{i}"} for i in range(width)),
+                  *({"source": f"b{i}", "target": "j"} for i in range(width))]})
+    registry = {"step": runs.node(lambda ctx: [ctx.node_id, ctx.input])}
+    expected = await oracle(bp, registry, {"user": "u"}, run_id="copied-1")
+    runs.reset()
+    store = _RecordingStore()
+    async with Cluster([bp], registry, workers=1, store=store) as cluster:
+        result = await cluster.run(bp, {"user": "u"}, run_id="copied-1")
+        await cluster.settle()
+    assert result.status == "completed"
+    assert comparable(result.context) == comparable(expected.context)
+    assert runs.counts == {node.id: 1 for node in bp.nodes}
+    # Only the start node was claimed by reading the run: the branches and the join were
+    # claimed from this worker's copy (the last branch's commit read the run to decide the
+    # join, and kept it).
+    assert store.plain_claims == ["s"], store.plain_claims
+    assert "j" in store.from_copies and len(store.from_copies) >= 2, store.from_copies
+
+
+class _RecordingStore(InMemoryRunStore):
+    """Notes the nodes whose claims came with a copy of the run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.from_copies: list[str] = []
+        self.plain_claims: list[str] = []
+
+    def context(self, run_id: str) -> InMemoryDistributedContext:
+        store = self
+
+        class Context(InMemoryDistributedContext):
+            async def claim(self, node_id: str, *args: Any, **kwargs: Any) -> Any:
+                copied = kwargs.get("base") is not None
+                (store.from_copies if copied else store.plain_claims).append(node_id)
+                return await super().claim(node_id, *args, **kwargs)
+
+        return Context(self, run_id)
