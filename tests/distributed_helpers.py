@@ -13,7 +13,7 @@ import contextlib
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from flowcraft import FlowRuntime, InMemoryEventBus, NodeContext, NodeResult, WorkflowBlueprint
@@ -403,3 +403,22 @@ async def drive(cluster: Cluster, run_id: str, *, timeout: float = 30.0,
                 await asyncio.sleep(0.05)
     result = await cluster.client.wait_for_result(run_id, timeout=1, poll_interval=0.01)
     return result, reconciled
+
+
+@contextlib.asynccontextmanager
+async def meanwhile(algorithm: Any, step: str, node_id: str,
+                    action: Callable[[], Awaitable[Any]]) -> AsyncIterator[None]:
+    """Inside the block, ``algorithm`` awaits ``action`` when a job of ``node_id`` reaches the
+    checkpoint ``step``: other workers' jobs landing between two steps of this one."""
+    checkpoint = algorithm.checkpoint
+
+    async def hooked(step_name: str, job: JobPayload) -> None:
+        if step_name == step and job.node_id == node_id:
+            await action()
+        await checkpoint(step_name, job)
+
+    algorithm.checkpoint = hooked
+    try:
+        yield
+    finally:
+        algorithm.checkpoint = checkpoint

@@ -13,16 +13,18 @@ dynamic nodes in front of it.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distributed_helpers import Cluster, Executions, comparable, oracle
+from distributed_helpers import Cluster, Executions, comparable, meanwhile, oracle
 from flowcraft import FlowRuntime, NodeContext, NodeResult, WorkflowBlueprint
 from flowcraft.core.graph import Graph
 from flowcraft.core.routing import read_record
 from flowcraft.distributed.context import arrivals_key
+from flowcraft.distributed.job import JobPayload
 
 
 def graph(nodes: list[dict[str, Any]], edges: list[dict[str, Any]]) -> Graph:
@@ -103,7 +105,7 @@ async def test_a_counted_join_runs_after_every_predecessor_completed(
 
     result = await FlowRuntime(registry={"step": step}).run(blueprint)
     assert result.status == "completed", result.errors
-    data = result.serialized_context and __import__("json").loads(result.serialized_context)
+    data = json.loads(result.serialized_context)
     for join in counted:
         record = read_record(data, join)
         assert record is not None and not record.skipped, join
@@ -173,3 +175,39 @@ async def test_a_join_counted_before_dynamic_nodes_were_added_still_runs_once() 
         assert result.status == "completed"
         assert result.context["_outputs.j"] == ["d1", "d2", "x", "y"]
         assert runs.counts == {"s": 1, "x": 1, "y": 1, "d1": 1, "d2": 1, "j": 1}
+
+
+async def test_a_join_is_decided_with_the_nodes_added_while_its_predecessor_ran() -> None:
+    """``y`` was claimed before ``x`` added ``d1`` and ``d2`` (which lead to the join too);
+    ``x`` and ``d1`` finish while ``y`` runs. ``y``'s commit completes the count its own graph
+    expects, and the join must then be decided with the nodes added meanwhile: it waits for
+    ``d2``, and runs once with all four inputs."""
+    seen: dict[str, Any] = {}
+
+    async def step(ctx: NodeContext) -> Any:
+        seen[ctx.node_id] = ctx.input
+        return ctx.node_id
+
+    async def grow(ctx: NodeContext) -> Any:
+        return NodeResult(output="x", dynamic_nodes=[
+            {"id": "d1", "uses": "step"}, {"id": "d2", "uses": "step"}])
+
+    bp = WorkflowBlueprint.model_validate({
+        "id": "late", "nodes": [n("s"), n("x", "grow"), n("y"), n("j")],
+        "edges": [e("s", "x"), e("s", "y"), e("x", "j"), e("y", "j")]})
+    async with Cluster([bp], {"step": step, "grow": grow}, workers=2, start=False,
+                       local_continuation=False) as cluster:
+        x, y = cluster.workers[0].algorithm, cluster.workers[1].algorithm
+        run_id = await cluster.client.start_workflow(bp, {}, run_id="late-1")
+        await x.handle_job(JobPayload(run_id, bp.id, "s", 0))
+        async def x_and_d1() -> None:
+            await x.handle_job(JobPayload(run_id, bp.id, "x", 0))
+            await x.handle_job(JobPayload(run_id, bp.id, "d1", 0))
+
+        async with meanwhile(y, "before_commit", "y", x_and_d1):
+            await y.handle_job(JobPayload(run_id, bp.id, "y", 0))
+        assert not [body for body in cluster.queue.bodies() if '"j"' in body]
+        await x.handle_job(JobPayload(run_id, bp.id, "d2", 0))
+        assert [body for body in cluster.queue.bodies() if '"j"' in body]
+        await x.handle_job(JobPayload(run_id, bp.id, "j", 0))
+        assert seen["j"] == {"x": "x", "y": "y", "d1": "d1", "d2": "d2"}

@@ -15,10 +15,13 @@ import pytest
 
 from distributed_helpers import Cluster, CrashPlan
 from flowcraft import ContextTooLargeError, Flow, NodeContext
-from flowcraft.distributed.context import InMemoryDistributedContext, InMemoryRunStore
+from flowcraft.distributed.context import (
+    MAP_PREFIX,
+    InMemoryDistributedContext,
+    InMemoryRunStore,
+)
 from flowcraft.distributed.job import JobPayload
 from flowcraft.distributed.ledger import (
-    MAP_PREFIX,
     MapPlan,
     chunk_items_for,
     chunk_run_id,

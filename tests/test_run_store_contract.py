@@ -435,6 +435,19 @@ async def test_claim_with_a_base_answers_from_it_and_refuses_as_any_claim(
     again = await runs.context(context.run_id).claim("a", 0, OTHER, LEASE, base=base)
     assert again.status is ClaimStatus.DONE
 
+    # A node parked, or running a map, has no record: the copy may not show it, the answer
+    # must (it is the stored run's).
+    await context.apply([PatchOperation("set", "_awaitingNodeIds", ["p", "q"]),
+                         PatchOperation("set", "_flowcraft.map.m", {"token": "t"})])
+    parked = await context.claim("q", 0, OWNER, LEASE, base=base)
+    assert parked.data is not None and parked.data["_awaitingNodeIds"] == ["p", "q"]
+    mapping = await context.claim("m", 0, OWNER, LEASE, base=base)
+    assert mapping.data is not None and mapping.data["_flowcraft.map.m"] == {"token": "t"}
+    other = await context.claim("r", 0, OWNER, LEASE, base=base)
+    assert other.data is not None
+    if runs.name in ("memory", "dynamodb"):
+        assert "_awaitingNodeIds" not in other.data  # not parked: answered from the copy
+
     state = {"status": "failed", "reason": "elsewhere"}
     await context.apply([PatchOperation("set", "_flowcraft.run", state)])
     ended = await context.claim("b", 0, OWNER, LEASE, base=base)

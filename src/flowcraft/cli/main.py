@@ -105,6 +105,9 @@ def _register_cloud_commands(commands: Any) -> None:
                              "items in chunks beside the run (32)")
     worker.add_argument("--map-chunk-items", type=int, default=100, metavar="N",
                         help="at most N items per chunk of a map ledger (100)")
+    worker.add_argument("--no-lean-writes", action="store_true",
+                        help="claims and commits always read the run back: while workers of "
+                             "a version that does not count join arrivals still run")
     worker.add_argument("--dependencies", metavar="MODULE:FACTORY",
                         help="objects for nodes (ctx.dependencies): a mapping, or a factory "
                              "returning one or an async context manager yielding one")

@@ -47,7 +47,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         health_port=args.health_port, health_host=args.health_host,
         concurrency=args.concurrency, lease_seconds=args.lease_seconds,
         poll_wait_seconds=args.poll_seconds, map_ledger_min_items=args.map_ledger_min_items,
-        map_chunk_items=args.map_chunk_items)
+        map_chunk_items=args.map_chunk_items, lean_writes=not args.no_lean_writes)
 
     async def work() -> None:
         await worker.run()

@@ -36,6 +36,7 @@ from ..nodes.base import FOLLOWS
 
 class Graph:
     __slots__ = (
+        "_base",
         "_counted_joins",
         "_edge_index",
         "back_edges",
@@ -84,6 +85,7 @@ class Graph:
         self._edge_index: dict[str, dict[str, tuple[int, ...]]] = {}
         self.repeatable: frozenset[str] = self._repeatable()
         self._counted_joins: frozenset[str] | None = None
+        self._base: Graph | None = None  # for a graph with dynamic nodes: the blueprint's
 
     def _find_back_edges(self, roots: Sequence[str]) -> set[tuple[str, str]]:
         back: set[tuple[str, str]] = set()
@@ -130,6 +132,11 @@ class Graph:
             if (edge.source, node_id) not in self.back_edges
             and edge.source not in self.fallback_only
         ))
+
+    @property
+    def root(self) -> Graph:
+        """The blueprint's graph this one extends (itself, when it has no dynamic nodes)."""
+        return self._base or self
 
     @property
     def counted_joins(self) -> frozenset[str]:
@@ -246,6 +253,7 @@ class Graph:
         clone.repeatable = clone._repeatable()
         clone._edge_index = {}
         clone._counted_joins = frozenset()
+        clone._base = self.root
         return clone
 
 

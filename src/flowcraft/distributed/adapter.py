@@ -128,6 +128,11 @@ class BaseDistributedAdapter(abc.ABC):
         map_chunk_items: at most this many items per chunk of a map ledger (fewer when
             the items are large, so a chunk's item stays small); a ``chunkSize`` given to
             the scatter takes its place.
+        lean_writes: claims and commits that need not read the run back do not (on
+            DynamoDB: :mod:`flowcraft.distributed.snapshots`, and commits decided by their
+            own record or a counted join). Every worker counts join arrivals either way;
+            workers of earlier versions do not, so a deployment upgraded from one runs
+            with ``False`` until all its workers are new, then turns it on.
     """
 
     max_delay_seconds = Delegated[float]("backend.queue")
@@ -148,6 +153,7 @@ class BaseDistributedAdapter(abc.ABC):
     hard_receive_limit = Delegated[int]("settings")
     map_ledger_min_items = Delegated[int]("settings")
     map_chunk_items = Delegated[int]("settings")
+    lean_writes = Delegated[bool]("settings")
 
     runtime_options = Delegated[RuntimeOptions]("algorithm")
     engine = Delegated[NodeEngine]("algorithm")
@@ -173,6 +179,7 @@ class BaseDistributedAdapter(abc.ABC):
         hard_receive_limit: int | None = None,
         map_ledger_min_items: int = 32,
         map_chunk_items: int = 100,
+        lean_writes: bool = True,
     ) -> None:
         if map_ledger_min_items < 1 or map_chunk_items < 1:
             raise ValueError("map_ledger_min_items and map_chunk_items must be at least 1")
@@ -192,6 +199,7 @@ class BaseDistributedAdapter(abc.ABC):
                                 else 10 * max_receive_count),
             map_ledger_min_items=map_ledger_min_items,
             map_chunk_items=map_chunk_items,
+            lean_writes=lean_writes,
         )
         self.backend: Backend = self.create_backend()
         self.algorithm = JobAlgorithm(

@@ -374,7 +374,8 @@ class JobAlgorithm:
         with service_call("claim"):
             claim = await context.claim(job.node_id, job.iteration, owner,
                                         self.settings.lease_seconds,
-                                        base=self.snapshots.covering(job, base_graph))
+                                        base=self.snapshots.covering(job, base_graph)
+                                        if self.settings.lean_writes else None)
         if claim.status is ClaimStatus.MISSING:
             return await self.finisher.remove(
                 job, message_id, message,
@@ -623,7 +624,8 @@ class JobAlgorithm:
         # When what follows is decided by this commit alone (and the counts it returns), what
         # others wrote meanwhile changes nothing: the commit need not read the run back (a
         # chain or a fan's branch pays for the run's growing item once per node, not twice).
-        lean = not result.dynamic_nodes and decided_alone(graph, node_id, skips, successors)
+        lean = (self.settings.lean_writes and not result.dynamic_nodes
+                and decided_alone(graph, node_id, skips, successors))
         steps: list[_Step] = []
         try:
             steps = await self._commit_and_advance(context, graph, blueprint, job, owner,
@@ -662,6 +664,7 @@ class JobAlgorithm:
         await self.checkpoint("after_commit", job)
         if base is not None and last_arrival(graph, node_id, committed):
             committed = await context.load() or committed
+        graph = graph_for(graph.root, committed)  # with nodes others added meanwhile
         if _cancelled(committed):
             # Cancelled while the node ran: its result is kept, nothing after it runs.
             logger.info("run %s node %s: run cancelled; not advancing", job.run_id, node_id)

@@ -16,8 +16,9 @@ it is after the call, so a worker never needs a separate read:
     ``CLAIMED`` / ``DONE`` / ``LOCKED`` / ``MISSING`` with the context. With
     ``base`` (a copy of the run this worker kept that already holds everything
     the node depends on: :mod:`.snapshots`), a backend may answer a claim
-    that succeeds, on a run that has not ended, with ``base`` plus the lease
-    and attempt count instead of reading the run back.
+    that succeeds with ``base`` plus the lease and attempt count instead of
+    reading the run back, if the stored run has not ended and the node is
+    neither awaiting nor running a map (:func:`between_claim_and_record`).
 ``commit(node, iteration, owner, operations, claims, base=None)``
     If we still own the lease: apply the node's output, context writes and
     routing record, drop our lease and attempt count, take leases for
@@ -70,7 +71,7 @@ from ..context import (
     PatchOperation,
     apply_patch,
 )
-from ..core.routing import RECORD_PREFIX
+from ..core.routing import AWAITING_IDS_KEY, RECORD_PREFIX
 from ..errors import RunAlreadyExistsError
 from ..nodes.base import CancellationSignal
 
@@ -250,6 +251,21 @@ def commit_answer(base: Mapping[str, Any], written: Sequence[PatchOperation],
     return answer
 
 
+MAP_PREFIX = f"{INTERNAL_PREFIX}map."
+"""``_flowcraft.map.<nodeId>``: the marker of a scatter whose map ledger is running."""
+
+
+def map_key(node_id: str) -> str:
+    return MAP_PREFIX + node_id
+
+
+def between_claim_and_record(data: Mapping[str, Any], node_id: str) -> bool:
+    """Whether the stored run shows ``node_id`` in a state it reaches without a record: parked
+    (awaiting a resume) or running a map ledger. A copy of the run made before may not show
+    it, so a claim is answered from a copy (``base``) only when this is false."""
+    return map_key(node_id) in data or node_id in (data.get(AWAITING_IDS_KEY) or ())
+
+
 ARRIVALS_PREFIX = f"{INTERNAL_PREFIX}arrivals."
 
 
@@ -317,7 +333,8 @@ class InMemoryDistributedContext(AsyncContextBase):
                 item[lock_key(node_id)] = lease_value(owner, iteration, lease_seconds, now)
                 if count_attempt:
                     item[attempts_key(node_id)] = attempts(item, node_id) + 1
-                if base is not None and RUN_STATE_KEY not in item:  # as the AWS backend
+                if (base is not None and RUN_STATE_KEY not in item  # as the AWS backend
+                        and not between_claim_and_record(item, node_id)):
                     answer = {**base, lock_key(node_id): dict(item[lock_key(node_id)])}
                     if attempts_key(node_id) in item:
                         answer[attempts_key(node_id)] = item[attempts_key(node_id)]

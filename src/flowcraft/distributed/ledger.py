@@ -78,7 +78,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..blueprint import NodeDefinition, WorkflowBlueprint
-from ..context import INTERNAL_PREFIX, PatchOperation, TrackedContext, check_storable
+from ..context import PatchOperation, TrackedContext, check_storable
 from ..core.graph import Graph, graph_for
 from ..core.routing import completed_record, record_key, resolution_count
 from ..errors import ContextTooLargeError, FlowcraftError, UnstorableValueError
@@ -93,6 +93,7 @@ from .context import (
     DistributedContext,
     attempts,
     keep_lease,
+    map_key,
     owner_token,
 )
 from .coordination import COORDINATION_TTL_SECONDS, KEY_PREFIX, FullCoordinationStore
@@ -104,8 +105,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("flowcraft.distributed")
 
-MAP_PREFIX = f"{INTERNAL_PREFIX}map."
-"""``_flowcraft.map.<nodeId>``: the marker of a scatter whose map ledger is running."""
 CHUNK_NODE = "chunk"
 """The one node of a chunk's item: its lease, attempts and record."""
 FAILURE_KEY = "failure"
@@ -117,9 +116,6 @@ IO_CONCURRENCY = 16
 
 T = TypeVar("T")
 
-
-def map_key(node_id: str) -> str:
-    return MAP_PREFIX + node_id
 
 
 def chunk_run_id(run_id: str, node_id: str, generation: int, token: str, index: int) -> str:

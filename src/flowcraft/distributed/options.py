@@ -39,6 +39,7 @@ class WorkerOptions(TypedDict, total=False):
     hard_receive_limit: int | None
     map_ledger_min_items: int
     map_chunk_items: int
+    lean_writes: bool
 
 
 WORKER_OPTION_NAMES: frozenset[str] = frozenset(WorkerOptions.__annotations__)
@@ -74,6 +75,7 @@ class WorkerSettings:
     hard_receive_limit: int
     map_ledger_min_items: int = 32
     map_chunk_items: int = 100
+    lean_writes: bool = True
 
     @property
     def renew_interval(self) -> float:

@@ -16,9 +16,13 @@ the records that make the node ready (:func:`~flowcraft.core.successors.evaluate
 ``RUN`` from the copy alone), it holds everything those predecessors wrote. What it may
 miss is what unrelated branches wrote since — which the node could not rely on anyway,
 as those branches might just as well have run later. Nodes in loops, a run that has
-ended (as far as the copy knows) and a node the copy shows resolved or awaiting are
-claimed the ordinary way; so is any claim the store refuses (the run ended meanwhile,
-another worker holds the node, a duplicate), which then tells why.
+ended (as far as the copy knows), a node the copy shows resolved or awaiting, and an
+``any`` join (its input is its first arrival, which the coordination store names and the
+copy may not hold) are claimed the ordinary way. The store itself refuses to answer from
+the copy when the run has ended or the node is parked or running a map — states a node
+reaches without a record, which a copy made earlier cannot show — and any claim it
+refuses (those, another worker holding the node, a duplicate) is made again the ordinary
+way, which tells why.
 
 Copies are plain JSON, cloned when kept and when handed out: a running node changes its
 own working copy, never the kept one.
@@ -76,6 +80,8 @@ class RunSnapshots:
         graph = graph_for(base_graph, kept)
         node_id = job.node_id
         if (job.iteration != 0 or node_id not in graph.nodes or node_id in graph.repeatable
+                or (graph.nodes[node_id].join_strategy == "any"
+                    and len(graph.forward_predecessors.get(node_id, ())) > 1)
                 or read_record(kept, node_id) is not None
                 or node_id in (kept.get(AWAITING_IDS_KEY) or ())
                 or evaluate(graph, kept, node_id) is not JoinDecision.RUN):

@@ -53,7 +53,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from ...context import AsyncContextBase, PatchOperation
-from ...core.routing import RECORD_PREFIX
+from ...core.routing import AWAITING_IDS_KEY, RECORD_PREFIX
 from ...distributed.context import (
     RUN_STATE_KEY,
     Claim,
@@ -64,6 +64,7 @@ from ...distributed.context import (
     commit_operations,
     lease_value,
     lock_key,
+    map_key,
     release_operations,
     run_exists_error,
 )
@@ -281,10 +282,18 @@ class DynamoDbContext(AsyncContextBase):
         now = time.time()
         expression = Expression()
         record, lease = expression.name(RECORD_PREFIX + node_id), expression.name(lock_key(node_id))
-        ended = (f" AND attribute_not_exists({expression.name(attribute_name(RUN_STATE_KEY))})"
-                 if base is not None else "")
+        copied = ""
+        if base is not None:
+            # The copy may not show the run ended, or the node parked or mapping (states it
+            # reaches with no record): only the stored run can say they do not hold.
+            awaiting = expression.name(attribute_name(AWAITING_IDS_KEY))
+            copied = (
+                f" AND attribute_not_exists({expression.name(attribute_name(RUN_STATE_KEY))})"
+                f" AND attribute_not_exists({expression.name(attribute_name(map_key(node_id)))})"
+                f" AND (attribute_not_exists({awaiting}) OR NOT contains({awaiting}, "
+                f"{expression.value(node_id)}))")
         condition = (
-            f"attribute_exists({expression.name(KEY)}){ended} "
+            f"attribute_exists({expression.name(KEY)}){copied} "
             f"AND (attribute_not_exists({record}) "
             f"OR (attribute_type({record}, {expression.value('S')}) "
             f"AND {record} < {expression.value(f'{iteration + 1:0{RECORD_DIGITS}d}')}) "
