@@ -2,8 +2,10 @@
 
 A :class:`DistributedContext` is an :class:`~flowcraft.context.AsyncContext`
 bound to one run, plus the four conditional operations the job algorithm is
-built on. Each is **one** service call, and each returns the whole context as
-it is after the call, so a worker never needs a separate read:
+built on. Each is **one** service call, and each returns the context as it
+is after the call, so a worker never needs a separate read (a claim or commit
+given ``base`` may answer with that copy plus its write instead, when the
+caller says what others wrote cannot matter):
 
 ``create(initial)``
     Store a new run's context; refuse (:class:`~flowcraft.errors.RunAlreadyExistsError`)
