@@ -673,10 +673,11 @@ class JobAlgorithm:
             return []
         advance = await self.progress.advance(context, graph, [node_id, *skips], committed,
                                               continued=claims)
-        self.snapshots.keep(job.run_id, advance.data)
         claimed = set(claims)
-        await self.enqueue_ready(job.run_id, blueprint.id,
-                                 [r for r in advance.ready if (r[0], r[1]) not in claimed])
+        sent = [r for r in advance.ready if (r[0], r[1]) not in claimed]
+        if sent or not claims:  # a chain goes on here and sends nothing: no copy to keep
+            self.snapshots.keep(job.run_id, advance.data)
+        await self.enqueue_ready(job.run_id, blueprint.id, sent)
         await self.checkpoint("after_enqueue", job)
         await self.emit("job:processed", runId=job.run_id, nodeId=node_id)
         trace = inject()

@@ -25,7 +25,9 @@ refuses (those, another worker holding the node, a duplicate) is made again the 
 way, which tells why.
 
 Copies are plain JSON, cloned when kept and when handed out: a running node changes its
-own working copy, never the kept one.
+own working copy, never the kept one. A commit that goes on with its next node in this worker
+and sends no job (a chain) keeps no copy: no claim of that run is coming this worker's
+way, and its next commit will keep one if one is.
 """
 
 from __future__ import annotations
