@@ -261,11 +261,11 @@ class Worker:
             try:
                 await self._stop_requested.wait()
             finally:
+                stopping = loop.create_task(self.stop())
+                if installed:  # before saying so: a signal right after the line must quit
+                    self._install_signals(loop, stopping.cancel)
                 self._announce("flowcraft worker: stopping (finishing running jobs and the "
                                "open receive; signal again to quit at once)")
-                stopping = loop.create_task(self.stop())
-                if installed:
-                    self._install_signals(loop, stopping.cancel)
                 try:
                     await stopping
                 except asyncio.CancelledError:
