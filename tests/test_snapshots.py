@@ -8,6 +8,7 @@ from typing import Any
 
 from distributed_helpers import Cluster, Executions, comparable, meanwhile, oracle
 from flowcraft import WorkflowBlueprint
+from flowcraft.context import deep_copy_json
 from flowcraft.core.graph import Graph
 from flowcraft.core.routing import completed_record, record_key, skipped_record
 from flowcraft.distributed.context import (
@@ -16,7 +17,7 @@ from flowcraft.distributed.context import (
     InMemoryRunStore,
 )
 from flowcraft.distributed.job import JobPayload
-from flowcraft.distributed.snapshots import RunSnapshots, clone
+from flowcraft.distributed.snapshots import RunSnapshots
 
 
 def blueprint(nodes: list[str], edges: list[tuple[str, str]], **extra: Any) -> WorkflowBlueprint:
@@ -81,7 +82,10 @@ def test_copies_are_independent_of_the_run_they_were_kept_from_and_of_each_other
     first["_outputs.s"].append(99)  # the node that got the copy changes its input in place
     second = snapshots.covering(job("b"), graph)
     assert second is not None and second["_outputs.s"] == [1]
-    assert clone({"a": [{"b": 1}]}) == {"a": [{"b": 1}]}
+    nested = {"a": [{"b": 1}], "t": ({"c": 2},)}
+    copied = deep_copy_json(nested)
+    assert copied == nested and copied["a"][0] is not nested["a"][0]
+    assert copied["t"][0] is not nested["t"][0]
     # Only the most recent runs are kept.
     snapshots.keep("run-2", data)
     snapshots.keep("run-3", data)

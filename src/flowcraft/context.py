@@ -24,7 +24,6 @@ One mechanism, two backends: nodes cannot tell them apart.
 
 from __future__ import annotations
 
-import copy
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
@@ -240,8 +239,16 @@ def public_view(data: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def deep_copy_json(value: Any) -> Any:
-    """A deep copy, so a stored snapshot cannot be changed through a node's reference to it."""
-    return copy.deepcopy(value)
+    """A deep copy of a storable value (see :func:`check_storable`), so a snapshot cannot be
+    changed through a node's reference to it: new dicts, lists and tuples; strings and
+    numbers are shared (they cannot change). Several times faster than ``copy.deepcopy``."""
+    if isinstance(value, dict):
+        return {key: deep_copy_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [deep_copy_json(item) for item in value]
+    if isinstance(value, tuple):
+        return tuple(deep_copy_json(item) for item in value)
+    return value
 
 
 MAX_STORABLE_DEPTH = 200

@@ -140,7 +140,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import logging
 import time
 import uuid
@@ -149,7 +148,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..blueprint import WorkflowBlueprint
-from ..context import PatchOperation, TrackedContext, check_storable
+from ..context import PatchOperation, TrackedContext, check_storable, deep_copy_json
 from ..core.engine import NodeEngine
 from ..core.graph import DYNAMIC_PREFIX, Graph, dynamic_addition, graph_for
 from ..core.options import RuntimeOptions
@@ -647,7 +646,7 @@ class JobAlgorithm:
         await self.checkpoint("before_commit", job)
         try:
             committed = await self.finisher.commit(context, job, owner, operations, claims,
-                                                   base, arrivals(graph, node_id))
+                                                   base=base, counts=arrivals(graph, node_id))
         except (ContextTooLargeError, UnstorableValueError) as exc:
             # Running the node again would produce the same output: fail it now, clearly.
             await self.finisher.fail_node(context, graph, job, owner, [], exc.message,
@@ -683,7 +682,7 @@ class JobAlgorithm:
         trace = inject()
         # Each successor run in a lent slot works on a snapshot of its own.
         return [_Step(JobPayload(job.run_id, job.blueprint_id, succ, generation, trace=trace),
-                      advance.data if index == 0 else copy.deepcopy(advance.data), owner, slots,
+                      advance.data if index == 0 else deep_copy_json(advance.data), owner, slots,
                       claimed_at)
                 for index, (succ, generation) in enumerate(claims)]
 

@@ -118,7 +118,7 @@ class Finisher:
 
     async def commit(self, context: DistributedContext, job: JobPayload, owner: str,
                      operations: Sequence[PatchOperation],
-                     claims: Sequence[tuple[str, int]] = (),
+                     claims: Sequence[tuple[str, int]] = (), *,
                      base: Mapping[str, Any] | None = None,
                      counts: Mapping[str, int] | None = None) -> dict[str, Any] | None:
         """Commit, and when no success came back read the item: a write whose answer was
