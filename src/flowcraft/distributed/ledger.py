@@ -117,7 +117,6 @@ IO_CONCURRENCY = 16
 T = TypeVar("T")
 
 
-
 def chunk_run_id(run_id: str, node_id: str, generation: int, token: str, index: int) -> str:
     """The derived run id under which a chunk's item is stored: the node id as a digest (ids
     of stored items may not hold every character a node id can), and the token of the

@@ -199,8 +199,7 @@ def arrivals(graph: Graph, node_id: str) -> dict[str, int]:
     whatever the graph: a join counted in a run's graph as stored before nodes were added
     (:attr:`~flowcraft.core.graph.Graph.counted_joins`) then still reaches its count."""
     predecessors = graph.forward_predecessors
-    return {arrivals_key(target): 1
-            for target in dict.fromkeys(edge.target for edge in graph.outgoing.get(node_id, ()))
+    return {arrivals_key(target): 1 for target in graph.forward_successors(node_id)
             if len(predecessors.get(target, ())) > 1
             and graph.nodes[target].join_strategy == "all"}
 
@@ -222,8 +221,7 @@ def last_arrival(graph: Graph, node_id: str, data: Mapping[str, Any]) -> bool:
     ``node_id``: the join is then decided from the records, read afresh."""
     return any(
         int(data.get(arrivals_key(target)) or 0) >= len(graph.forward_predecessors[target])
-        for target in dict.fromkeys(edge.target for edge in graph.outgoing.get(node_id, ()))
-        if target in graph.counted_joins)
+        for target in graph.forward_successors(node_id) if target in graph.counted_joins)
 
 
 def wake_up_at(graph: Graph, data: Mapping[str, Any], node_id: str) -> float | None:

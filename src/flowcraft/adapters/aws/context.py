@@ -310,10 +310,7 @@ class DynamoDbContext(AsyncContextBase):
             add_to={attempts_key(node_id): 1} if count_attempt else None,
             returns="ALL_NEW" if base is None else "UPDATED_NEW",
         )
-        if base is not None:
-            if item is None:  # taken, done, or the run ended: the ordinary claim tells which
-                return await self.claim(node_id, iteration, owner, lease_seconds,
-                                        count_attempt=count_attempt)
+        if item is not None and base is not None:
             return Claim(ClaimStatus.CLAIMED, {**base, **(self._data(item) or {})}, owner)
         if item is not None:
             data = (await self._flatten_client_item(item) if self._is_client_item(item)
@@ -321,7 +318,9 @@ class DynamoDbContext(AsyncContextBase):
             return Claim(ClaimStatus.CLAIMED, await self._resolved(data), owner)
         current = self._data(await self._get_item())  # why the condition failed
         status = claim_status(current, node_id, iteration, owner, time.time())
-        if status is ClaimStatus.CLAIMED:  # the lease expired in between: try once more
+        if status is ClaimStatus.CLAIMED:
+            # The lease expired in between, or only the conditions of a claim from a copy
+            # failed (the run ended, the node is parked or mapping): once more, reading back.
             return await self.claim(node_id, iteration, owner, lease_seconds,
                                     count_attempt=count_attempt)
         lease_now = (current or {}).get(lock_key(node_id)) or {}
