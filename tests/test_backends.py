@@ -544,6 +544,40 @@ async def test_fan_in_all_matches_the_in_memory_run(backend: Backend) -> None:
     assert runs.counts == {"s": 1, "b0": 1, "b1": 1, "b2": 1, "j": 1}
 
 
+async def test_a_wide_fan_runs_each_branch_once_from_items_of_their_own(
+        backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fan wide enough that its branches are stored in items of their own: the same
+    result as in memory, each branch once although the start job is delivered twice, and
+    the run's item holds a marker instead of the branches' records."""
+    from flowcraft.core import graph
+    from flowcraft.distributed.homes import items_key
+
+    monkeypatch.setattr(graph, "WIDE_FAN_MIN_BRANCHES", 8)  # the real one: a slow test
+    runs = Executions()
+    width = 10
+    flow = Flow("wideFan").node("s", runs.node(lambda ctx: 1))
+    for index in range(width):
+        flow.node(f"b{index}", runs.node(lambda ctx: ctx.input + int(ctx.node_id[1:])))
+        flow.edge("s", f"b{index}").edge(f"b{index}", "j")
+    flow.node("j", runs.node(lambda ctx: sum(ctx.input.values())))
+    bp = flow.to_blueprint()
+    expected = await oracle(bp, flow.registry(), {}, run_id="wide-fan-run")
+    runs.reset()
+    client = backend.worker([bp], flow.registry())
+    run_id = await client.start_workflow(bp, {}, run_id="wide-fan-run")
+    [start] = await backend.peek_bodies()
+    await backend.send_raw(start)
+    async with backend.workers([bp], flow.registry(), count=3) as (worker, *_):
+        result = await worker.wait_for_result(run_id, timeout=60)
+    assert result.status == "completed", result.errors
+    assert comparable(result.context) == comparable(expected.context)
+    assert result.context["_outputs.j"] == sum(1 + index for index in range(width))
+    assert runs.counts == {node.id: 1 for node in bp.nodes}
+    stored = await client.backend.runs.context(run_id).load() or {}
+    assert items_key("s") in stored
+    assert not [key for key in stored if key.startswith("_flowcraft.node.b")]
+
+
 async def test_fan_in_any_runs_once_on_the_first_arrival(backend: Backend) -> None:
     """An ``any`` join runs once, on the first arrival; an ``all`` join on the same
     predecessors waits for both."""

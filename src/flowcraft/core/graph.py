@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 from collections import OrderedDict, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ..analysis import (
@@ -39,6 +40,7 @@ class Graph:
         "_base",
         "_counted_joins",
         "_edge_index",
+        "_plain_fans",
         "back_edges",
         "blueprint",
         "dynamic_node_ids",
@@ -85,6 +87,7 @@ class Graph:
         self._edge_index: dict[str, dict[str, tuple[int, ...]]] = {}
         self.repeatable: frozenset[str] = self._repeatable()
         self._counted_joins: frozenset[str] | None = None
+        self._plain_fans: dict[str, PlainFan] | None = None
         self._base: Graph | None = None  # for a graph with dynamic nodes: the blueprint's
 
     def _find_back_edges(self, roots: Sequence[str]) -> set[tuple[str, str]]:
@@ -137,6 +140,54 @@ class Graph:
     def root(self) -> Graph:
         """The blueprint's graph this one extends (itself, when it has no dynamic nodes)."""
         return self._base or self
+
+    @property
+    def plain_fans(self) -> dict[str, PlainFan]:
+        """Fans whose branches may be stored in items of their own
+        (:mod:`flowcraft.distributed.homes`), by source id; a run stores them so when their
+        source's commit wrote the marker, which it does for fans of at least
+        :data:`WIDE_FAN_MIN_BRANCHES` branches.
+
+        A source qualifies when it takes every edge to its successors (no condition or
+        action, not a ``batch-scatter``, outside every loop), and every successor is a
+        *branch*: a plain node (no built-in ``uses``, no fallback) whose only way in is that
+        source and whose only way out is one plain edge to the same counted join
+        (:attr:`counted_joins`), which has no other way in. Computed on the blueprint's
+        graph: a run's dynamic nodes never change which nodes have items of their own."""
+        if self._base is not None:
+            return self._base.plain_fans
+        if self._plain_fans is None:
+            self._plain_fans = self._find_plain_fans()
+        return self._plain_fans
+
+    def _find_plain_fans(self) -> dict[str, PlainFan]:
+        fans: dict[str, PlainFan] = {}
+        counted = self.counted_joins
+        for source, edges in self.outgoing.items():
+            branches = tuple(dict.fromkeys(edge.target for edge in edges))
+            if (len(branches) < 2 or source in self.repeatable
+                    or self.nodes[source].uses in _NOT_COUNTED_SOURCES
+                    or any(edge.condition or edge.action for edge in edges)):
+                continue
+            joins = {self._branch_join(source, branch, counted) for branch in branches}
+            if (len(joins) == 1 and (join := joins.pop()) is not None
+                    and set(self.forward_predecessors[join]) == set(branches)):
+                fans[source] = PlainFan(source, join, branches)
+        return fans
+
+    def _branch_join(self, source: str, branch: str, counted: frozenset[str]) -> str | None:
+        """The counted join ``branch`` leads to, if it is a plain branch of ``source``."""
+        node = self.nodes[branch]
+        edges = self.outgoing[branch]
+        if (self.forward_predecessors.get(branch) != (source,) or branch in self.repeatable
+                or len(self.incoming[branch]) != 1 or len(edges) != 1
+                or node.uses in _BUILTIN_USES or (node.config and node.config.fallback)
+                or branch in self.fallback_only):
+            return None
+        edge = edges[0]
+        if edge.condition or edge.action or edge.target not in counted:
+            return None
+        return edge.target
 
     @property
     def counted_joins(self) -> frozenset[str]:
@@ -258,6 +309,21 @@ class Graph:
 
 
 _NOT_COUNTED_SOURCES = frozenset({"batch-scatter"})
+_BUILTIN_USES = frozenset({"subflow", "sleep", "wait", "webhook", "batch-scatter",
+                           "batch-gather", "loop-controller"})
+WIDE_FAN_MIN_BRANCHES = 128
+"""How many branches a plain fan needs for its source to store them in items of their own. A
+branch item costs each branch one more request (its arrival is counted apart from its
+commit); a narrower fan's routing records keep the run's item under about 16 KB."""
+
+
+@dataclass(frozen=True, slots=True)
+class PlainFan:
+    """A fan whose branches may be stored in items of their own (:attr:`Graph.plain_fans`)."""
+
+    source: str
+    join: str
+    branches: tuple[str, ...]
 _NO_EDGES: tuple[EdgeDefinition, ...] = ()
 _FIRST = (0,)
 _SCAN_LIMIT = 8  # a node with more outgoing edges gets an index of them by target

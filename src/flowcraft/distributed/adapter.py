@@ -53,6 +53,7 @@ from .backend import now_iso as now_iso
 from .backend import parse_timestamp as parse_timestamp
 from .context import DistributedContext
 from .coordination import CoordinationStore
+from .homes import run_context
 from .job import JobPayload
 from .options import WorkerSettings
 from .polling import WorkerLoop
@@ -231,7 +232,7 @@ class BaseDistributedAdapter(abc.ABC):
 
     def create_context(self, run_id: str) -> DistributedContext:
         """The stored context of one run."""
-        return self.backend.runs.context(run_id)
+        return run_context(self.backend.runs, run_id)
 
     # -- the worker ----------------------------------------------------------------------------
 

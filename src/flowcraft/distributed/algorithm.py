@@ -186,8 +186,9 @@ from .context import (
     keep_lease,
     owner_token,
 )
-from .coordination import CoordinationStore, any_key
+from .coordination import CoordinationStore, FullCoordinationStore, any_key
 from .finish import Finisher, check_operations, result_error
+from .homes import arrive, mark_wide_fan, run_context
 from .job import JobPayload, parse_job
 from .ledger import MapLedger
 from .options import WorkerSettings
@@ -327,7 +328,7 @@ class JobAlgorithm:
         """Whether the job's node already completed this iteration: a copy of a finished job
         (whose holders died before acknowledging it) is a duplicate, not a poison message,
         however often it was received; it must not fail the run."""
-        data = await self.backend.runs.context(job.run_id).load()
+        data = await run_context(self.backend.runs, job.run_id).load()
         return data is not None and claim_status(
             data, job.node_id, job.iteration, "", time.time()) is ClaimStatus.DONE
 
@@ -367,7 +368,8 @@ class JobAlgorithm:
             return await self.finisher.remove(job, message_id, message, exc.message)
         if job.chunk is not None:
             return await self.ledger.run_chunk(job, blueprint, base_graph)
-        context = self.backend.runs.context(job.run_id)
+        context = run_context(self.backend.runs, job.run_id)
+        context.place_branches(base_graph)
         await self.checkpoint("before_claim", job)
         owner = self.lease_owner()
         with service_call("claim"):
@@ -390,11 +392,12 @@ class JobAlgorithm:
         if claim.status is ClaimStatus.DONE:
             logger.info("run %s node %s: already done (duplicate delivery); re-announcing "
                         "its successors", job.run_id, job.node_id)
-            graph = graph_for(base_graph, claim.data)
-            region = _progress.same_execution(graph, claim.data, job.node_id)
-            await self._advance_and_enqueue(context, graph, blueprint, region, claim.data)
-            held = _progress.held_by_execution(graph, claim.data, region, time.time(),
-                                               self._live)
+            data = await arrive(context, self.coordination_store, job.node_id, claim.data,
+                                redelivered=True)
+            graph = graph_for(base_graph, data)
+            region = _progress.same_execution(graph, data, job.node_id)
+            await self._advance_and_enqueue(context, graph, blueprint, region, data)
+            held = _progress.held_by_execution(graph, data, region, time.time(), self._live)
             return ("deferred", max(1.0, held - time.time())) if held else ("duplicate", 0.0)
         data = claim.data
         refused = self.finisher.refusal(job, blueprint, data, message_id)
@@ -607,6 +610,9 @@ class JobAlgorithm:
         working[record_key(node_id)] = record
         # Successors whose only way in is this node are decided now, in the same write.
         skips, successors = commit_plan(graph, node_id, working)
+        if mark_wide_fan(graph, node_id, working, operations, self.settings.lean_writes
+                         and isinstance(self.coordination_store, FullCoordinationStore)):
+            continue_locally = False  # each branch claims its own item (.homes)
         for skipped in skips:
             value = skipped_record(resolution_count(working, skipped))
             operations.append(PatchOperation("set", record_key(skipped), value))
@@ -663,6 +669,7 @@ class JobAlgorithm:
         await self.checkpoint("after_commit", job)
         if base is not None and last_arrival(graph, node_id, committed):
             committed = await context.load() or committed
+        committed = await arrive(context, self.coordination_store, node_id, committed)
         graph = graph_for(graph.root, committed)  # with nodes others added meanwhile
         if _cancelled(committed):
             # Cancelled while the node ran: its result is kept, nothing after it runs.
@@ -718,18 +725,12 @@ class JobAlgorithm:
         for job in [*now_jobs, *(j for jobs in delayed.values() for j in jobs)]:
             await self.emit("job:enqueued", runId=run_id, nodeId=job.node_id)
 
-    # ==========================================================================================
-    # Step 8: park, fail; refused jobs
-    # ==========================================================================================
+    # -- Step 8: park, fail; refused jobs (in .finish); leases, events --------------------------
 
     async def _release_unattempted(self, context: DistributedContext, node_id: str,
                                    owner: str, data: Mapping[str, Any]) -> None:
         """Release a claim that did not run the node: its attempt does not count."""
         await context.release(node_id, owner, attempts=attempts(data, node_id) - 1)
-
-    # ==========================================================================================
-    # Leases, progress marks, events
-    # ==========================================================================================
 
     def lease_owner(self) -> str:
         """A lease owner for one job execution: the worker id plus a token, so two

@@ -21,6 +21,8 @@ caller says what others wrote cannot matter):
     that succeeds with ``base`` plus the lease and attempt count instead of
     reading the run back, if the stored run has not ended and the node is
     neither awaiting nor running a map (:func:`between_claim_and_record`).
+    With ``create``, an item that does not exist yet is claimed as an empty one (a
+    branch item's first claim: :mod:`.homes`) instead of answering ``MISSING``.
 ``commit(node, iteration, owner, operations, claims, base=None)``
     If we still own the lease: apply the node's output, context writes and
     routing record, drop our lease and attempt count, take leases for
@@ -171,7 +173,7 @@ class DistributedContext(AsyncContext, Protocol):
     async def create(self, initial: Mapping[str, Any]) -> None: ...
     async def claim(self, node_id: str, iteration: int, owner: str,
                     lease_seconds: float, *, count_attempt: bool = True,
-                    base: Mapping[str, Any] | None = None) -> Claim: ...
+                    base: Mapping[str, Any] | None = None, create: bool = False) -> Claim: ...
     async def commit(self, node_id: str, iteration: int, owner: str,
                      operations: Sequence[PatchOperation],
                      claims: Iterable[tuple[str, int]] = (),
@@ -324,9 +326,11 @@ class InMemoryDistributedContext(AsyncContextBase):
 
     async def claim(self, node_id: str, iteration: int, owner: str,
                     lease_seconds: float, *, count_attempt: bool = True,
-                    base: Mapping[str, Any] | None = None) -> Claim:
+                    base: Mapping[str, Any] | None = None, create: bool = False) -> Claim:
         self.store.count("claim")
         async with self.store.lock:
+            if create:
+                self.store.items.setdefault(self.run_id, {})
             item = self._item()
             now = time.time()
             status = claim_status(item, node_id, iteration, owner, now)

@@ -48,6 +48,7 @@ from .context import (
     owner_token,
 )
 from .coordination import COORDINATION_TTL_SECONDS, cancel_key, poison_key
+from .homes import BranchItemsContext, run_context
 from .job import JobPayload
 from .options import WorkerSettings
 from .progress import Emit, Progress
@@ -144,6 +145,9 @@ class Finisher:
             logger.warning("run %s node %s: the commit's answer was lost (%s) but the write "
                            "landed; continuing", job.run_id, job.node_id,
                            failure or "condition failed on a retry")
+            if isinstance(context, BranchItemsContext):  # its shared writes may not have
+                await context.settle(job.node_id, data or {})
+                data = await context.load() or data
             return data
         if failure is not None:
             raise failure
@@ -224,7 +228,7 @@ class Finisher:
         """A job naming a blueprint this worker lacks: during a rolling deploy another worker
         has it. Leave the job for that worker for ``unknown_blueprint_grace_seconds`` from the
         first sighting (kept in the coordination store, shared by all workers); then fail."""
-        data = await self.backend.runs.context(job.run_id).load()
+        data = await run_context(self.backend.runs, job.run_id).load()
         run_state = (data or {}).get(RUN_STATE_KEY)
         stored = (data or {}).get(BLUEPRINT_KEY)
         drop = None

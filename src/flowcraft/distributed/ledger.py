@@ -98,6 +98,7 @@ from .context import (
 )
 from .coordination import COORDINATION_TTL_SECONDS, KEY_PREFIX, FullCoordinationStore
 from .finish import result_error
+from .homes import run_context
 from .job import JobPayload
 
 if TYPE_CHECKING:
@@ -285,7 +286,7 @@ class MapLedger:
         """Run one chunk's job (the module docstring); returns its outcome."""
         assert job.chunk is not None
         algorithm = self.algorithm
-        data = await algorithm.backend.runs.context(job.run_id).load()
+        data = await run_context(algorithm.backend.runs, job.run_id).load()
         if data is None:
             logger.error("run %s node %s: chunk %d names a run with no stored context; "
                          "dropped", job.run_id, job.node_id, job.chunk)
@@ -548,7 +549,7 @@ class MapLedger:
         algorithm = self.algorithm
         scatter = JobPayload(job.run_id, job.blueprint_id, job.node_id, job.iteration,
                              trace=job.trace)
-        context = algorithm.backend.runs.context(job.run_id)
+        context = run_context(algorithm.backend.runs, job.run_id)
         owner = algorithm.lease_owner()
         claim = await context.claim(job.node_id, job.iteration, owner,
                                     algorithm.settings.lease_seconds, count_attempt=False)
@@ -557,7 +558,7 @@ class MapLedger:
     async def _reannounce(self, job: JobPayload, blueprint: WorkflowBlueprint,
                           base_graph: Graph, data: dict[str, Any]) -> None:
         """Send what follows the (finished) scatter again, as a redelivered node's job does."""
-        context = self.algorithm.backend.runs.context(job.run_id)
+        context = run_context(self.algorithm.backend.runs, job.run_id)
         await self.algorithm._advance_and_enqueue(
             context, graph_for(base_graph, data), blueprint, [job.node_id], data)
 

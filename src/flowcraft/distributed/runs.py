@@ -54,6 +54,7 @@ from .algorithm import JobAlgorithm
 from .backend import RESTING_STATUSES, Backend, now_iso
 from .context import BLUEPRINT_KEY, RUN_STATE_KEY, VERSION_KEY, ClaimStatus, live_lease, lock_key
 from .finish import AWAITING_LOCK
+from .homes import run_context
 from .job import JobPayload
 
 logger = logging.getLogger("flowcraft.distributed")
@@ -88,7 +89,7 @@ class RunClient:
         initial[BLUEPRINT_KEY] = bp.id
         # A conditional create: a taken run id raises RunAlreadyExistsError here, before the
         # status record or any job is written, and the existing run is left untouched.
-        await self.backend.runs.context(run_id).create(initial)
+        await run_context(self.backend.runs, run_id).create(initial)
         started = now_iso()  # the run view's start time and duration
         await self.backend.statuses.write(run_id, {"status": "running", "lastUpdated": started,
                                                    "startedAt": started, "blueprintId": bp.id},
@@ -118,7 +119,7 @@ class RunClient:
                 raise TimeoutError(f"run {run_id} did not finish within {timeout:g}s "
                                    f"(status: {status.get('status') if status else 'unknown'})")
             await asyncio.sleep(poll_interval)
-        data = await self.backend.runs.context(run_id).load() or {}
+        data = await run_context(self.backend.runs, run_id).load() or {}
         errors = []
         if status.get("error"):
             from ..core.executor import NodeError
@@ -142,7 +143,7 @@ class RunClient:
         progress = self.algorithm.progress
         status = await self.backend.statuses.read(run_id)
         blueprint_id = (status or {}).get("blueprintId")
-        context = self.backend.runs.context(run_id)
+        context = run_context(self.backend.runs, run_id)
         data = await context.load()
         if data is None:
             raise FlowcraftError(f"cannot reconcile run '{run_id}': no stored context",
@@ -197,7 +198,7 @@ class RunClient:
         """Complete an awaiting node with ``output``; ``action`` routes from it. Returns the
         node ids enqueued."""
         algorithm = self.algorithm
-        context = self.backend.runs.context(run_id)
+        context = run_context(self.backend.runs, run_id)
         data = await context.load()
         if data is None:
             raise FlowcraftError(f"cannot resume run '{run_id}': no stored context",

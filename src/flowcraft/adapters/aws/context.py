@@ -256,6 +256,10 @@ class DynamoDbContext(AsyncContextBase):
     async def load(self) -> dict[str, Any] | None:
         return await self._resolved(self._data(await self._get_item()))
 
+    async def resolved_item(self, item: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The context an item read elsewhere (a batched read) holds, as ``load`` answers."""
+        return await self._resolved(self._data(item))
+
     async def create(self, initial: Mapping[str, Any]) -> None:
         stored, uploads = plan_values(self.payloads, self.run_id, initial)
         self.check_size(stored)  # before anything is uploaded or written
@@ -278,7 +282,7 @@ class DynamoDbContext(AsyncContextBase):
 
     async def claim(self, node_id: str, iteration: int, owner: str,
                     lease_seconds: float, *, count_attempt: bool = True,
-                    base: Mapping[str, Any] | None = None) -> Claim:
+                    base: Mapping[str, Any] | None = None, create: bool = False) -> Claim:
         now = time.time()
         expression = Expression()
         record, lease = expression.name(RECORD_PREFIX + node_id), expression.name(lock_key(node_id))
@@ -292,16 +296,16 @@ class DynamoDbContext(AsyncContextBase):
                 f" AND attribute_not_exists({expression.name(attribute_name(map_key(node_id)))})"
                 f" AND (attribute_not_exists({awaiting}) OR NOT contains({awaiting}, "
                 f"{expression.value(node_id)}))")
+        exists = "" if create else f"attribute_exists({expression.name(KEY)}) AND "
         condition = (
-            f"attribute_exists({expression.name(KEY)}){copied} "
-            f"AND (attribute_not_exists({record}) "
+            f"{exists}(attribute_not_exists({record}) "
             f"OR (attribute_type({record}, {expression.value('S')}) "
             f"AND {record} < {expression.value(f'{iteration + 1:0{RECORD_DIGITS}d}')}) "
             f"OR (attribute_type({record}, {expression.value('M')}) "
             f"AND {record}.{expression.name('n')} <= {expression.value(iteration)})) "
             f"AND (attribute_not_exists({lease}) OR {lease}.{expression.name('owner')} = "
             f"{expression.value(owner)} OR {lease}.{expression.name('expires')} < "
-            f"{expression.value(now)})"
+            f"{expression.value(now)}){copied}"
         )
         item = await self._update_item(
             [PatchOperation("set", lock_key(node_id),
@@ -322,7 +326,7 @@ class DynamoDbContext(AsyncContextBase):
             # The lease expired in between, or only the conditions of a claim from a copy
             # failed (the run ended, the node is parked or mapping): once more, reading back.
             return await self.claim(node_id, iteration, owner, lease_seconds,
-                                    count_attempt=count_attempt)
+                                    count_attempt=count_attempt, create=create)
         lease_now = (current or {}).get(lock_key(node_id)) or {}
         return Claim(status, await self._resolved(current), lease_now.get("owner"),
                      lease_now.get("expires"))

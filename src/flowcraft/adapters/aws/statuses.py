@@ -14,15 +14,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from ...distributed.backend import RunPage, RunSummary, decode_cursor, encode_cursor, iso_datetime
+from ...errors import FlowcraftError
 from ..claimcheck import PayloadStore
 from ._dynamo import Expression, from_item
-from .context import DynamoDbContext
+from .context import KEY, DynamoDbContext
 from .provision import CONTEXT_TTL_ATTRIBUTE, STATUS_INDEX
 
 
@@ -39,6 +41,24 @@ class DynamoDbRunStore:
     def context(self, run_id: str) -> DynamoDbContext:
         return DynamoDbContext(run_id, client=self.dynamodb, table_name=self.table_name,
                                payloads=self.payloads)
+
+    async def load_many(self, run_ids: Sequence[str]) -> dict[str, dict[str, Any] | None]:
+        """The contexts of up to 100 runs in one ``BatchGetItem`` (strongly consistent; keys
+        DynamoDB leaves unprocessed are asked again); absent ones are ``None``."""
+        found: dict[str, dict[str, Any] | None] = dict.fromkeys(run_ids)
+        request: dict[str, Any] = {self.table_name: {
+            "Keys": [{KEY: {"S": run_id}} for run_id in run_ids], "ConsistentRead": True}}
+        for attempt in range(20):
+            response = await self.dynamodb.batch_get_item(RequestItems=request)
+            for item in response.get("Responses", {}).get(self.table_name, []):
+                context = self.context(item[KEY]["S"])
+                found[context.run_id] = await context.resolved_item(item)
+            request = response.get("UnprocessedKeys") or {}
+            if not request:
+                return found
+            await asyncio.sleep(min(1.0, 0.05 * 2 ** attempt))
+        raise FlowcraftError(f"DynamoDB left {len(request[self.table_name]['Keys'])} keys "
+                             "unprocessed after 20 batched reads; is the table throttled?")
 
 
 class DynamoDbStatusStore:

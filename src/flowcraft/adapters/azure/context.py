@@ -40,6 +40,7 @@ limit then counts the references, not the values. Without one, the item holds ev
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -59,7 +60,7 @@ from ...distributed.context import (
     release_operations,
     run_exists_error,
 )
-from ...errors import ContextTooLargeError, FlowcraftError
+from ...errors import ContextTooLargeError, FlowcraftError, RunAlreadyExistsError
 from ..claimcheck import PayloadStore, offload, plan_values, resolve
 from ._cosmos import (
     COLLIDING,
@@ -401,7 +402,7 @@ class CosmosDbContext(AsyncContextBase):
 
     async def claim(self, node_id: str, iteration: int, owner: str,
                     lease_seconds: float, *, count_attempt: bool = True,
-                    base: Mapping[str, Any] | None = None) -> Claim:
+                    base: Mapping[str, Any] | None = None, create: bool = False) -> Claim:
         # ``base`` is not used: a Cosmos DB patch answers with the whole document anyway.
         now = time.time()
         record, lease = prop(RECORD_PREFIX + node_id), prop(lock_key(node_id))
@@ -425,6 +426,11 @@ class CosmosDbContext(AsyncContextBase):
         if item is not None:
             return Claim(ClaimStatus.CLAIMED, await self._resolved(self._data(item)), owner)
         current = self._refused if self._refused is not None else self._data(await self._read())
+        if current is None and create:  # a branch item's first claim: make it, then claim
+            with contextlib.suppress(RunAlreadyExistsError):
+                await self.create({})
+            return await self.claim(node_id, iteration, owner, lease_seconds,
+                                    count_attempt=count_attempt)
         status = claim_status(current, node_id, iteration, owner, time.time())
         if status is ClaimStatus.CLAIMED:  # the lease expired in between
             return await self.claim(node_id, iteration, owner, lease_seconds,
