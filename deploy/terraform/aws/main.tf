@@ -168,6 +168,7 @@ data "aws_iam_policy_document" "worker" {
   statement {
     sid = "RunState"
     actions = [
+      "dynamodb:BatchGetItem",
       "dynamodb:GetItem",
       "dynamodb:PutItem",
       "dynamodb:UpdateItem",
