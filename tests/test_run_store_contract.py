@@ -454,6 +454,51 @@ async def test_claim_with_a_base_answers_from_it_and_refuses_as_any_claim(
     assert ended.data is not None and ended.data["_flowcraft.run"] == state
 
 
+async def test_a_claim_with_create_makes_a_missing_item(runs: RunStore) -> None:
+    """``create``: the first claim of a branch item makes the item (a plain claim of a run
+    that is not stored answers MISSING and writes nothing)."""
+    context = runs.context()
+    assert (await context.claim("a", 0, OWNER, LEASE)).status is ClaimStatus.MISSING
+    assert await context.load() is None
+    claim = await context.claim("a", 0, OWNER, LEASE, create=True)
+    assert claim.status is ClaimStatus.CLAIMED and claim.data is not None
+    assert claim.data[attempts_key("a")] == 1
+    assert_lease(claim.data, "a", OWNER, 0, LEASE)
+    again = await runs.context(context.run_id).claim("a", 0, OTHER, LEASE, create=True)
+    assert again.status is ClaimStatus.LOCKED and again.holder == OWNER
+
+
+@pytest.fixture(params=["memory", "dynamodb"])
+def together_runs(request: pytest.FixtureRequest) -> RunStore:
+    """The stores that claim several nodes in one write (``claim_together``)."""
+    return _memory_runs() if request.param == "memory" else _dynamodb_runs(request)
+
+
+async def test_claims_together_take_every_lease_or_none(together_runs: RunStore) -> None:
+    context = together_runs.context()
+    await context.create({"x": 1})
+    together = getattr(context, "claim_together")
+    written = await together([("a", 0, OWNER), ("b", 0, OTHER)], LEASE)
+    assert [sorted(w) for w in written] == [[attempts_key("a"), lock_key("a")],
+                                            [attempts_key("b"), lock_key("b")]]
+    assert_lease(written[1], "b", OTHER, 0, LEASE)
+    stored = await context.load()
+    assert stored is not None and stored[attempts_key("a")] == 1
+    assert_lease(stored, "a", OWNER, 0, LEASE)
+    assert_lease(stored, "b", OTHER, 0, LEASE)
+    # "a" is leased by OWNER: a batch that needs it for OTHER takes nothing, "c" included.
+    assert await together([("c", 0, OTHER), ("a", 0, OTHER)], LEASE) is None
+    assert await together([("d", 0, OWNER), ("b", 0, OWNER)], LEASE) is None
+    unchanged = await context.load()
+    assert unchanged is not None and lock_key("c") not in unchanged
+    assert attempts_key("d") not in unchanged and unchanged[attempts_key("a")] == 1
+    assert await context.commit("c", 0, OWNER, done("c")) is None  # nobody holds "c"
+    await context.apply([PatchOperation("set", record_key("e"), {"n": 1, "taken": []})])
+    assert await together([("f", 0, OWNER), ("e", 0, OWNER)], LEASE) is None  # e is done
+    await context.apply([PatchOperation("set", "_flowcraft.run", {"status": "cancelled"})])
+    assert await together([("f", 0, OWNER), ("g", 0, OWNER)], LEASE) is None  # run ended
+
+
 async def test_commit_without_the_lease_writes_nothing(runs: RunStore) -> None:
     context = runs.context()
     await context.create({"x": 1})

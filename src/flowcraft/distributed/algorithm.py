@@ -175,6 +175,7 @@ from ..nodes.base import CancellationSignal, NodeResult
 from ..observability import get_metrics, get_tracer, inject, log_context, service_call
 from . import progress as _progress
 from .backend import FINAL_STATUSES, Backend, QueueMessage
+from .claims import ClaimBatcher
 from .context import (
     BLUEPRINT_KEY,
     RUN_STATE_KEY,
@@ -254,6 +255,7 @@ class JobAlgorithm:
         """Awaited at each named step; tests replace it to inject crashes."""
         self.ledger = MapLedger(self)
         self.snapshots = RunSnapshots()  # runs as this worker last committed to them
+        self.claims = ClaimBatcher()  # claims from those copies, one write per run and turn
         self._live: dict[str, int] = {}  # owners (tokens) whose steps run in this worker
 
     @property
@@ -373,10 +375,10 @@ class JobAlgorithm:
         await self.checkpoint("before_claim", job)
         owner = self.lease_owner()
         with service_call("claim"):
-            claim = await context.claim(job.node_id, job.iteration, owner,
-                                        self.settings.lease_seconds,
-                                        base=self.snapshots.covering(job, base_graph)
-                                        if self.settings.lean_writes else None)
+            claim = await self.claims.claim(context, job.node_id, job.iteration, owner,
+                                            self.settings.lease_seconds,
+                                            self.snapshots.covering(job, base_graph)
+                                            if self.settings.lean_writes else None)
         if claim.status is ClaimStatus.MISSING:
             return await self.finisher.remove(
                 job, message_id, message,

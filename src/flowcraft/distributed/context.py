@@ -348,6 +348,26 @@ class InMemoryDistributedContext(AsyncContextBase):
             lease = (item or {}).get(lock_key(node_id)) or {}
             return Claim(status, self._snapshot(), lease.get("owner"), lease.get("expires"))
 
+    async def claim_together(self, claims: Sequence[tuple[str, int, str]],
+                             lease_seconds: float) -> list[dict[str, Any]] | None:
+        """As the AWS backend's: several claims from copies in one write, all or none."""
+        self.store.count("claim")
+        async with self.store.lock:
+            item = self._item()
+            now = time.time()
+            if item is None or RUN_STATE_KEY in item or any(
+                    claim_status(item, node_id, iteration, owner, now) is not ClaimStatus.CLAIMED
+                    or between_claim_and_record(item, node_id)
+                    for node_id, iteration, owner in claims):
+                return None
+            written = []
+            for node_id, iteration, owner in claims:
+                item[lock_key(node_id)] = lease_value(owner, iteration, lease_seconds, now)
+                item[attempts_key(node_id)] = attempts(item, node_id) + 1
+                written.append({lock_key(node_id): dict(item[lock_key(node_id)]),
+                                attempts_key(node_id): item[attempts_key(node_id)]})
+            return written
+
     async def commit(self, node_id: str, iteration: int, owner: str,
                      operations: Sequence[PatchOperation],
                      claims: Iterable[tuple[str, int]] = (),

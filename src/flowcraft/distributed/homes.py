@@ -218,6 +218,20 @@ class BranchItemsContext(AsyncContextBase):
         return Claim(claim.status, await self._merged(claim.data), claim.holder,
                      claim.expires)
 
+    async def claim_together(self, claims: Sequence[tuple[str, int, str]],
+                             lease_seconds: float, base: Mapping[str, Any]
+                             ) -> list[dict[str, Any]] | None:
+        """Several claims from copies of the run (``base``: one of them) in one write, when
+        the store can (``None``: it cannot, or one of them would not succeed so, or one of
+        the nodes lives in a branch item)."""
+        together = getattr(self.run, "claim_together", None)
+        if together is None or any(
+                (home := self._candidate(node_id)) is not None
+                and items_key(home.source) in base for node_id, _, _ in claims):
+            return None
+        written: list[dict[str, Any]] | None = await together(claims, lease_seconds)
+        return written
+
     async def _claim_branch(self, node_id: str, home: NodeHome, iteration: int, owner: str,
                             lease_seconds: float, count_attempt: bool,
                             base: Mapping[str, Any] | None,

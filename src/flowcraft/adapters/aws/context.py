@@ -285,28 +285,9 @@ class DynamoDbContext(AsyncContextBase):
                     base: Mapping[str, Any] | None = None, create: bool = False) -> Claim:
         now = time.time()
         expression = Expression()
-        record, lease = expression.name(RECORD_PREFIX + node_id), expression.name(lock_key(node_id))
-        copied = ""
-        if base is not None:
-            # The copy may not show the run ended, or the node parked or mapping (states it
-            # reaches with no record): only the stored run can say they do not hold.
-            awaiting = expression.name(attribute_name(AWAITING_IDS_KEY))
-            copied = (
-                f" AND attribute_not_exists({expression.name(attribute_name(RUN_STATE_KEY))})"
-                f" AND attribute_not_exists({expression.name(attribute_name(map_key(node_id)))})"
-                f" AND (attribute_not_exists({awaiting}) OR NOT contains({awaiting}, "
-                f"{expression.value(node_id)}))")
         exists = "" if create else f"attribute_exists({expression.name(KEY)}) AND "
-        condition = (
-            f"{exists}(attribute_not_exists({record}) "
-            f"OR (attribute_type({record}, {expression.value('S')}) "
-            f"AND {record} < {expression.value(f'{iteration + 1:0{RECORD_DIGITS}d}')}) "
-            f"OR (attribute_type({record}, {expression.value('M')}) "
-            f"AND {record}.{expression.name('n')} <= {expression.value(iteration)})) "
-            f"AND (attribute_not_exists({lease}) OR {lease}.{expression.name('owner')} = "
-            f"{expression.value(owner)} OR {lease}.{expression.name('expires')} < "
-            f"{expression.value(now)}){copied}"
-        )
+        condition = exists + self._claim_condition(expression, node_id, iteration, owner, now,
+                                                   copied=base is not None)
         item = await self._update_item(
             [PatchOperation("set", lock_key(node_id),
                             lease_value(owner, iteration, lease_seconds, now))],
@@ -330,6 +311,58 @@ class DynamoDbContext(AsyncContextBase):
         lease_now = (current or {}).get(lock_key(node_id)) or {}
         return Claim(status, await self._resolved(current), lease_now.get("owner"),
                      lease_now.get("expires"))
+
+    @staticmethod
+    def _claim_condition(expression: Expression, node_id: str, iteration: int, owner: str,
+                         now: float, *, copied: bool) -> str:
+        """The condition of a claim of ``node_id``: not done at ``iteration`` and no live
+        lease of someone else; ``copied`` (a claim answered from a copy): also the run not
+        ended, and the node neither parked nor mapping (states it reaches with no record,
+        which only the stored run can rule out)."""
+        record, lease = expression.name(RECORD_PREFIX + node_id), expression.name(lock_key(node_id))
+        condition = (
+            f"(attribute_not_exists({record}) "
+            f"OR (attribute_type({record}, {expression.value('S')}) "
+            f"AND {record} < {expression.value(f'{iteration + 1:0{RECORD_DIGITS}d}')}) "
+            f"OR (attribute_type({record}, {expression.value('M')}) "
+            f"AND {record}.{expression.name('n')} <= {expression.value(iteration)})) "
+            f"AND (attribute_not_exists({lease}) OR {lease}.{expression.name('owner')} = "
+            f"{expression.value(owner)} OR {lease}.{expression.name('expires')} < "
+            f"{expression.value(now)})"
+        )
+        if copied:
+            awaiting = expression.name(attribute_name(AWAITING_IDS_KEY))
+            condition += (
+                f" AND attribute_not_exists({expression.name(attribute_name(RUN_STATE_KEY))})"
+                f" AND attribute_not_exists({expression.name(attribute_name(map_key(node_id)))})"
+                f" AND (attribute_not_exists({awaiting}) OR NOT contains({awaiting}, "
+                f"{expression.value(node_id)}))")
+        return condition
+
+    async def claim_together(self, claims: Sequence[tuple[str, int, str]],
+                             lease_seconds: float) -> list[dict[str, Any]] | None:
+        """Claim several nodes from copies (``(node, iteration, owner)`` each) in one write
+        that takes them all or none; for each, the lease and attempt count written (to lay
+        over its copy). ``None``: one of them could not be claimed so (claim them one by
+        one to learn which)."""
+        now = time.time()
+        expression = Expression()
+        condition = " AND ".join(
+            [f"attribute_exists({expression.name(KEY)})",
+             *(f"({self._claim_condition(expression, node_id, iteration, owner, now, copied=True)})"
+               for node_id, iteration, owner in claims)])
+        item = await self._update_item(
+            [PatchOperation("set", lock_key(node_id),
+                            lease_value(owner, iteration, lease_seconds, now))
+             for node_id, iteration, owner in claims],
+            condition=condition, expression=expression,
+            add_to={attempts_key(node_id): 1 for node_id, _, _ in claims},
+            returns="UPDATED_NEW")
+        if item is None:
+            return None
+        written = self._data(item) or {}
+        return [{key: written[key] for key in (lock_key(node_id), attempts_key(node_id))
+                 if key in written} for node_id, _, _ in claims]
 
     async def commit(self, node_id: str, iteration: int, owner: str,
                      operations: Sequence[PatchOperation],
