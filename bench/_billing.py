@@ -94,12 +94,14 @@ class WriteMeter:
         self.local = threading.local()
         self.bytes: Counter[str] = Counter()  # "who op" -> bytes
         self.writes: Counter[str] = Counter()  # "who op" -> writes
+        self.largest = 0  # the largest item size seen by a write (before or after it)
         self._undo: list[Callable[[], None]] = []
 
     def reset(self) -> None:
         with self.lock:
             self.bytes = Counter()
             self.writes = Counter()
+            self.largest = 0
 
     def snapshot(self) -> tuple[Counter[str], Counter[str]]:
         with self.lock:
@@ -113,6 +115,7 @@ class WriteMeter:
         with self.lock:
             self.bytes[label] += size
             self.writes[label] += 1
+            self.largest = max(self.largest, size)
 
     def install(self) -> None:
         from moto.dynamodb.exceptions import ConditionalCheckFailed

@@ -43,7 +43,9 @@ What is printed, per system x shape x worker processes (median of ``--repeat``):
   divided by the executed nodes. The sizes are measured inside moto: see
   ``bench/_billing.py`` (wrapped ``DynamoDBBackend.put_item/update_item/delete_item``;
   DynamoDB's item-size rules applied to moto's stored item). Transactions are billed at
-  this size, not at DynamoDB's double rate for transactional writes. ``--no-bytes``
+  this size, not at DynamoDB's double rate for transactional writes. The details also
+  print the largest item any write of the case saw (an item's size before or after the
+  write, whichever is larger), to check the 16 KB ceiling of a run's items. ``--no-bytes``
   leaves moto unwrapped, to check that measuring does not slow it down.
 * CPU seconds per case, of this process (moto, and flowcraft's driver) and of the child
   processes (workers, and Celery's driver): steadier than wall-clock on a shared machine.
@@ -184,6 +186,7 @@ class Case:
     requests: dict[str, Counter[str]] = field(default_factory=dict)  # party -> operation
     write_bytes: Counter[str] = field(default_factory=Counter)  # "party op" -> bytes
     writes: Counter[str] = field(default_factory=Counter)
+    largest_item: int = 0  # bytes: the largest item any write of the case saw
     server_cpu: float = 0.0  # this process: moto (and flowcraft's driver)
     workers_cpu: float = 0.0  # child processes: workers (and Celery's driver)
     problems: list[str] = field(default_factory=list)
@@ -231,6 +234,7 @@ class Bench:
             case.workers_cpu = children_cpu() - children
             entries = self.recorder.stop()
             case.write_bytes, case.writes = self.meter.snapshot()
+            case.largest_item = self.meter.largest
             if system == "flowcraft":
                 queues, tables = [names.queue_name], [names.context_table, names.status_table,
                                                       names.coordination_table]
@@ -517,7 +521,8 @@ def print_report(cells: dict[tuple[str, str, int], Cell], shapes: list[Shape],
         written = ", ".join(f"{k} {v / n:,.0f} B ({case.writes[k]} writes)"
                             for k, v in case.write_bytes.most_common(4))
         print(f"  {system} {shape_name}: worker requests: {top or 'none'}; driver requests "
-              f"{client / n:.2f}/node\n    bytes: {written or 'none'}")
+              f"{client / n:.2f}/node\n    bytes: {written or 'none'}; largest item written "
+              f"{case.largest_item:,} B")
 
 
 def print_targets(cells: dict[tuple[str, str, int], Cell], worker_counts: list[int]) -> None:
@@ -576,6 +581,7 @@ def case_json(case: Case) -> dict[str, Any]:
     data = {f.name: getattr(case, f.name) for f in fields(case)}
     data["requests"] = {party: dict(ops) for party, ops in case.requests.items()}
     data["write_bytes"], data["writes"] = dict(case.write_bytes), dict(case.writes)
+    data["largest_item"] = case.largest_item
     return data
 
 

@@ -145,7 +145,7 @@ async def test_without_lean_writes_every_claim_and_commit_reads_back_and_arrival
 
 
 class _RecordingStore(InMemoryRunStore):
-    """Notes the nodes whose claims came with a copy of the run."""
+    """Notes the nodes whose claims came with a copy of the run (alone or together)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -161,6 +161,10 @@ class _RecordingStore(InMemoryRunStore):
                 copied = kwargs.get("base") is not None
                 (store.from_copies if copied else store.plain_claims).append(node_id)
                 return await super().claim(node_id, *args, **kwargs)
+
+            async def claim_together(self, claims: Any, *args: Any) -> Any:
+                store.from_copies.extend(node_id for node_id, _, _ in claims)  # all copied
+                return await super().claim_together(claims, *args)
 
             async def commit(self, *args: Any, **kwargs: Any) -> Any:
                 store.lean_commits += kwargs.get("base") is not None
