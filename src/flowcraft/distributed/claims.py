@@ -28,9 +28,9 @@ from .homes import BranchItemsContext
 
 logger = logging.getLogger("flowcraft.distributed")
 
-MAX_TOGETHER = 5
+MAX_TOGETHER = 8
 """Claims in one write at most (DynamoDB caps an expression at 4 KB; a claim's condition
-takes about 600 characters of it)."""
+and update take about 350 characters of it with placeholders)."""
 
 
 @dataclass(slots=True)
