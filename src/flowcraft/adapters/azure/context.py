@@ -405,6 +405,17 @@ class CosmosDbContext(AsyncContextBase):
                     base: Mapping[str, Any] | None = None, create: bool = False) -> Claim:
         # ``base`` is not used: a Cosmos DB patch answers with the whole document anyway.
         now = time.time()
+        if create:  # a branch item's first claim makes it, lease included: one request
+            taken: dict[str, Any] = {
+                lock_key(node_id): lease_value(owner, iteration, lease_seconds, now)}
+            if count_attempt:
+                taken[attempts_key(node_id)] = 1
+            try:
+                await self.create(taken)
+            except RunAlreadyExistsError:
+                pass  # made by an earlier claim: claimed as any item below
+            else:
+                return Claim(ClaimStatus.CLAIMED, taken, owner)
         record, lease = prop(RECORD_PREFIX + node_id), prop(lock_key(node_id))
         # (not done) AND (no lease of someone else), written out as an OR of ANDs (NOT
         # binds tighter than AND, AND than OR): the same condition without parentheses,
