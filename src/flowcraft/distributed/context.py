@@ -206,7 +206,7 @@ async def keep_lease(context: DistributedContext, node_id: str, owner: str,
                 logger.debug("run %s node %s: lease no longer held", context.run_id, node_id)
                 return
             if cancelled is not None and not cancelled.is_set():
-                run_state = (await context.load() or {}).get(RUN_STATE_KEY)
+                run_state = await context.get(RUN_STATE_KEY)  # the run's item alone
                 if isinstance(run_state, Mapping) and run_state.get("status") == "cancelled":
                     logger.info("run %s node %s: run cancelled; signalling the node",
                                 context.run_id, node_id)

@@ -185,6 +185,13 @@ class BranchItemsContext(AsyncContextBase):
                 data.update(branch)
         return data
 
+    async def get(self, key: str, default: Any = None) -> Any:
+        """A shared key is read from the run's item alone (a cancellation check of a long
+        branch reads one item, not every branch)."""
+        if owner_of(key) is None:
+            return (await self.run.load() or {}).get(key, default)
+        return (await self.load() or {}).get(key, default)
+
     # -- the distributed operations --------------------------------------------------------
 
     async def create(self, initial: Mapping[str, Any]) -> None:
