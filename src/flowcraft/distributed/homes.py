@@ -46,7 +46,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..context import INTERNAL_PREFIX, AsyncContextBase, PatchOperation
+from ..context import INTERNAL_PREFIX, AsyncContextBase, PatchOperation, apply_patch
 from ..core import graph as graph_module
 from ..core.graph import Graph
 from ..core.routing import INPUTS_PREFIX, OUTPUTS_PREFIX, RECORD_PREFIX
@@ -170,8 +170,7 @@ class BranchItemsContext(AsyncContextBase):
     async def load(self) -> dict[str, Any] | None:
         return await self._merged(await self.run.load())
 
-    async def _merged(self, data: dict[str, Any] | None, *, skip: str | None = None
-                      ) -> dict[str, Any] | None:
+    async def _merged(self, data: dict[str, Any] | None) -> dict[str, Any] | None:
         """``data`` (the run's item) with every branch item its markers name merged in."""
         if data is None or (self.graph is not None and not self.graph.plain_fans):
             return data  # (a run of a blueprint without wide fans holds no markers)
@@ -269,11 +268,7 @@ class BranchItemsContext(AsyncContextBase):
                 return answer
             # The copy with this write (a store that ignores ``base`` answers with the run's
             # item, which lacks the branches: they come from the copy).
-            gone = {op.key for op in operations if op.op == "delete"}
-            gone.update((lock_key(node_id), attempts_key(node_id)))
-            merged = {key: value for key, value in base.items() if key not in gone}
-            merged.update(answer)
-            return merged
+            return _over_copy(base, answer, node_id, operations)
         claims = list(claims)
         if claims:
             raise ValueError(f"node '{node_id}' lives in a branch item: its commit cannot "
@@ -290,7 +285,9 @@ class BranchItemsContext(AsyncContextBase):
         if shared:
             await self.run.apply(shared)
         if base is not None:
-            from ..context import apply_patch  # the answer: the copy plus the whole write
+            # The copy plus the whole write (a store that ignores ``base`` answers with the
+            # branch's item alone).
+            answer = _over_copy(base, answer, node_id, operations)
             apply_patch(answer, shared)
             return answer
         return await self.load()
@@ -327,6 +324,16 @@ class BranchItemsContext(AsyncContextBase):
             await self._branch(self.placed[node_id]).apply(ops)
         answer = await self.run.apply(shared) if shared else await self.run.load()
         return await self._merged(answer)
+
+
+def _over_copy(base: Mapping[str, Any], answer: Mapping[str, Any], node_id: str,
+               operations: Sequence[PatchOperation]) -> dict[str, Any]:
+    """A commit's answer laid over the caller's copy, without what the commit removed."""
+    gone = {op.key for op in operations if op.op == "delete"}
+    gone.update((lock_key(node_id), attempts_key(node_id)))
+    merged = {key: value for key, value in base.items() if key not in gone}
+    merged.update(answer)
+    return merged
 
 
 async def load_many(store: Any, run_ids: Sequence[str]) -> dict[str, dict[str, Any] | None]:
