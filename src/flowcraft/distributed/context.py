@@ -62,6 +62,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import enum
+import hashlib
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -90,6 +91,12 @@ from the first job committed for runs started by clients that do not write it)."
 RUN_STATE_KEY = f"{INTERNAL_PREFIX}run"
 """``{"status": "failed", "reason": ...}`` once a run failed: later jobs of it are dropped."""
 VERSION_KEY = "blueprintVersion"
+
+
+def id_digest(node_id: str) -> str:
+    """A node id as it appears in the derived ids of items stored beside a run (ids of
+    stored items may not hold every character a node id can)."""
+    return hashlib.sha256(node_id.encode()).hexdigest()[:16]
 
 
 def lock_key(node_id: str) -> str:

@@ -41,7 +41,6 @@ run).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -58,8 +57,10 @@ from .context import (
     DistributedContext,
     attempts,
     attempts_key,
+    id_digest,
     lock_key,
 )
+from .coordination import COORDINATION_TTL_SECONDS, KEY_PREFIX
 
 ITEMS_PREFIX = f"{INTERNAL_PREFIX}items."
 """``_flowcraft.items.<source>``: the source's branches live in items of their own."""
@@ -90,15 +91,13 @@ class NodeHome:
 
 
 def branch_run_id(run_id: str, source: str, index: int) -> str:
-    """The derived run id of a branch's item (the source id as a digest: ids of stored items
-    may not hold every character a node id can)."""
-    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
-    return f"{run_id}~fan~{digest}~{index}"
+    """The derived run id of a branch's item."""
+    return f"{run_id}~fan~{id_digest(source)}~{index}"
 
 
 def join_set_key(run_id: str, source: str) -> str:
     """The coordination store's set of a wide fan's branches that have committed."""
-    return f"flowcraft:fan:{run_id}:{source}"
+    return f"{KEY_PREFIX}fan:{run_id}:{source}"
 
 
 def candidate(graph: Graph, node_id: str) -> NodeHome | None:
@@ -383,11 +382,8 @@ async def arrive(context: DistributedContext, coordination: Any, node_id: str,
     if redelivered:
         await context.settle(node_id, data)
     count = await coordination.join_add(join_set_key(context.run_id, home.source),
-                                        str(home.index), ARRIVALS_TTL_SECONDS)
+                                        str(home.index), COORDINATION_TTL_SECONDS)
     if count < home.width:
         return data
     return await context.load() or data
 
-
-ARRIVALS_TTL_SECONDS = 7 * 24 * 3600
-"""How long the coordination store keeps a wide fan's set of arrivals."""

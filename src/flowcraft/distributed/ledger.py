@@ -68,7 +68,6 @@ with another store, maps add nodes as in memory.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import math
@@ -92,6 +91,7 @@ from .context import (
     ClaimStatus,
     DistributedContext,
     attempts,
+    id_digest,
     keep_lease,
     map_key,
     owner_token,
@@ -123,8 +123,7 @@ def chunk_run_id(run_id: str, node_id: str, generation: int, token: str, index: 
     of stored items may not hold every character a node id can), and the token of the
     scatter's execution that stored it, so a crashed earlier attempt's chunks are never
     taken for this one's."""
-    digest = hashlib.sha256(node_id.encode()).hexdigest()[:16]
-    return f"{run_id}~map~{digest}~{generation}~{token}~{index}"
+    return f"{run_id}~map~{id_digest(node_id)}~{generation}~{token}~{index}"
 
 
 def done_key(run_id: str, node_id: str, generation: int) -> str:
