@@ -370,8 +370,7 @@ class JobAlgorithm:
             return await self.finisher.remove(job, message_id, message, exc.message)
         if job.chunk is not None:
             return await self.ledger.run_chunk(job, blueprint, base_graph)
-        context = run_context(self.backend.runs, job.run_id)
-        context.place_branches(base_graph)
+        context = run_context(self.backend.runs, job.run_id, base_graph)
         await self.checkpoint("before_claim", job)
         owner = self.lease_owner()
         with service_call("claim"):

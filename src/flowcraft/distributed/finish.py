@@ -145,9 +145,8 @@ class Finisher:
             logger.warning("run %s node %s: the commit's answer was lost (%s) but the write "
                            "landed; continuing", job.run_id, job.node_id,
                            failure or "condition failed on a retry")
-            if isinstance(context, BranchItemsContext):  # its shared writes may not have
-                await context.settle(job.node_id, data or {})
-                data = await context.load() or data
+            if data is not None and isinstance(context, BranchItemsContext):
+                await context.settle(job.node_id, data)  # its shared writes may not have
             return data
         if failure is not None:
             raise failure

@@ -139,18 +139,15 @@ def split(node_id: str, operations: Iterable[PatchOperation]
 class BranchItemsContext(AsyncContextBase):
     """A run's context as one, over the run's item and its wide fans' branch items."""
 
-    def __init__(self, store: Any, run_id: str) -> None:
+    def __init__(self, store: Any, run_id: str, graph: Graph | None = None) -> None:
         self.store = store
         self.run_id = run_id
         self.run: DistributedContext = store.context(run_id)
-        self.graph: Graph | None = None
+        self.graph = graph
+        """The run's graph: where its branches may live (``None``: found from the markers)."""
         self.placed: dict[str, NodeHome] = {}
 
     # -- placement -------------------------------------------------------------------------
-
-    def place_branches(self, graph: Graph) -> None:
-        """Tell the context the run's graph, so it can find its branches' items."""
-        self.graph = graph
 
     def home(self, node_id: str) -> NodeHome | None:
         """Where ``node_id`` lives, once a claim found it in a branch item."""
@@ -169,14 +166,20 @@ class BranchItemsContext(AsyncContextBase):
     async def load(self) -> dict[str, Any] | None:
         return await self._merged(await self.run.load())
 
+    def _markers(self, data: Mapping[str, Any]) -> list[tuple[str, int]]:
+        """The wide fans ``data`` marks as stored in branch items: (source, branches). With
+        the graph, a lookup per plain fan; without it, a look at every key."""
+        sources: Iterable[str] = (
+            self.graph.plain_fans if self.graph is not None
+            else (key[len(ITEMS_PREFIX):] for key in data if key.startswith(ITEMS_PREFIX)))
+        return [(source, int(value.get("n") or 0)) for source in sources
+                if isinstance(value := data.get(items_key(source)), Mapping)]
+
     async def _merged(self, data: dict[str, Any] | None) -> dict[str, Any] | None:
         """``data`` (the run's item) with every branch item its markers name merged in."""
-        if data is None or (self.graph is not None and not self.graph.plain_fans):
-            return data  # (a run of a blueprint without wide fans holds no markers)
-        ids = [branch_run_id(self.run_id, key[len(ITEMS_PREFIX):], index)
-               for key, value in data.items() if key.startswith(ITEMS_PREFIX)
-               and isinstance(value, Mapping) for index in range(int(value.get("n") or 0))]
-        if not ids:
+        ids = [branch_run_id(self.run_id, source, index)
+               for source, width in self._markers(data or {}) for index in range(width)]
+        if data is None or not ids:
             return data
         for branch in (await load_many(self.store, ids)).values():
             if branch:
@@ -204,8 +207,8 @@ class BranchItemsContext(AsyncContextBase):
                                             count_attempt, base, None)
         claim = await self.run.claim(node_id, iteration, owner, lease_seconds,
                                      count_attempt=count_attempt, base=base)
-        if claim.data is None or (self.graph is not None and not self.graph.plain_fans):
-            return claim
+        if claim.data is None or not self._markers(claim.data):
+            return claim  # a run with no branch items: the store's answer is the run
         if home is not None and items_key(home.source) in claim.data:
             # The branch lives in its item (a claim that is not from a copy learns it from
             # the run's item): the lease just taken there is given back.
@@ -263,8 +266,8 @@ class BranchItemsContext(AsyncContextBase):
                                            lease_seconds, base=base, counts=counts)
             if answer is None or base is None:
                 return await self._merged(answer)
-            if self.graph is not None and not self.graph.plain_fans:
-                return answer
+            if not self._markers(answer):
+                return answer  # a run with no branch items: the store's answer is the run
             # The copy with this write (a store that ignores ``base`` answers with the run's
             # item, which lacks the branches: they come from the copy).
             return _over_copy(base, answer, node_id, operations)
@@ -291,14 +294,15 @@ class BranchItemsContext(AsyncContextBase):
             return answer
         return await self.load()
 
-    async def settle(self, node_id: str, data: Mapping[str, Any]) -> None:
-        """Write again the shared writes of a committed branch (a redelivered job, whose
-        first holder may have died between its commit and that write)."""
-        if self.placed.get(node_id) is None:
-            return
-        kept = data.get(writes_key(node_id))
+    async def settle(self, node_id: str, data: dict[str, Any]) -> None:
+        """Write again the shared writes of a committed branch, kept in its item (a job whose
+        commit answer was lost, or a redelivered one: the first attempt may have stopped
+        between its commit and that write), and lay them over ``data`` too."""
+        kept = data.get(writes_key(node_id)) if node_id in self.placed else None
         if kept:
-            await self.run.apply([PatchOperation(op, key, value) for op, key, value in kept])
+            operations = [PatchOperation(op, key, value) for op, key, value in kept]
+            await self.run.apply(operations)
+            apply_patch(data, operations)
 
     async def renew(self, node_id: str, owner: str, lease_seconds: float) -> bool:
         home = self.placed.get(node_id)
@@ -351,9 +355,10 @@ async def load_many(store: Any, run_ids: Sequence[str]) -> dict[str, dict[str, A
     return found
 
 
-def run_context(store: Any, run_id: str) -> BranchItemsContext:
-    """The context of run ``run_id`` in ``store``, its branch items included."""
-    return BranchItemsContext(store, run_id)
+def run_context(store: Any, run_id: str, graph: Graph | None = None) -> BranchItemsContext:
+    """The context of run ``run_id`` in ``store``, its branch items included; ``graph`` (the
+    run's blueprint) tells where its branches may live, for the job that runs one."""
+    return BranchItemsContext(store, run_id, graph)
 
 
 def mark_wide_fan(graph: Graph, node_id: str, working: dict[str, Any],

@@ -40,7 +40,6 @@ limit then counts the references, not the values. Without one, the item holds ev
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -437,11 +436,6 @@ class CosmosDbContext(AsyncContextBase):
         if item is not None:
             return Claim(ClaimStatus.CLAIMED, await self._resolved(self._data(item)), owner)
         current = self._refused if self._refused is not None else self._data(await self._read())
-        if current is None and create:  # a branch item's first claim: make it, then claim
-            with contextlib.suppress(RunAlreadyExistsError):
-                await self.create({})
-            return await self.claim(node_id, iteration, owner, lease_seconds,
-                                    count_attempt=count_attempt)
         status = claim_status(current, node_id, iteration, owner, time.time())
         if status is ClaimStatus.CLAIMED:  # the lease expired in between
             return await self.claim(node_id, iteration, owner, lease_seconds,
