@@ -190,3 +190,72 @@ async def test_branches_claimed_without_a_copy_find_their_items_through_the_run(
                 if key.startswith(("_flowcraft.lock.b", "_flowcraft.attempts.b",
                                    "_flowcraft.node.b"))]
     assert record_key("b3") in items[branch_run_id("wide-cold", "s", 3)]
+
+
+async def _stored_fan(store: Any, run_id: str) -> Any:
+    """A run of :func:`fan` whose source has committed, with its marker: its context."""
+    from flowcraft import PatchOperation
+    from flowcraft.core.routing import output_key
+    from flowcraft.distributed.homes import run_context
+
+    context = run_context(store, run_id, Graph(fan()))
+    await context.create({"user": 1})
+    await context.apply([
+        PatchOperation("set", items_key("s"), {"n": WIDTH, "join": "j"}),
+        PatchOperation("set", output_key("s"), 5),
+        PatchOperation("set", record_key("s"), {"n": 1, "taken": list(range(WIDTH))})])
+    return context
+
+
+async def test_a_branch_claimed_and_committed_from_a_copy_sees_the_whole_run_on_any_store(
+) -> None:
+    """A store may ignore the copy and answer with the item it wrote (Cosmos DB does): for a
+    branch, that item is the branch's alone, and the answers must still be the whole run."""
+    from flowcraft import PatchOperation
+    from flowcraft.core.routing import output_key
+    from flowcraft.distributed.context import (
+        InMemoryDistributedContext,
+        InMemoryRunStore,
+        lock_key,
+    )
+
+    class IgnoresCopies(InMemoryDistributedContext):
+        async def claim(self, *args: Any, **kwargs: Any) -> Any:
+            return await super().claim(*args, **{**kwargs, "base": None})
+
+        async def commit(self, *args: Any, **kwargs: Any) -> Any:
+            return await super().commit(*args, **{**kwargs, "base": None})
+
+    class Store(InMemoryRunStore):
+        def context(self, run_id: str) -> InMemoryDistributedContext:
+            return IgnoresCopies(self, run_id)
+
+    store = Store()
+    context = await _stored_fan(store, "copies")
+    copy = await context.load()
+    claim = await context.claim("b3", 0, "w/1", 30, base=copy)
+    assert claim.data is not None and claim.data[output_key("s")] == 5
+    assert claim.data["user"] == 1 and lock_key("b3") in claim.data
+    answer = await context.commit("b3", 0, "w/1", [
+        PatchOperation("set", output_key("b3"), 6),
+        PatchOperation("set", record_key("b3"), {"n": 1, "taken": [0]})], base=claim.data)
+    assert answer is not None and answer[output_key("s")] == 5 and answer["user"] == 1
+    assert answer[output_key("b3")] == 6 and lock_key("b3") not in answer
+    assert record_key("b3") in store.items[branch_run_id("copies", "s", 3)]
+
+
+async def test_reading_a_shared_key_reads_the_run_item_alone() -> None:
+    """A long branch's cancellation check (``get`` of the run's state) costs one read, not
+    one per branch; a read of the whole run reads every branch item."""
+    from flowcraft.distributed.context import InMemoryRunStore
+
+    store = InMemoryRunStore()
+    context = await _stored_fan(store, "reads")
+    for index in range(WIDTH):
+        await store.context(branch_run_id("reads", "s", index)).create({})
+    store.calls.clear()
+    assert await context.get("_flowcraft.run") is None and await context.get("user") == 1
+    assert store.calls == {"load": 2}
+    store.calls.clear()
+    await context.load()
+    assert store.calls == {"load": 1 + WIDTH}
