@@ -397,8 +397,9 @@ class JobAlgorithm:
                                 redelivered=True)
             graph = graph_for(base_graph, data)
             region = _progress.same_execution(graph, data, job.node_id)
+            now = time.time()  # before: a lease the advance saw live is waited for after
             await self._advance_and_enqueue(context, graph, blueprint, region, data)
-            held = _progress.held_by_execution(graph, data, region, time.time(), self._live)
+            held = _progress.held_by_execution(graph, data, region, now, self._live)
             return ("deferred", max(1.0, held - time.time())) if held else ("duplicate", 0.0)
         data = claim.data
         refused = self.finisher.refusal(job, blueprint, data, message_id)
